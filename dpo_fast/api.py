@@ -1,0 +1,327 @@
+"""The public functions: validate, lay the tokens out flat, dispatch to a backend, apply the objective.
+
+Layouts:
+
+- padded: ``hidden (R, T, H)``, ``labels (R, T)``; row r is sequence r.
+- packed (padding-free): ``hidden (N, H)``, ``labels (N,)``, ``segment_ids (N,)`` giving each token's
+  sequence in ``[0, R)``.
+
+For DPO, ``R = 2P``: sequences ``[0, P)`` are the chosen completions, ``[P, 2P)`` the rejected ones
+(TRL's concatenated order). ``labels[..., t]`` is the target of ``hidden[..., t]`` (already shifted);
+positions equal to ``ignore_index`` (prompt, padding) are never multiplied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import autograd, backends, chunking, objectives, validate
+from .backends import HeadSpec, reference
+
+
+@dataclass
+class DPOOutput:
+    """What ``fused_linear_dpo_loss`` returns. Float32 tensors; P is the number of pairs.
+
+    Attributes:
+        loss: () the mean DPO loss over pairs; differentiable w.r.t. hidden, weight and bias.
+        chosen_logps, rejected_logps: (P,) policy log-probs (length-averaged when ``average_log_prob``);
+            differentiable.
+        chosen_rewards, rejected_rewards: (P,) ``beta * (logps - ref_logps)``, detached.
+        reward_accuracy: () fraction of pairs whose chosen reward beats the rejected one, detached.
+        reward_margin: () mean of ``chosen_rewards - rejected_rewards``, detached.
+    """
+
+    loss: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    reward_accuracy: torch.Tensor
+    reward_margin: torch.Tensor
+
+
+def token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str = "auto",
+    scratch_mib: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs ``log softmax(z)[y]`` of an LM head, without the full logits in memory.
+
+    ``z = softcap*tanh((h W^T + b)/softcap) / temperature`` (softcap optional).
+
+    Args:
+        hidden: (..., H) float32/bf16/fp16 (float64: torch and reference backends).
+        weight: (V, H) the lm_head weight; cast to hidden's dtype if it differs.
+        labels: (...) int64 targets, ``ignore_index`` where there is none.
+        bias: optional (V,) lm_head bias.
+        return_entropy: also return each token's entropy of ``softmax(z)``.
+        backend: "auto" | "reference" | "torch" | "triton".
+        scratch_mib: memory budget of one chunk of tokens, in MiB (default by device: see
+            ``dpo_fast.chunking.DEFAULT_SCRATCH_MIB``).
+    Returns:
+        logp with labels' shape, float32 (float64 for float64 inputs), 0 at ignored tokens; and with
+        ``return_entropy`` the entropies, same shape. Both differentiable w.r.t. hidden, weight and
+        bias for any upstream gradient. ``dL/dW`` accumulates in float32 within a chunk and is
+        rounded to the weight's dtype once per chunk.
+    """
+    hidden, weight, bias, name = _prepare_head(hidden, weight, labels, bias, softcap, temperature, ignore_index, backend)
+    head = HeadSpec(softcap, temperature)
+    logp, entropy = _per_token(hidden, weight, bias, labels, head, ignore_index, return_entropy, name, scratch_mib)
+    if return_entropy:
+        return logp.view(labels.shape), entropy.view(labels.shape)
+    return logp.view(labels.shape)
+
+
+def sequence_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    average_log_prob: bool = False,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    segment_ids: torch.Tensor | None = None,
+    num_segments: int | None = None,
+    backend: str = "auto",
+    scratch_mib: int | None = None,
+) -> torch.Tensor:
+    """Summed (or length-averaged) completion log-probs per sequence, e.g. a reference model's.
+
+    Args:
+        hidden: (R, T, H) padded, or (N, H) packed with ``segment_ids``.
+        weight: (V, H); labels: (R, T) or (N,) int64 with ``ignore_index`` off the completion.
+        segment_ids: (N,) sequence of each token, packed layout only; ``num_segments`` defaults to
+            ``segment_ids.max() + 1``.
+        average_log_prob: divide each sum by its number of valid tokens (0 for a sequence with none).
+        Other arguments as for ``token_logps``.
+    Returns:
+        (R,) float32 (float64 for float64 inputs), differentiable w.r.t. hidden, weight and bias.
+    """
+    hidden, weight, bias, name = _prepare_head(hidden, weight, labels, bias, softcap, temperature, ignore_index, backend)
+    flat_labels, seg, num_seq = _segments(hidden, labels, segment_ids, num_segments)
+    logp, _ = _per_token(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_labels, HeadSpec(softcap, temperature),
+        ignore_index, False, name, scratch_mib,
+    )  # fmt: skip
+    sums = _segment_sum(logp, seg, num_seq, padded=segment_ids is None)
+    return sums * chunking.sequence_scale(flat_labels, seg, num_seq, ignore_index, average_log_prob, sums.dtype)
+
+
+def fused_linear_dpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    average_log_prob: bool | None = None,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    segment_ids: torch.Tensor | None = None,
+    num_pairs: int | None = None,
+    backend: str = "auto",
+    scratch_mib: int | None = None,
+) -> DPOOutput:
+    """The DPO loss straight from the last hidden states and the lm_head weight.
+
+    Args:
+        hidden: (2P, T, H), rows [0, P) chosen and [P, 2P) rejected; or (N, H) packed with
+            ``segment_ids`` (N,) in [0, 2P).
+        weight: (V, H) lm_head weight; labels: (2P, T) or (N,) int64, ``ignore_index`` off the completions.
+        bias: optional (V,) lm_head bias.
+        ref_chosen_logps, ref_rejected_logps: (P,) the reference model's log-probs, in the same
+            units as the policy's (averaged too when ``average_log_prob``); treated as constants.
+            Not needed with ``reference_free=True`` (reference log-probs 0).
+        beta, loss_type ("sigmoid" | "robust" | "hinge" | "ipo"), label_smoothing: the objective,
+            as in TRL (see ``dpo_fast.objectives``).
+        average_log_prob: length-average each sequence's log-prob; None means True for "ipo" only.
+        softcap: ``final_logit_softcapping`` of the model, or None.
+        num_pairs: P for the packed layout when there are no reference log-probs to tell it.
+        backend, scratch_mib: as for ``token_logps``.
+    Returns:
+        ``DPOOutput``. When gradients are needed, the chunked backends form them during this call
+        (``dpo_fast.chunking.dpo_forward_with_grads``) and ``backward`` only scales them.
+    """
+    validate.check_objective(beta, loss_type, label_smoothing)
+    hidden, weight, bias, name = _prepare_head(hidden, weight, labels, bias, softcap, 1.0, ignore_index, backend)
+    if segment_ids is None:
+        if hidden.dim() != 3 or hidden.shape[0] % 2 or hidden.shape[0] == 0:
+            raise ValueError(
+                f"hidden must be (2P, T, H) with chosen rows first and P >= 1, got {tuple(hidden.shape)}; "
+                "for packed input pass (N, H) with segment_ids"
+            )
+        pairs = hidden.shape[0] // 2
+    else:
+        pairs = _packed_num_pairs(ref_chosen_logps, reference_free, num_pairs)
+    validate.check_reference(ref_chosen_logps, ref_rejected_logps, reference_free, pairs, hidden.device)
+    if average_log_prob is None:
+        average_log_prob = objectives.default_average_log_prob(loss_type)
+
+    flat_labels, seg, num_seq = _segments(hidden, labels, segment_ids, 2 * pairs)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    acc = backends.accumulate_dtype(hidden.dtype)
+    ref = None if reference_free else torch.cat([ref_chosen_logps, ref_rejected_logps]).detach().to(acc)
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+
+    if name != "reference" and wants_grad:
+        loss, seq_logps, *_ = autograd.dpo_loss_forward(
+            flat_hidden, weight, bias, flat_labels, seg, ref, pairs, beta, loss_type, label_smoothing,
+            average_log_prob, ignore_index, softcap, hidden.requires_grad, weight.requires_grad,
+            bias is not None and bias.requires_grad, name, chunking.scratch_bytes(hidden.device, scratch_mib),
+        )  # fmt: skip
+    else:
+        logp, _ = _per_token(flat_hidden, weight, bias, flat_labels, HeadSpec(softcap), ignore_index, False, name,
+                             scratch_mib)  # fmt: skip
+        sums = _segment_sum(logp, seg, num_seq, padded=segment_ids is None)
+        seq_logps = sums * chunking.sequence_scale(flat_labels, seg, num_seq, ignore_index, average_log_prob, acc)
+        logratios = seq_logps if ref is None else seq_logps - ref
+        loss = objectives.pair_losses(
+            *logratios.chunk(2), beta=beta, loss_type=loss_type, label_smoothing=label_smoothing
+        ).mean()
+    return _dpo_output(loss, seq_logps, ref, beta)
+
+
+class FusedLinearDPOLoss(torch.nn.Module):
+    """``fused_linear_dpo_loss`` as a module holding the objective's options.
+
+    ``forward(hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, bias=None,
+    segment_ids=None, num_pairs=None) -> DPOOutput``.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        reference_free: bool = False,
+        average_log_prob: bool | None = None,
+        softcap: float | None = None,
+        ignore_index: int = -100,
+        backend: str = "auto",
+        scratch_mib: int | None = None,
+    ):
+        super().__init__()
+        validate.check_objective(beta, loss_type, label_smoothing)
+        validate.check_backend(backend)
+        self.options = dict(
+            beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reference_free=reference_free,
+            average_log_prob=average_log_prob, softcap=softcap, ignore_index=ignore_index, backend=backend,
+            scratch_mib=scratch_mib,
+        )  # fmt: skip
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        ref_chosen_logps: torch.Tensor | None = None,
+        ref_rejected_logps: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        num_pairs: int | None = None,
+    ) -> DPOOutput:
+        return fused_linear_dpo_loss(
+            hidden, weight, labels, bias=bias, ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps, segment_ids=segment_ids, num_pairs=num_pairs, **self.options,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _prepare_head(hidden, weight, labels, bias, softcap, temperature, ignore_index, backend):
+    """Validate, cast weight and bias to hidden's dtype (differentiably), resolve the backend."""
+    validate.check_backend(backend)
+    validate.check_head(hidden, weight, labels, bias, softcap, temperature)
+    validate.check_label_values(labels, weight.shape[0], ignore_index)
+    name = backends.resolve(backend, hidden.device, hidden.dtype)
+    weight = weight.to(hidden.dtype)
+    bias = None if bias is None else bias.to(hidden.dtype)
+    return hidden, weight, bias, name
+
+
+def _per_token(hidden, weight, bias, labels, head, ignore_index, with_entropy, name, scratch_mib):
+    """(N, H) hidden and (N,) labels -> (N,) logp and (N,) entropy or None."""
+    labels = labels.reshape(-1).long()
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    if name == "reference":
+        return reference.token_logps(hidden, weight, labels, bias, head, ignore_index, with_entropy)
+    logp, entropy, _ = autograd.token_logps_forward(
+        hidden, weight, bias, labels, ignore_index, head.softcap, head.temperature, with_entropy, name,
+        chunking.scratch_bytes(hidden.device, scratch_mib),
+    )  # fmt: skip
+    return logp, (entropy if with_entropy else None)
+
+
+def _segments(hidden, labels, segment_ids, num_segments):
+    """Flat labels (N,), segment id per token (N,) int64, and the number of segments R."""
+    if segment_ids is None:
+        if hidden.dim() != 3:
+            raise ValueError(
+                f"hidden must be (R, T, H) for padded input, got {tuple(hidden.shape)}; "
+                "for packed (N, H) input pass segment_ids"
+            )
+        rows, length = labels.shape
+        seg = torch.arange(rows, device=labels.device).repeat_interleave(length)
+        return labels.reshape(-1).long(), seg, rows
+    if hidden.dim() != 2:
+        raise ValueError(f"with segment_ids, hidden must be packed as (N, H), got {tuple(hidden.shape)}")
+    if num_segments is None:
+        num_segments = int(segment_ids.max()) + 1 if segment_ids.numel() else 0
+    validate.check_segment_ids(segment_ids, labels.shape[0], num_segments, hidden.device)
+    return labels.long(), segment_ids.long(), num_segments
+
+
+def _segment_sum(values, seg, num_segments, padded):
+    if padded:
+        return values.view(num_segments, -1).sum(1)
+    return values.new_zeros(num_segments).index_add(0, seg, values)
+
+
+def _packed_num_pairs(ref_chosen_logps, reference_free, num_pairs):
+    if num_pairs is not None:
+        if not isinstance(num_pairs, int) or num_pairs < 1:
+            raise ValueError(f"num_pairs must be a positive int, got {num_pairs!r}")
+        return num_pairs
+    if not reference_free and isinstance(ref_chosen_logps, torch.Tensor) and ref_chosen_logps.dim() == 1:
+        return ref_chosen_logps.shape[0]
+    raise ValueError(
+        "with segment_ids and reference_free=True, pass num_pairs (P, with segment ids in [0, 2P)): "
+        "it cannot be told from the segment ids when the last sequences have no tokens"
+    )
+
+
+def _dpo_output(loss, seq_logps, ref, beta):
+    chosen_logps, rejected_logps = seq_logps.chunk(2)
+    logratios = seq_logps.detach() if ref is None else seq_logps.detach() - ref
+    chosen_rewards, rejected_rewards = (beta * logratios).chunk(2)
+    return DPOOutput(
+        loss=loss,
+        chosen_logps=chosen_logps,
+        rejected_logps=rejected_logps,
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+        reward_accuracy=(chosen_rewards > rejected_rewards).float().mean(),
+        reward_margin=(chosen_rewards - rejected_rewards).mean(),
+    )

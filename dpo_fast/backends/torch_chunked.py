@@ -1,0 +1,99 @@
+"""The ``torch`` backend: plain PyTorch on one bounded chunk of valid tokens at a time.
+
+It runs anywhere PyTorch does. The logits of a chunk are formed in float32 (float64 for float64
+inputs): on CUDA by ``torch.mm(..., out_dtype=torch.float32)`` from bf16/fp16 operands, elsewhere
+by upcasting the operands. ``dL/dz`` is returned in the compute dtype for the two products.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ChunkStats, HeadSpec, accumulate_dtype
+
+NAME = "torch"
+# torch.mm(..., out_dtype=torch.float32) from bf16/fp16 operands exists on CUDA since torch 2.8
+_MM_HAS_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= "2.8"
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    return None
+
+
+def scratch_bytes_per_logit(keep_logits: bool, dtype: torch.dtype) -> int:
+    # the logits, the probabilities, one more float temporary and dL/dz in the compute dtype
+    accumulate = 8 if dtype == torch.float64 else 4
+    return 3 * accumulate + dtype.itemsize
+
+
+def logits(
+    hidden_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: HeadSpec
+) -> torch.Tensor:
+    """``z = softcap(h W^T + b) / temperature`` for a chunk: (C, H) x (V, H) -> (C, V) float32/float64."""
+    acc = accumulate_dtype(hidden_rows.dtype)
+    if hidden_rows.dtype == acc:
+        z = hidden_rows @ weight.t()
+    elif hidden_rows.is_cuda and _MM_HAS_OUT_DTYPE:
+        z = torch.mm(hidden_rows, weight.t(), out_dtype=acc)
+    else:
+        z = hidden_rows.to(acc) @ weight.to(acc).t()
+    if bias is not None:
+        z += bias.to(acc)
+    if head.softcap is not None:
+        z.div_(head.softcap).tanh_().mul_(head.softcap)
+    if head.temperature != 1.0:
+        z.div_(head.temperature)
+    return z
+
+
+def logits_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    head: HeadSpec,
+    with_entropy: bool,
+    keep_logits: bool,
+) -> ChunkStats:
+    z = logits(hidden.index_select(0, rows), weight, bias, head)
+    lse = torch.logsumexp(z, dim=1)
+    target_logit = z.gather(1, targets[:, None]).squeeze(1)
+    mean_logit = None
+    if with_entropy:
+        mean_logit = torch.exp(z - lse[:, None]).mul_(z).sum(1)
+    return ChunkStats(lse, target_logit, mean_logit, z if keep_logits else None)
+
+
+def logits_grad(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    stats: ChunkStats,
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    head: HeadSpec,
+) -> torch.Tensor:
+    """``dL/dx`` for the pre-softcap logits ``x = h W^T + b`` of a chunk, (C, V) in hidden's dtype.
+
+    With ``p = softmax(z)``, ``a = grad_logp`` and ``e = grad_entropy``:
+    ``dL/dz = a*(onehot(y) - p) - e*p*(z - E_p[z])``, then the chain rule through temperature and
+    softcap. Consumes ``stats.logits`` when they were kept.
+    """
+    z = stats.logits if stats.logits is not None else logits(hidden.index_select(0, rows), weight, bias, head)
+    grad = torch.exp(z - stats.lse[:, None])
+    if grad_entropy is None:
+        grad.mul_(-grad_logp[:, None])
+    else:
+        weight_per_logit = (z - stats.mean_logit[:, None]).mul_(grad_entropy[:, None]).add_(grad_logp[:, None])
+        grad.mul_(weight_per_logit).neg_()
+        del weight_per_logit
+    grad.scatter_add_(1, targets[:, None], grad_logp[:, None].to(grad.dtype))
+    if head.softcap is not None:
+        # d(c*tanh(x/c))/dx = 1 - tanh^2 = 1 - (capped/c)^2, and capped = z * temperature
+        grad.mul_(z.mul_(head.temperature / head.softcap).square_().neg_().add_(1))
+    if head.temperature != 1.0:
+        grad.div_(head.temperature)
+    return grad.to(hidden.dtype)

@@ -1,0 +1,92 @@
+"""The ``triton`` backend: the fused kernels of ``dpo_fast.kernels`` on one chunk of tokens.
+
+Forward: one fused kernel (``h W^T`` tiles, online logsumexp, target gather) reads the valid rows
+in place; no logits exist outside registers unless they are kept for a gradient pass. Backward:
+one kernel forms ``dL/dx`` tiles in registers (from recomputed or kept logits) and writes them once
+in the compute dtype; the two products with it run as matmuls (cuBLAS) on that bounded chunk.
+Runs on CUDA tensors, and on CPU tensors inside Triton's interpreter (``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+from . import ChunkStats, HeadSpec
+
+NAME = "triton"
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton; CUDA builds of PyTorch on Linux include it)"
+    if dtype not in _DTYPES:
+        return f"the Triton kernels take float32, bfloat16 or float16 inputs, not {dtype}; use backend='torch'"
+    if device.type == "cuda" or (device.type == "cpu" and _interpreting()):
+        return None
+    return (
+        f"it needs CUDA tensors (got {device.type}); on CPU Triton runs only in its interpreter, enabled by "
+        "TRITON_INTERPRET=1 in the environment before triton is imported (slow: for tests); or use backend='torch'"
+    )
+
+
+@functools.cache
+def _kernels() -> ModuleType:
+    if _interpreting():
+        from .triton_interpreter import patch_bf16_dot
+
+        patch_bf16_dot()
+    return importlib.import_module("dpo_fast.kernels")
+
+
+def scratch_bytes_per_logit(keep_logits: bool, dtype: torch.dtype) -> int:
+    # kept logits are float32; dL/dx is written in the compute dtype
+    return (4 if keep_logits else 0) + dtype.itemsize
+
+
+def _unit_stride(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def logits_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    head: HeadSpec,
+    with_entropy: bool,
+    keep_logits: bool,
+) -> ChunkStats:
+    lse, target_logit, mean_logit, logits = _kernels().lse_forward(
+        _unit_stride(hidden), _unit_stride(weight), bias, rows, targets, head.softcap, head.temperature,
+        with_entropy, keep_logits,
+    )  # fmt: skip
+    return ChunkStats(lse, target_logit, mean_logit, logits)
+
+
+def logits_grad(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    stats: ChunkStats,
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    head: HeadSpec,
+) -> torch.Tensor:
+    return _kernels().logits_grad(
+        _unit_stride(hidden), _unit_stride(weight), bias, rows, targets, stats.lse.float(),
+        None if grad_entropy is None else stats.mean_logit.float(), grad_logp.float(),
+        None if grad_entropy is None else grad_entropy.float(), head.softcap, head.temperature, stats.logits,
+    )  # fmt: skip

@@ -1,0 +1,280 @@
+"""The loops over bounded chunks of valid tokens, shared by every chunked backend.
+
+Only tokens with a target (``labels != ignore_index``) are ever multiplied: prompt and padding
+rows are dropped before any product. Valid tokens are processed ``C`` at a time, with ``C`` chosen
+so that the chunk's scratch (``C x V`` logits and ``dL/dz``, as the backend counts it) fits the
+memory budget; the budget, not ``N``, bounds the extra memory.
+
+Three passes are built here from a backend's ``logits_stats`` / ``logits_grad``:
+
+- ``token_forward``: per-token log-prob, logsumexp and entropy (``2*N*H*V`` FLOPs, nothing kept).
+- ``token_backward``: recomputes each chunk's logits from the saved logsumexp and forms
+  ``dL/dh``, ``dL/dW``, ``dL/db`` for any per-token upstream gradient (``6*N*H*V``, or
+  ``4*N*H*V`` with a frozen weight).
+- ``dpo_forward_with_grads``: the fused DPO loss with its gradients formed during the forward
+  pass. A pair's gradient depends only on its own two sequences, so valid tokens are grouped by
+  whole pairs; a group that fits the budget keeps its logits between the log-prob pass and the
+  gradient pass (``6*N*H*V`` in all, ``4*N*H*V`` with a frozen weight); a pair too long for the
+  budget is processed in recompute chunks.
+
+Gradient precision: each chunk's ``dL/dz`` is rounded to the compute dtype (bf16 for bf16 inputs)
+and the two products accumulate in float32 inside the matmul; ``dL/dh`` rows are written once, and
+``dL/dW`` is accumulated in the weight's dtype, rounded once per chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from . import objectives
+from .backends import ChunkStats, HeadSpec, accumulate_dtype
+
+# Default scratch budget for one chunk, by device type. CPU keeps to a small budget (the matmuls
+# are efficient from a few dozen rows); on a GPU a larger chunk means fewer dL/dW accumulations.
+DEFAULT_SCRATCH_MIB = {"cuda": 1024, "cpu": 32}
+_FALLBACK_SCRATCH_MIB = 256
+
+
+def scratch_bytes(device: torch.device, scratch_mib: int | None) -> int:
+    """The chunk scratch budget in bytes: ``scratch_mib`` or the device's default."""
+    if scratch_mib is None:
+        scratch_mib = DEFAULT_SCRATCH_MIB.get(device.type, _FALLBACK_SCRATCH_MIB)
+    return int(scratch_mib) * 2**20
+
+
+@dataclass(frozen=True)
+class GradsNeeded:
+    hidden: bool
+    weight: bool
+    bias: bool
+
+
+@dataclass(frozen=True)
+class Objective:
+    beta: float
+    loss_type: str
+    label_smoothing: float
+    average_log_prob: bool
+
+
+def _rows_per_chunk(backend: ModuleType, vocab: int, dtype: torch.dtype, keep_logits: bool, budget: int) -> int:
+    return max(1, budget // (vocab * backend.scratch_bytes_per_logit(keep_logits, dtype)))
+
+
+def _valid_rows(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = (labels != ignore_index).nonzero().squeeze(1)
+    return rows, labels.index_select(0, rows)
+
+
+def token_forward(
+    backend: ModuleType,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    head: HeadSpec,
+    ignore_index: int,
+    with_entropy: bool,
+    budget: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token log-probs, entropies and logsumexps.
+
+    Args:
+        hidden: (N, H); weight: (V, H); bias: (V,) or None; labels: (N,) int64.
+    Returns:
+        logp (N,), entropy (N,) (empty when not asked for), lse (N,); float32 (float64 for float64
+        inputs), 0 at ignored tokens.
+    """
+    num_tokens, vocab = labels.shape[0], weight.shape[0]
+    acc = accumulate_dtype(hidden.dtype)
+    rows, targets = _valid_rows(labels, ignore_index)
+    logp = hidden.new_zeros(num_tokens, dtype=acc)
+    lse = hidden.new_zeros(num_tokens, dtype=acc)
+    entropy = hidden.new_zeros(num_tokens if with_entropy else 0, dtype=acc)
+    step = _rows_per_chunk(backend, vocab, hidden.dtype, False, budget)
+    for start in range(0, rows.shape[0], step):
+        chunk_rows, chunk_targets = rows[start : start + step], targets[start : start + step]
+        stats = backend.logits_stats(hidden, weight, bias, chunk_rows, chunk_targets, head, with_entropy, False)
+        logp.index_copy_(0, chunk_rows, stats.target_logit - stats.lse)
+        lse.index_copy_(0, chunk_rows, stats.lse)
+        if with_entropy:
+            entropy.index_copy_(0, chunk_rows, stats.lse - stats.mean_logit)
+    return logp, entropy, lse
+
+
+class _GradAccumulator:
+    """Owns ``dL/dh``, ``dL/dW``, ``dL/db`` and adds one chunk's ``dL/dx`` products to them."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: GradsNeeded):
+        self.hidden, self.weight = hidden, weight
+        self.grad_hidden = torch.zeros_like(hidden) if needs.hidden else None
+        self.grad_weight = torch.zeros_like(weight) if needs.weight else None
+        self.grad_bias = (
+            torch.zeros(weight.shape[0], dtype=accumulate_dtype(hidden.dtype), device=hidden.device)
+            if needs.bias
+            else None
+        )
+
+    def add(self, rows: torch.Tensor, grad_logits: torch.Tensor) -> None:
+        """``grad_logits``: (C, V) ``dL/dx`` for the tokens ``rows``, in the compute dtype."""
+        if self.grad_hidden is not None:
+            self.grad_hidden.index_copy_(0, rows, grad_logits @ self.weight)
+        if self.grad_weight is not None:
+            self.grad_weight.addmm_(grad_logits.t(), self.hidden.index_select(0, rows))
+        if self.grad_bias is not None:
+            self.grad_bias += grad_logits.sum(0, dtype=self.grad_bias.dtype)
+
+    def results(self, bias: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        grad_bias = None if self.grad_bias is None else self.grad_bias.to(bias.dtype)
+        return self.grad_hidden, self.grad_weight, grad_bias
+
+
+def token_backward(
+    backend: ModuleType,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    head: HeadSpec,
+    ignore_index: int,
+    needs: GradsNeeded,
+    budget: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``sum(grad_logp * logp + grad_entropy * entropy)``, recomputing the logits.
+
+    Args:
+        lse, entropy: (N,) as returned by ``token_forward``; grad_logp, grad_entropy: (N,).
+    Returns:
+        (dL/dhidden (N, H), dL/dweight (V, H), dL/dbias (V,)), each None when not needed.
+    """
+    rows, targets = _valid_rows(labels, ignore_index)
+    grads = _GradAccumulator(hidden, weight, bias, needs)
+    acc = lse.dtype
+    mean_logit = None if grad_entropy is None else lse - entropy
+    step = _rows_per_chunk(backend, weight.shape[0], hidden.dtype, False, budget)
+    for start in range(0, rows.shape[0], step):
+        chunk_rows, chunk_targets = rows[start : start + step], targets[start : start + step]
+        stats = ChunkStats(
+            lse.index_select(0, chunk_rows),
+            mean_logit=None if mean_logit is None else mean_logit.index_select(0, chunk_rows),
+        )
+        chunk_grad_entropy = None if grad_entropy is None else grad_entropy.index_select(0, chunk_rows).to(acc)
+        grad_logits = backend.logits_grad(
+            hidden, weight, bias, chunk_rows, chunk_targets, stats,
+            grad_logp.index_select(0, chunk_rows).to(acc), chunk_grad_entropy, head,
+        )  # fmt: skip
+        grads.add(chunk_rows, grad_logits)
+    return grads.results(bias)
+
+
+def _pair_groups(tokens_per_pair: list[int], cap: int) -> list[tuple[int, int, int, int]]:
+    """Greedy groups of consecutive pairs whose tokens fit ``cap``: (first pair, end pair, first token, end token).
+
+    A pair with more than ``cap`` tokens forms a group of its own.
+    """
+    groups, pair_start, token_start, tokens = [], 0, 0, 0
+    for pair, count in enumerate(tokens_per_pair):
+        if tokens and tokens + count > cap:
+            groups.append((pair_start, pair, token_start, token_start + tokens))
+            pair_start, token_start, tokens = pair, token_start + tokens, 0
+        tokens += count
+    groups.append((pair_start, len(tokens_per_pair), token_start, token_start + tokens))
+    return groups
+
+
+def sequence_scale(labels: torch.Tensor, segment_ids: torch.Tensor, num_segments: int, ignore_index: int,
+                   average: bool, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """(R,) factor from summed to reported sequence log-probs: 1, or 1/valid-token-count (1 for empty)."""
+    if not average:
+        return torch.ones(num_segments, dtype=dtype, device=labels.device)
+    counts = torch.zeros(num_segments, dtype=dtype, device=labels.device)
+    counts.index_add_(0, segment_ids, (labels != ignore_index).to(dtype))
+    return 1.0 / counts.clamp(min=1)
+
+
+def dpo_forward_with_grads(
+    backend: ModuleType,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    segment_ids: torch.Tensor,
+    num_pairs: int,
+    ref_logps: torch.Tensor | None,
+    objective: Objective,
+    head: HeadSpec,
+    ignore_index: int,
+    needs: GradsNeeded,
+    budget: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]]:
+    """The DPO loss and, in the same pass, its gradients for hidden, weight and bias.
+
+    Args:
+        hidden: (N, H); labels: (N,); segment_ids: (N,) in [0, 2P): rows [0, P) chosen, [P, 2P) rejected.
+        ref_logps: (2P,) reference log-probs (already averaged when ``average_log_prob``), or None for 0.
+    Returns:
+        loss: () mean over pairs; seq_logps: (2P,); lse: (N,) per-token logsumexp (0 at ignored);
+        grads: (dL/dhidden, dL/dweight, dL/dbias) for a unit upstream gradient, None where not needed.
+    """
+    num_seq, vocab = 2 * num_pairs, weight.shape[0]
+    acc = accumulate_dtype(hidden.dtype)
+    rows, targets = _valid_rows(labels, ignore_index)
+    seq_of_row = segment_ids.index_select(0, rows)
+    order = torch.argsort(seq_of_row % num_pairs, stable=True)
+    rows, targets, seq_of_row = rows[order], targets[order], seq_of_row[order]
+    tokens_per_pair = torch.bincount(seq_of_row % num_pairs, minlength=num_pairs).tolist()
+
+    scale = sequence_scale(labels, segment_ids, num_seq, ignore_index, objective.average_log_prob, acc)
+    ref = hidden.new_zeros(num_seq, dtype=acc) if ref_logps is None else ref_logps.to(acc)
+    sums = hidden.new_zeros(num_seq, dtype=acc)
+    lse_all = hidden.new_zeros(labels.shape[0], dtype=acc)
+    grads = _GradAccumulator(hidden, weight, bias, needs)
+    keep_cap = _rows_per_chunk(backend, vocab, hidden.dtype, True, budget)
+    step = _rows_per_chunk(backend, vocab, hidden.dtype, False, budget)
+
+    for pair_start, pair_end, token_start, token_end in _pair_groups(tokens_per_pair, keep_cap):
+        keep_logits = token_end - token_start <= keep_cap
+        chunks = [(token_start, token_end)] if keep_logits else [
+            (start, min(start + step, token_end)) for start in range(token_start, token_end, step)
+        ]  # fmt: skip
+        chunk_stats = []
+        for start, end in chunks:
+            stats = backend.logits_stats(
+                hidden, weight, bias, rows[start:end], targets[start:end], head, False, keep_logits
+            )
+            sums.index_add_(0, seq_of_row[start:end], stats.target_logit - stats.lse)
+            lse_all.index_copy_(0, rows[start:end], stats.lse)
+            chunk_stats.append(ChunkStats(stats.lse, logits=stats.logits))
+
+        chosen = torch.arange(pair_start, pair_end, device=hidden.device)
+        seq = torch.cat([chosen, chosen + num_pairs])
+        logratios = sums.index_select(0, seq) * scale.index_select(0, seq) - ref.index_select(0, seq)
+        grad_chosen, grad_rejected = objectives.pair_loss_grads(
+            *logratios.chunk(2), beta=objective.beta, loss_type=objective.loss_type,
+            label_smoothing=objective.label_smoothing,
+        )  # fmt: skip
+        grad_seq = hidden.new_zeros(num_seq, dtype=acc)
+        grad_seq.index_copy_(0, seq, torch.cat([grad_chosen, grad_rejected]) * scale.index_select(0, seq) / num_pairs)
+
+        for index, (start, end) in enumerate(chunks):
+            stats, chunk_stats[index] = chunk_stats[index], None  # let each chunk's logits go once used
+            grad_logits = backend.logits_grad(
+                hidden, weight, bias, rows[start:end], targets[start:end], stats,
+                grad_seq.index_select(0, seq_of_row[start:end]), None, head,
+            )  # fmt: skip
+            grads.add(rows[start:end], grad_logits)
+
+    seq_logps = sums * scale
+    chosen_logratios, rejected_logratios = (seq_logps - ref).chunk(2)
+    loss = objectives.pair_losses(
+        chosen_logratios, rejected_logratios, beta=objective.beta, loss_type=objective.loss_type,
+        label_smoothing=objective.label_smoothing,
+    ).mean()  # fmt: skip
+    return loss, seq_logps, lse_all, grads.results(bias)

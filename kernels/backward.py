@@ -1,0 +1,136 @@
+"""Backward: ``dL/dx`` for a chunk of tokens, formed tile by tile in registers.
+
+For token n (target y, logsumexp ``lse``, ``E_p[z]`` = ``mean``) and upstream gradients
+``a = dL/dlogp_n`` and ``e = dL/dentropy_n``, with ``p = exp(z - lse)``:
+
+    dL/dz[n, v] = a * (onehot(y)[v] - p[v]) - e * p[v] * (z[v] - mean)
+    dL/dx[n, v] = dL/dz * inv_temperature * (1 - (z * temperature / softcap)^2)   (softcap term optional)
+
+where ``x = h W^T + b`` and ``z = softcap(x) / temperature``. The logits tile is recomputed from
+``h`` and ``W`` (``logits_tile``), or read from the float32 logits kept by the forward pass
+(``LOAD_LOGITS``). Each program writes its ``(BLOCK_N, BLOCK_V)`` tile of ``dL/dx`` once, in the
+compute dtype; the two products ``dL/dx @ W`` and ``dL/dx^T @ h`` run as matmuls on that bounded
+chunk.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import launch_config
+from .logits_tile import logits_tile
+
+
+@triton.jit
+def logits_grad_kernel(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    rows_ptr,
+    targets_ptr,
+    lse_ptr,
+    mean_ptr,
+    grad_logp_ptr,
+    grad_entropy_ptr,
+    logits_ptr,
+    grad_ptr,
+    num_rows,
+    vocab,
+    hidden_dim,
+    stride_hidden,
+    stride_weight,
+    stride_logits,
+    stride_grad,
+    softcap,
+    inv_temperature,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    LOAD_LOGITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = offs_n < num_rows
+    v_mask = offs_v < vocab
+    tile_mask = row_mask[:, None] & v_mask[None, :]
+    local_rows = offs_n.to(tl.int64)[:, None]
+
+    if LOAD_LOGITS:
+        z = tl.load(logits_ptr + local_rows * stride_logits + offs_v[None, :], mask=tile_mask, other=0.0)
+    else:
+        rows = tl.load(rows_ptr + offs_n, mask=row_mask, other=0)
+        z = logits_tile(
+            hidden_ptr, weight_ptr, bias_ptr, rows.to(tl.int64) * stride_hidden, row_mask, offs_v, v_mask,
+            hidden_dim, stride_weight, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V,
+            BLOCK_K, INPUT_PRECISION,
+        )  # fmt: skip
+
+    lse = tl.load(lse_ptr + offs_n, mask=row_mask, other=0.0)
+    grad_logp = tl.load(grad_logp_ptr + offs_n, mask=row_mask, other=0.0)
+    targets = tl.load(targets_ptr + offs_n, mask=row_mask, other=-1)
+    p = tl.exp(z - lse[:, None])
+    if WITH_ENTROPY:
+        mean = tl.load(mean_ptr + offs_n, mask=row_mask, other=0.0)
+        grad_entropy = tl.load(grad_entropy_ptr + offs_n, mask=row_mask, other=0.0)
+        grad = -p * (grad_logp[:, None] + grad_entropy[:, None] * (z - mean[:, None]))
+    else:
+        grad = -p * grad_logp[:, None]
+    grad += tl.where(offs_v[None, :] == targets[:, None], grad_logp[:, None], 0.0)
+    if HAS_SOFTCAP:
+        capped_fraction = z / (inv_temperature * softcap)
+        grad *= 1.0 - capped_fraction * capped_fraction
+    grad *= inv_temperature
+    tl.store(
+        grad_ptr + local_rows * stride_grad + offs_v[None, :],
+        grad.to(grad_ptr.dtype.element_ty),
+        mask=tile_mask,
+    )
+
+
+def logits_grad(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    mean_logit: torch.Tensor | None,
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    softcap: float | None,
+    temperature: float,
+    logits: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Launch ``logits_grad_kernel``: ``dL/dx`` for the tokens ``rows``.
+
+    Args:
+        hidden: (N, H), weight: (V, H), bias: (V,) or None, as for ``lse_forward``;
+        rows, targets: (C,) int64; lse, grad_logp: (C,) float32;
+        mean_logit, grad_entropy: (C,) float32, both given or both None;
+        logits: (C, V) float32 kept by ``lse_forward(store_logits=True)``, or None to recompute.
+    Returns:
+        (C, V) in hidden's dtype.
+    """
+    num_rows, (vocab, hidden_dim) = rows.shape[0], weight.shape
+    cfg = launch_config(hidden, vocab)
+    grad = torch.empty((num_rows, vocab), dtype=hidden.dtype, device=hidden.device)
+    with_entropy = grad_entropy is not None
+    grid = (triton.cdiv(num_rows, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
+    logits_grad_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, rows, targets, lse,
+        mean_logit if with_entropy else lse, grad_logp, grad_entropy if with_entropy else grad_logp,
+        logits if logits is not None else grad, grad,
+        num_rows, vocab, hidden_dim, hidden.stride(0), weight.stride(0),
+        logits.stride(0) if logits is not None else 0, grad.stride(0),
+        float(softcap or 1.0), 1.0 / temperature,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=with_entropy,
+        LOAD_LOGITS=logits is not None, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
+        INPUT_PRECISION=cfg.input_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return grad
