@@ -139,6 +139,7 @@ def fused_linear_dpo_loss(
     num_pairs: int | None = None,
     backend: str = "auto",
     scratch_mib: int | None = None,
+    grads_in_forward: bool | None = None,
 ) -> DPOOutput:
     """The DPO loss straight from the last hidden states and the lm_head weight.
 
@@ -156,9 +157,13 @@ def fused_linear_dpo_loss(
         softcap: ``final_logit_softcapping`` of the model, or None.
         num_pairs: P for the packed layout when there are no reference log-probs to tell it.
         backend, scratch_mib: as for ``token_logps``.
+        grads_in_forward: when gradients are needed, form them during this call, for groups of
+            whole pairs, keeping each group's logits between its log-prob and gradient passes
+            (``6*N*H*V`` FLOPs; ``backward`` only scales them by ``grad_output``). False: the
+            recompute path (``8*N*H*V``: log-probs now, logits recomputed in ``backward``).
+            None (default): True for the chunked backends.
     Returns:
-        ``DPOOutput``. When gradients are needed, the chunked backends form them during this call
-        (``dpo_fast.chunking.dpo_forward_with_grads``) and ``backward`` only scales them.
+        ``DPOOutput``.
     """
     validate.check_objective(beta, loss_type, label_smoothing)
     hidden, weight, bias, name = _prepare_head(hidden, weight, labels, bias, softcap, 1.0, ignore_index, backend)
@@ -181,7 +186,11 @@ def fused_linear_dpo_loss(
     ref = None if reference_free else torch.cat([ref_chosen_logps, ref_rejected_logps]).detach().to(acc)
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
 
-    if name != "reference" and wants_grad:
+    if grads_in_forward is None:
+        grads_in_forward = name != "reference"
+    elif grads_in_forward and name == "reference":
+        raise ValueError("grads_in_forward=True needs a chunked backend (torch, triton), not 'reference'")
+    if grads_in_forward and wants_grad:
         loss, seq_logps, *_ = autograd.dpo_loss_forward(
             flat_hidden, weight, bias, flat_labels, seg, ref, pairs, beta, loss_type, label_smoothing,
             average_log_prob, ignore_index, softcap, hidden.requires_grad, weight.requires_grad,
@@ -217,6 +226,7 @@ class FusedLinearDPOLoss(torch.nn.Module):
         ignore_index: int = -100,
         backend: str = "auto",
         scratch_mib: int | None = None,
+        grads_in_forward: bool | None = None,
     ):
         super().__init__()
         validate.check_objective(beta, loss_type, label_smoothing)
@@ -224,7 +234,7 @@ class FusedLinearDPOLoss(torch.nn.Module):
         self.options = dict(
             beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reference_free=reference_free,
             average_log_prob=average_log_prob, softcap=softcap, ignore_index=ignore_index, backend=backend,
-            scratch_mib=scratch_mib,
+            scratch_mib=scratch_mib, grads_in_forward=grads_in_forward,
         )  # fmt: skip
 
     def forward(

@@ -48,7 +48,11 @@ def token_logps_forward(
     backend: str,
     scratch_bytes: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(N, H), (V, H), (V,)?, (N,) -> logp (N,), entropy (N,) or (0,), lse (N,); float32 (float64 for float64)."""
+    """(N, H), (V, H), (V,)?, (N,) -> logp (N,), entropy (N,) or (0,), normalizer (2, N).
+
+    Float32 (float64 for float64 inputs). The normalizer holds each token's max logit and
+    ``log sum exp(z - max)`` (``dpo_fast.backends.ChunkStats``), saved for the backward.
+    """
     return chunking.token_forward(
         backends.get(backend), hidden, weight, bias, labels, _head(softcap, temperature), ignore_index,
         with_entropy, scratch_bytes,
@@ -61,7 +65,7 @@ def _(hidden, weight, bias, labels, ignore_index, softcap, temperature, with_ent
     return (
         hidden.new_empty(num_tokens, dtype=acc),
         hidden.new_empty(num_tokens if with_entropy else 0, dtype=acc),
-        hidden.new_empty(num_tokens, dtype=acc),
+        hidden.new_empty((2, num_tokens), dtype=acc),
     )
 
 
@@ -73,7 +77,7 @@ def token_logps_backward(
     weight: Tensor,
     bias: Optional[Tensor],
     labels: Tensor,
-    lse: Tensor,
+    normalizer: Tensor,
     entropy: Optional[Tensor],
     ignore_index: int,
     softcap: Optional[float],
@@ -86,7 +90,7 @@ def token_logps_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> dL/dhidden (N, H), dL/dweight (V, H), dL/dbias (V,); each empty (0,) when not needed."""
     grads = chunking.token_backward(
-        backends.get(backend), hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy,
+        backends.get(backend), hidden, weight, bias, labels, normalizer, entropy, grad_logp, grad_entropy,
         _head(softcap, temperature), ignore_index, chunking.GradsNeeded(need_hidden, need_weight, need_bias),
         scratch_bytes,
     )  # fmt: skip
@@ -94,7 +98,7 @@ def token_logps_backward(
 
 
 @token_logps_backward.register_fake
-def _(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, ignore_index, softcap, temperature,
+def _(grad_logp, grad_entropy, hidden, weight, bias, labels, normalizer, entropy, ignore_index, softcap, temperature,
       need_hidden, need_weight, need_bias, backend, scratch_bytes):  # fmt: skip
     return _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
@@ -109,23 +113,23 @@ def _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
 
 def _token_setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, ignore_index, softcap, temperature, with_entropy, backend, scratch_bytes = inputs
-    logp, entropy, lse = output
-    ctx.mark_non_differentiable(lse)
+    logp, entropy, normalizer = output
+    ctx.mark_non_differentiable(normalizer)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy if with_entropy else None)
+    ctx.save_for_backward(hidden, weight, bias, labels, normalizer, entropy if with_entropy else None)
     ctx.options = (ignore_index, softcap, temperature, backend, scratch_bytes)
 
 
-def _token_backward(ctx, grad_logp, grad_entropy, _grad_lse):
-    hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+def _token_backward(ctx, grad_logp, grad_entropy, _grad_normalizer):
+    hidden, weight, bias, labels, normalizer, entropy = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     if (grad_logp is None and grad_entropy is None) or not (need_hidden or need_weight or need_bias):
         return (None,) * 10
     ignore_index, softcap, temperature, backend, scratch_bytes = ctx.options
     if grad_logp is None:
-        grad_logp = torch.zeros_like(lse)
+        grad_logp = torch.zeros_like(normalizer[0])
     grad_hidden, grad_weight, grad_bias = token_logps_backward(
-        grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, ignore_index, softcap, temperature,
+        grad_logp, grad_entropy, hidden, weight, bias, labels, normalizer, entropy, ignore_index, softcap, temperature,
         need_hidden, need_weight, need_bias, backend, scratch_bytes,
     )  # fmt: skip
     return (
@@ -163,13 +167,13 @@ def dpo_loss_forward(
     backend: str,
     scratch_bytes: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> loss (), seq_logps (2P,), lse (N,), and dL/dhidden, dL/dweight, dL/dbias for a unit grad_output."""
-    loss, seq_logps, lse, grads = chunking.dpo_forward_with_grads(
+    """-> loss (), seq_logps (2P,), normalizer (2, N), and dL/dhidden, dL/dweight, dL/dbias for a unit grad_output."""
+    loss, seq_logps, normalizer, grads = chunking.dpo_forward_with_grads(
         backends.get(backend), hidden, weight, bias, labels, segment_ids, num_pairs, ref_logps,
         chunking.Objective(beta, loss_type, label_smoothing, average_log_prob), _head(softcap, 1.0), ignore_index,
         chunking.GradsNeeded(need_hidden, need_weight, need_bias), scratch_bytes,
     )  # fmt: skip
-    return (loss, seq_logps, lse) + tuple(hidden.new_empty(_EMPTY) if grad is None else grad for grad in grads)
+    return (loss, seq_logps, normalizer) + tuple(hidden.new_empty(_EMPTY) if grad is None else grad for grad in grads)
 
 
 @dpo_loss_forward.register_fake
@@ -179,45 +183,51 @@ def _(hidden, weight, bias, labels, segment_ids, ref_logps, num_pairs, beta, los
     return (
         hidden.new_empty((), dtype=acc),
         hidden.new_empty(2 * num_pairs, dtype=acc),
-        hidden.new_empty(labels.shape[0], dtype=acc),
+        hidden.new_empty((2, labels.shape[0]), dtype=acc),
     ) + _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 def _dpo_setup_context(ctx, inputs, output):
     (hidden, weight, bias, labels, segment_ids, _ref, num_pairs, _beta, _loss_type, _ls, average_log_prob,
      ignore_index, softcap, _nh, _nw, _nb, backend, scratch_bytes) = inputs  # fmt: skip
-    _loss, _seq_logps, lse, grad_hidden, grad_weight, grad_bias = output
-    ctx.mark_non_differentiable(lse, grad_hidden, grad_weight, grad_bias)
+    _loss, _seq_logps, normalizer, grad_hidden, grad_weight, grad_bias = output
+    ctx.mark_non_differentiable(normalizer, grad_hidden, grad_weight, grad_bias)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(hidden, weight, bias, labels, segment_ids, lse, grad_hidden, grad_weight, grad_bias)
+    ctx.save_for_backward(hidden, weight, bias, labels, segment_ids, normalizer, grad_hidden, grad_weight, grad_bias)
     ctx.options = (num_pairs, average_log_prob, ignore_index, softcap, backend, scratch_bytes)
 
 
 def _dpo_backward(ctx, grad_loss, grad_seq_logps, *_grads_of_nondifferentiable):
-    hidden, weight, bias, labels, segment_ids, lse, grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+    hidden, weight, bias, labels, segment_ids, normalizer, *saved_grads = ctx.saved_tensors
     need = ctx.needs_input_grad[:3]
-    grads = [grad_hidden, grad_weight, grad_bias]
-    for index in range(3):
-        if not need[index]:
-            grads[index] = None
+    # With the usual grad_output of 1 the saved gradients are returned as they are (one scalar sync
+    # to know it): autograd then hands them to .grad without a (V, H) copy. They are never modified
+    # here, so a retained graph can run backward again.
+    unit = grad_loss is not None and bool(grad_loss == 1)
+    grads = []
+    for needed, saved in zip(need, saved_grads):
+        if not needed:
+            grads.append(None)
         elif grad_loss is None:
-            grads[index] = torch.zeros_like(grads[index])
+            grads.append(torch.zeros_like(saved))
         else:
-            # the buffers are this op's own; scaling in place keeps dL/dW from being copied
-            grads[index] = grads[index].mul_(grad_loss.to(grads[index].dtype))
+            grads.append(saved if unit else saved * grad_loss.to(saved.dtype))
     if grad_seq_logps is not None and any(need):
-        grads = _add_sequence_logps_grads(ctx, grads, grad_seq_logps, hidden, weight, bias, labels, segment_ids, lse)
+        grads = _add_sequence_logps_grads(
+            ctx, grads, grad_seq_logps, hidden, weight, bias, labels, segment_ids, normalizer
+        )
     return tuple(grads) + (None,) * 15
 
 
-def _add_sequence_logps_grads(ctx, grads, grad_seq_logps, hidden, weight, bias, labels, segment_ids, lse):
+def _add_sequence_logps_grads(ctx, grads, grad_seq_logps, hidden, weight, bias, labels, segment_ids, normalizer):
     """A gradient that reaches the returned log-probs by another path: recompute, per token."""
     num_pairs, average_log_prob, ignore_index, softcap, backend, scratch_bytes = ctx.options
-    scale = chunking.sequence_scale(labels, segment_ids, 2 * num_pairs, ignore_index, average_log_prob, lse.dtype)
-    grad_logp = (grad_seq_logps.to(lse.dtype) * scale).index_select(0, segment_ids)
+    acc = normalizer.dtype
+    scale = chunking.sequence_scale(labels, segment_ids, 2 * num_pairs, ignore_index, average_log_prob, acc)
+    grad_logp = (grad_seq_logps.to(acc) * scale).index_select(0, segment_ids)
     need = ctx.needs_input_grad[:3]
     extra = token_logps_backward(
-        grad_logp, None, hidden, weight, bias, labels, lse, None, ignore_index, softcap, 1.0, *need, backend,
+        grad_logp, None, hidden, weight, bias, labels, normalizer, None, ignore_index, softcap, 1.0, *need, backend,
         scratch_bytes,
     )  # fmt: skip
     return [grad if grad is None else grad + more for grad, more in zip(grads, extra)]

@@ -38,11 +38,13 @@ DEFAULT_SCRATCH_MIB = {"cuda": 1024, "cpu": 32}
 _FALLBACK_SCRATCH_MIB = 256
 
 
-def scratch_bytes(device: torch.device, scratch_mib: int | None) -> int:
+def scratch_bytes(device: torch.device, scratch_mib: float | None) -> int:
     """The chunk scratch budget in bytes: ``scratch_mib`` or the device's default."""
     if scratch_mib is None:
         scratch_mib = DEFAULT_SCRATCH_MIB.get(device.type, _FALLBACK_SCRATCH_MIB)
-    return int(scratch_mib) * 2**20
+    elif not scratch_mib > 0:
+        raise ValueError(f"scratch_mib must be a positive number of MiB, got {scratch_mib!r}")
+    return int(scratch_mib * 2**20)
 
 
 @dataclass(frozen=True)
@@ -85,24 +87,35 @@ def token_forward(
     Args:
         hidden: (N, H); weight: (V, H); bias: (V,) or None; labels: (N,) int64.
     Returns:
-        logp (N,), entropy (N,) (empty when not asked for), lse (N,); float32 (float64 for float64
+        logp (N,), entropy (N,) (empty when not asked for), and the normalizer (2, N): each token's
+        ``max_logit`` and ``log_sum_exp`` (see ``ChunkStats``); float32 (float64 for float64
         inputs), 0 at ignored tokens.
     """
     num_tokens, vocab = labels.shape[0], weight.shape[0]
     acc = accumulate_dtype(hidden.dtype)
     rows, targets = _valid_rows(labels, ignore_index)
     logp = hidden.new_zeros(num_tokens, dtype=acc)
-    lse = hidden.new_zeros(num_tokens, dtype=acc)
+    normalizer = hidden.new_zeros((2, num_tokens), dtype=acc)
     entropy = hidden.new_zeros(num_tokens if with_entropy else 0, dtype=acc)
     step = _rows_per_chunk(backend, vocab, hidden.dtype, False, budget)
     for start in range(0, rows.shape[0], step):
         chunk_rows, chunk_targets = rows[start : start + step], targets[start : start + step]
         stats = backend.logits_stats(hidden, weight, bias, chunk_rows, chunk_targets, head, with_entropy, False)
-        logp.index_copy_(0, chunk_rows, stats.target_logit - stats.lse)
-        lse.index_copy_(0, chunk_rows, stats.lse)
+        _store(logp, normalizer, chunk_rows, stats)
         if with_entropy:
-            entropy.index_copy_(0, chunk_rows, stats.lse - stats.mean_logit)
-    return logp, entropy, lse
+            entropy.index_copy_(0, chunk_rows, stats.entropy)
+    return logp, entropy, normalizer
+
+
+def _store(logp: torch.Tensor | None, normalizer: torch.Tensor, rows: torch.Tensor, stats: ChunkStats) -> None:
+    if logp is not None:
+        logp.index_copy_(0, rows, stats.logp)
+    normalizer[0].index_copy_(0, rows, stats.max_logit)
+    normalizer[1].index_copy_(0, rows, stats.log_sum_exp)
+
+
+def _saved_stats(normalizer: torch.Tensor, rows: torch.Tensor) -> ChunkStats:
+    return ChunkStats(normalizer[0].index_select(0, rows), normalizer[1].index_select(0, rows))
 
 
 class _GradAccumulator:
@@ -138,7 +151,7 @@ def token_backward(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    normalizer: torch.Tensor,
     entropy: torch.Tensor | None,
     grad_logp: torch.Tensor,
     grad_entropy: torch.Tensor | None,
@@ -150,21 +163,20 @@ def token_backward(
     """Gradients of ``sum(grad_logp * logp + grad_entropy * entropy)``, recomputing the logits.
 
     Args:
-        lse, entropy: (N,) as returned by ``token_forward``; grad_logp, grad_entropy: (N,).
+        normalizer (2, N), entropy (N,): as returned by ``token_forward``; grad_logp, grad_entropy: (N,).
     Returns:
         (dL/dhidden (N, H), dL/dweight (V, H), dL/dbias (V,)), each None when not needed.
     """
     rows, targets = _valid_rows(labels, ignore_index)
     grads = _GradAccumulator(hidden, weight, bias, needs)
-    acc = lse.dtype
-    mean_logit = None if grad_entropy is None else lse - entropy
+    acc = normalizer.dtype
+    mean_shifted = None if grad_entropy is None else normalizer[1] - entropy
     step = _rows_per_chunk(backend, weight.shape[0], hidden.dtype, False, budget)
     for start in range(0, rows.shape[0], step):
         chunk_rows, chunk_targets = rows[start : start + step], targets[start : start + step]
-        stats = ChunkStats(
-            lse.index_select(0, chunk_rows),
-            mean_logit=None if mean_logit is None else mean_logit.index_select(0, chunk_rows),
-        )
+        stats = _saved_stats(normalizer, chunk_rows)
+        if mean_shifted is not None:
+            stats.mean_shifted = mean_shifted.index_select(0, chunk_rows)
         chunk_grad_entropy = None if grad_entropy is None else grad_entropy.index_select(0, chunk_rows).to(acc)
         grad_logits = backend.logits_grad(
             hidden, weight, bias, chunk_rows, chunk_targets, stats,
@@ -220,7 +232,7 @@ def dpo_forward_with_grads(
         hidden: (N, H); labels: (N,); segment_ids: (N,) in [0, 2P): rows [0, P) chosen, [P, 2P) rejected.
         ref_logps: (2P,) reference log-probs (already averaged when ``average_log_prob``), or None for 0.
     Returns:
-        loss: () mean over pairs; seq_logps: (2P,); lse: (N,) per-token logsumexp (0 at ignored);
+        loss: () mean over pairs; seq_logps: (2P,); normalizer: (2, N) as ``token_forward``'s;
         grads: (dL/dhidden, dL/dweight, dL/dbias) for a unit upstream gradient, None where not needed.
     """
     num_seq, vocab = 2 * num_pairs, weight.shape[0]
@@ -234,7 +246,7 @@ def dpo_forward_with_grads(
     scale = sequence_scale(labels, segment_ids, num_seq, ignore_index, objective.average_log_prob, acc)
     ref = hidden.new_zeros(num_seq, dtype=acc) if ref_logps is None else ref_logps.to(acc)
     sums = hidden.new_zeros(num_seq, dtype=acc)
-    lse_all = hidden.new_zeros(labels.shape[0], dtype=acc)
+    normalizer = hidden.new_zeros((2, labels.shape[0]), dtype=acc)
     grads = _GradAccumulator(hidden, weight, bias, needs)
     keep_cap = _rows_per_chunk(backend, vocab, hidden.dtype, True, budget)
     step = _rows_per_chunk(backend, vocab, hidden.dtype, False, budget)
@@ -249,9 +261,9 @@ def dpo_forward_with_grads(
             stats = backend.logits_stats(
                 hidden, weight, bias, rows[start:end], targets[start:end], head, False, keep_logits
             )
-            sums.index_add_(0, seq_of_row[start:end], stats.target_logit - stats.lse)
-            lse_all.index_copy_(0, rows[start:end], stats.lse)
-            chunk_stats.append(ChunkStats(stats.lse, logits=stats.logits))
+            sums.index_add_(0, seq_of_row[start:end], stats.logp)
+            _store(None, normalizer, rows[start:end], stats)
+            chunk_stats.append(ChunkStats(stats.max_logit, stats.log_sum_exp, logits=stats.logits))
 
         chosen = torch.arange(pair_start, pair_end, device=hidden.device)
         seq = torch.cat([chosen, chosen + num_pairs])
@@ -277,4 +289,4 @@ def dpo_forward_with_grads(
         chosen_logratios, rejected_logratios, beta=objective.beta, loss_type=objective.loss_type,
         label_smoothing=objective.label_smoothing,
     ).mean()  # fmt: skip
-    return loss, seq_logps, lse_all, grads.results(bias)
+    return loss, seq_logps, normalizer, grads.results(bias)

@@ -81,7 +81,7 @@ def pair_loss_grads(
     elif loss_type == "robust":
         du = (-(1 - ls) * beta * torch.sigmoid(-beta * u) - ls * beta * torch.sigmoid(beta * u)) / (1 - 2 * ls)
     elif loss_type == "hinge":
-        du = torch.where(1 - beta * u > 0, -beta, 0.0).to(u.dtype)
+        du = -beta * (1 - beta * u > 0).to(u.dtype)
     elif loss_type == "ipo":
         du = 2 * (u - 1 / (2 * beta))
     else:

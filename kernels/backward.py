@@ -1,9 +1,10 @@
 """Backward: ``dL/dx`` for a chunk of tokens, formed tile by tile in registers.
 
-For token n (target y, logsumexp ``lse``, ``E_p[z]`` = ``mean``) and upstream gradients
-``a = dL/dlogp_n`` and ``e = dL/dentropy_n``, with ``p = exp(z - lse)``:
+For token n (target y, normalizer ``max`` and ``log_sum_exp``, ``mean_shifted = E_p[z] - max``)
+and upstream gradients ``a = dL/dlogp_n`` and ``e = dL/dentropy_n``, with
+``p = exp((z - max) - log_sum_exp)``:
 
-    dL/dz[n, v] = a * (onehot(y)[v] - p[v]) - e * p[v] * (z[v] - mean)
+    dL/dz[n, v] = a * (onehot(y)[v] - p[v]) - e * p[v] * ((z[v] - max) - mean_shifted)
     dL/dx[n, v] = dL/dz * inv_temperature * (1 - (z * temperature / softcap)^2)   (softcap term optional)
 
 where ``x = h W^T + b`` and ``z = softcap(x) / temperature``. The logits tile is recomputed from
@@ -28,7 +29,8 @@ def logits_grad_kernel(
     bias_ptr,
     rows_ptr,
     targets_ptr,
-    lse_ptr,
+    max_ptr,
+    log_sum_exp_ptr,
     mean_ptr,
     grad_logp_ptr,
     grad_entropy_ptr,
@@ -71,14 +73,16 @@ def logits_grad_kernel(
             BLOCK_K, INPUT_PRECISION,
         )  # fmt: skip
 
-    lse = tl.load(lse_ptr + offs_n, mask=row_mask, other=0.0)
+    max_logit = tl.load(max_ptr + offs_n, mask=row_mask, other=0.0)
+    log_sum_exp = tl.load(log_sum_exp_ptr + offs_n, mask=row_mask, other=0.0)
     grad_logp = tl.load(grad_logp_ptr + offs_n, mask=row_mask, other=0.0)
     targets = tl.load(targets_ptr + offs_n, mask=row_mask, other=-1)
-    p = tl.exp(z - lse[:, None])
+    shifted = z - max_logit[:, None]
+    p = tl.exp(shifted - log_sum_exp[:, None])
     if WITH_ENTROPY:
-        mean = tl.load(mean_ptr + offs_n, mask=row_mask, other=0.0)
+        mean_shifted = tl.load(mean_ptr + offs_n, mask=row_mask, other=0.0)
         grad_entropy = tl.load(grad_entropy_ptr + offs_n, mask=row_mask, other=0.0)
-        grad = -p * (grad_logp[:, None] + grad_entropy[:, None] * (z - mean[:, None]))
+        grad = -p * (grad_logp[:, None] + grad_entropy[:, None] * (shifted - mean_shifted[:, None]))
     else:
         grad = -p * grad_logp[:, None]
     grad += tl.where(offs_v[None, :] == targets[:, None], grad_logp[:, None], 0.0)
@@ -99,8 +103,9 @@ def logits_grad(
     bias: torch.Tensor | None,
     rows: torch.Tensor,
     targets: torch.Tensor,
-    lse: torch.Tensor,
-    mean_logit: torch.Tensor | None,
+    max_logit: torch.Tensor,
+    log_sum_exp: torch.Tensor,
+    mean_shifted: torch.Tensor | None,
     grad_logp: torch.Tensor,
     grad_entropy: torch.Tensor | None,
     softcap: float | None,
@@ -111,8 +116,8 @@ def logits_grad(
 
     Args:
         hidden: (N, H), weight: (V, H), bias: (V,) or None, as for ``lse_forward``;
-        rows, targets: (C,) int64; lse, grad_logp: (C,) float32;
-        mean_logit, grad_entropy: (C,) float32, both given or both None;
+        rows, targets: (C,) int64; max_logit, log_sum_exp, grad_logp: (C,) float32;
+        mean_shifted, grad_entropy: (C,) float32, both given or both None;
         logits: (C, V) float32 kept by ``lse_forward(store_logits=True)``, or None to recompute.
     Returns:
         (C, V) in hidden's dtype.
@@ -123,8 +128,8 @@ def logits_grad(
     with_entropy = grad_entropy is not None
     grid = (triton.cdiv(num_rows, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
     logits_grad_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, rows, targets, lse,
-        mean_logit if with_entropy else lse, grad_logp, grad_entropy if with_entropy else grad_logp,
+        hidden, weight, bias if bias is not None else hidden, rows, targets, max_logit, log_sum_exp,
+        mean_shifted if with_entropy else max_logit, grad_logp, grad_entropy if with_entropy else grad_logp,
         logits if logits is not None else grad, grad,
         num_rows, vocab, hidden_dim, hidden.stride(0), weight.stride(0),
         logits.stride(0) if logits is not None else 0, grad.stride(0),

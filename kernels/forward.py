@@ -5,11 +5,15 @@ For C tokens (rows of ``hidden`` picked by ``rows``) and vocabulary V, each prog
 time, computing each logits tile in registers (``logits_tile``) and folding it into running
 statistics per token:
 
-    m  = max_v z            s = sum_v exp(z - m)           t = sum_v exp(z - m) * z
+    m  = max_v z            s = sum_v exp(z - m)           t = sum_v exp(z - m) * (z - m)
     target = z[y]           (found by the one split whose columns hold y)
 
-Splits are combined on the host side (a few (C, splits) tensors): ``lse = M + log sum_j s_j e^(m_j-M)``,
-``E_p[z] = sum_j t_j e^(m_j-M) / sum_j s_j e^(m_j-M)``; the entropy is ``lse - E_p[z]``.
+When the running max moves from m to m', ``s <- s e^(m-m')`` and ``t <- (t + (m-m') s) e^(m-m')``.
+Splits are combined on the host side (a few (C, splits) tensors) into the normalizer the rest of
+dpo_fast keeps, shifted by the max so that near-certain tokens keep their precision:
+``max_logit = M = max_j m_j``, ``log_sum_exp = log sum_j s_j e^(m_j-M)`` (so ``lse = M + log_sum_exp``)
+and ``mean_shifted = E_p[z] - M = sum_j (t_j + (m_j-M) s_j) e^(m_j-M) / sum_j s_j e^(m_j-M)``;
+the entropy is ``log_sum_exp - mean_shifted``.
 With ``STORE_LOGITS`` the tiles are also written (float32) for a later gradient pass.
 No (C, V) buffer exists otherwise.
 """
@@ -82,14 +86,16 @@ def lse_forward_kernel(
                 mask=row_mask[:, None] & v_mask[None, :],
             )
         target_logit += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
-        z_or_zero = tl.where(v_mask[None, :], z, 0.0)
         z = tl.where(v_mask[None, :], z, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(z, axis=1))
         rescale = tl.exp(running_max - new_max)
-        p = tl.exp(z - new_max[:, None])
-        sum_exp = sum_exp * rescale + tl.sum(p, axis=1)
+        shifted = z - new_max[:, None]
+        p = tl.exp(shifted)
         if WITH_ENTROPY:
-            sum_exp_logit = sum_exp_logit * rescale + tl.sum(p * z_or_zero, axis=1)
+            # sum_exp is 0 until the first tile, where running_max - new_max is -inf
+            moved = tl.where(sum_exp > 0, running_max - new_max, 0.0) * sum_exp
+            sum_exp_logit = (sum_exp_logit + moved) * rescale + tl.sum(tl.where(v_mask[None, :], p * shifted, 0.0), 1)
+        sum_exp = sum_exp * rescale + tl.sum(p, axis=1)
         running_max = new_max
 
     out = offs_n * num_splits + split
@@ -117,7 +123,8 @@ def lse_forward(
         hidden: (N, H) fp32/bf16/fp16, unit stride along H; weight: (V, H) same dtype, unit stride;
         bias: (V,) or None; rows: (C,) int64 token indices into hidden; targets: (C,) int64 in [0, V).
     Returns:
-        lse (C,), target_logit (C,), mean_logit (C,) or None, logits (C, V) or None; all float32.
+        max_logit (C,), log_sum_exp (C,), target_logit (C,), mean_shifted (C,) or None, logits (C, V)
+        or None; all float32.
     """
     num_rows, (vocab, hidden_dim) = rows.shape[0], weight.shape
     cfg = launch_config(hidden, vocab)
@@ -139,9 +146,11 @@ def lse_forward(
         INPUT_PRECISION=cfg.input_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     split_max, split_sum_exp, split_sum_exp_logit, split_target = partial
-    overall_max = split_max.max(dim=1).values
-    weights = torch.exp(split_max - overall_max[:, None])
+    max_logit = split_max.max(dim=1).values
+    offsets = split_max - max_logit[:, None]
+    weights = torch.exp(offsets)
     sum_exp = (split_sum_exp * weights).sum(1)
-    lse = overall_max + torch.log(sum_exp)
-    mean_logit = (split_sum_exp_logit * weights).sum(1) / sum_exp if with_entropy else None
-    return lse, split_target.sum(1), mean_logit, logits
+    mean_shifted = None
+    if with_entropy:
+        mean_shifted = ((split_sum_exp_logit + offsets * split_sum_exp) * weights).sum(1) / sum_exp
+    return max_logit, torch.log(sum_exp), split_target.sum(1), mean_shifted, logits

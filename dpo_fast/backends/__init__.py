@@ -43,17 +43,31 @@ class HeadSpec:
 class ChunkStats:
     """Per-token results of the forward work on one chunk of C tokens (float32; float64 inputs stay float64).
 
+    The normalizer is kept in two parts, ``lse = max_logit + log_sum_exp``, as ``log_softmax`` does:
+    ``z - max_logit`` is exact for the top logit, so a near-certain token keeps its small
+    ``log p`` and ``1 - p`` instead of losing them to the rounding of ``lse``.
+
     Attributes:
-        lse: (C,) logsumexp of the logits.
-        target_logit: (C,) logit of each token's target; ``target_logit - lse`` is its log-prob.
-        mean_logit: (C,) ``E_p[z]``, present when the entropy (``lse - mean_logit``) was asked for.
-        logits: (C, V) the logits themselves, when kept for the gradient pass (which consumes them).
+        max_logit: (C,) ``max_v z``.
+        log_sum_exp: (C,) ``log sum_v exp(z - max_logit)``.
+        target_logit: (C,) logit of each token's target.
+        mean_shifted: (C,) ``E_p[z] - max_logit``, when the entropy was asked for.
+        logits: (C, V) the logits, when kept for the gradient pass (which consumes them).
     """
 
-    lse: torch.Tensor
+    max_logit: torch.Tensor
+    log_sum_exp: torch.Tensor
     target_logit: torch.Tensor | None = None
-    mean_logit: torch.Tensor | None = None
+    mean_shifted: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+
+    @property
+    def logp(self) -> torch.Tensor:
+        return (self.target_logit - self.max_logit) - self.log_sum_exp
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        return self.log_sum_exp - self.mean_shifted
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -57,12 +57,14 @@ def logits_stats(
     keep_logits: bool,
 ) -> ChunkStats:
     z = logits(hidden.index_select(0, rows), weight, bias, head)
-    lse = torch.logsumexp(z, dim=1)
+    max_logit = z.max(dim=1).values
     target_logit = z.gather(1, targets[:, None]).squeeze(1)
-    mean_logit = None
-    if with_entropy:
-        mean_logit = torch.exp(z - lse[:, None]).mul_(z).sum(1)
-    return ChunkStats(lse, target_logit, mean_logit, z if keep_logits else None)
+    shifted = z - max_logit[:, None]
+    exp_shifted = torch.exp(shifted)
+    sum_exp = exp_shifted.sum(1)
+    mean_shifted = exp_shifted.mul_(shifted).sum(1) / sum_exp if with_entropy else None
+    del shifted, exp_shifted
+    return ChunkStats(max_logit, torch.log(sum_exp), target_logit, mean_shifted, z if keep_logits else None)
 
 
 def logits_grad(
@@ -78,18 +80,19 @@ def logits_grad(
 ) -> torch.Tensor:
     """``dL/dx`` for the pre-softcap logits ``x = h W^T + b`` of a chunk, (C, V) in hidden's dtype.
 
-    With ``p = softmax(z)``, ``a = grad_logp`` and ``e = grad_entropy``:
+    With ``p = softmax(z) = exp(z - max - log_sum_exp)``, ``a = grad_logp`` and ``e = grad_entropy``:
     ``dL/dz = a*(onehot(y) - p) - e*p*(z - E_p[z])``, then the chain rule through temperature and
     softcap. Consumes ``stats.logits`` when they were kept.
     """
     z = stats.logits if stats.logits is not None else logits(hidden.index_select(0, rows), weight, bias, head)
-    grad = torch.exp(z - stats.lse[:, None])
+    shifted = z - stats.max_logit[:, None]
+    grad = torch.exp(shifted - stats.log_sum_exp[:, None])
     if grad_entropy is None:
         grad.mul_(-grad_logp[:, None])
     else:
-        weight_per_logit = (z - stats.mean_logit[:, None]).mul_(grad_entropy[:, None]).add_(grad_logp[:, None])
-        grad.mul_(weight_per_logit).neg_()
-        del weight_per_logit
+        weight_per_logit = shifted.sub_(stats.mean_shifted[:, None]).mul_(grad_entropy[:, None])
+        grad.mul_(weight_per_logit.add_(grad_logp[:, None])).neg_()
+    del shifted
     grad.scatter_add_(1, targets[:, None], grad_logp[:, None].to(grad.dtype))
     if head.softcap is not None:
         # d(c*tanh(x/c))/dx = 1 - tanh^2 = 1 - (capped/c)^2, and capped = z * temperature

@@ -67,11 +67,12 @@ def logits_stats(
     with_entropy: bool,
     keep_logits: bool,
 ) -> ChunkStats:
-    lse, target_logit, mean_logit, logits = _kernels().lse_forward(
-        _unit_stride(hidden), _unit_stride(weight), bias, rows, targets, head.softcap, head.temperature,
-        with_entropy, keep_logits,
+    return ChunkStats(
+        *_kernels().lse_forward(
+            _unit_stride(hidden), _unit_stride(weight), bias, rows, targets, head.softcap, head.temperature,
+            with_entropy, keep_logits,
+        )
     )  # fmt: skip
-    return ChunkStats(lse, target_logit, mean_logit, logits)
 
 
 def logits_grad(
@@ -86,7 +87,7 @@ def logits_grad(
     head: HeadSpec,
 ) -> torch.Tensor:
     return _kernels().logits_grad(
-        _unit_stride(hidden), _unit_stride(weight), bias, rows, targets, stats.lse.float(),
-        None if grad_entropy is None else stats.mean_logit.float(), grad_logp.float(),
-        None if grad_entropy is None else grad_entropy.float(), head.softcap, head.temperature, stats.logits,
+        _unit_stride(hidden), _unit_stride(weight), bias, rows, targets, stats.max_logit, stats.log_sum_exp,
+        None if grad_entropy is None else stats.mean_shifted, grad_logp,
+        grad_entropy, head.softcap, head.temperature, stats.logits,
     )  # fmt: skip
