@@ -90,15 +90,16 @@ class Case:
 @st.composite
 def cases(draw, dtypes=(torch.float32, torch.bfloat16), max_pairs=3, max_length=9, max_hidden=40, max_vocab=80):
     dtype = draw(st.sampled_from(dtypes))
-    # A 16-bit dL/dz makes each product's error relative to the sum of its terms' sizes; over a
-    # handful of elements (H < 8) one cancelling dot product can dominate the norm, so 16-bit cases
-    # start at H = 8. Float32 cases take any H from 1.
-    min_hidden = 1 if dtype in (torch.float32, torch.float64) else 8
+    # A 16-bit dL/dz (0.4% rounding) makes each gradient's error relative to the sum of its terms'
+    # sizes; when a gradient has only a handful of elements, one sum that cancels (V = 2, H = 1)
+    # dominates the norm and measures the problem's conditioning rather than the kernel. 16-bit
+    # cases therefore start at H = 8 and V = 16; float32 cases take any H >= 1 and V >= 2.
+    wide = dtype not in (torch.float32, torch.float64)
     return Case(
         pairs=draw(st.integers(1, max_pairs)),
         length=draw(st.integers(1, max_length)),
-        hidden_dim=draw(st.integers(min_hidden, max_hidden)),
-        vocab=draw(st.integers(2, max_vocab)),
+        hidden_dim=draw(st.integers(8 if wide else 1, max_hidden)),
+        vocab=draw(st.integers(16 if wide else 2, max_vocab)),
         dtype=dtype,
         bias=draw(st.booleans()),
         softcap=draw(st.sampled_from([None, None, 2.5])),
