@@ -201,9 +201,9 @@ def _dpo_backward(ctx, grad_loss, grad_seq_logps, *_grads_of_nondifferentiable):
     hidden, weight, bias, labels, segment_ids, normalizer, *saved_grads = ctx.saved_tensors
     need = ctx.needs_input_grad[:3]
     # With the usual grad_output of 1 the saved gradients are returned as they are (one scalar sync
-    # to know it): autograd then hands them to .grad without a (V, H) copy. They are never modified
-    # here, so a retained graph can run backward again.
-    unit = grad_loss is not None and bool(grad_loss == 1)
+    # to know it, skipped while torch.compile traces): autograd then hands them to .grad without a
+    # (V, H) copy. They are never modified here, so a retained graph can run backward again.
+    unit = grad_loss is not None and not torch.compiler.is_compiling() and bool(grad_loss == 1)
     grads = []
     for needed, saved in zip(need, saved_grads):
         if not needed:

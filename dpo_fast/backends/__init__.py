@@ -80,6 +80,8 @@ def get(name: str) -> ModuleType:
     return importlib.import_module(CHUNKED_BACKENDS[name])
 
 
+# Run, not traced, under torch.compile: the answer depends only on the installation and arguments.
+@torch.compiler.assume_constant_result
 def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
     """Turn ``auto`` into a concrete backend and check that the backend can run on ``device``.
 
