@@ -163,7 +163,8 @@ def fused_linear_dpo_loss(
             recompute path (``8*N*H*V``: log-probs now, logits recomputed in ``backward``).
             None (default): True for the chunked backends.
     Returns:
-        ``DPOOutput``.
+        ``DPOOutput``. Gradients come back in the inputs' dtypes; ``dL/dW`` accumulates in float32
+        within a chunk of tokens and is rounded to the weight's dtype once per chunk.
     """
     validate.check_objective(beta, loss_type, label_smoothing)
     hidden, weight, bias, name = _prepare_head(hidden, weight, labels, bias, softcap, 1.0, ignore_index, backend)
