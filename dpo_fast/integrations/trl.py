@@ -312,35 +312,38 @@ class FastDPOTrainer(DPOTrainer):
 
     def _record_metrics(self, mode: str, inputs: dict, outputs: PolicyOutput, ref_logps: torch.Tensor) -> None:
         """Append this step's metrics under TRL 1.16's names, gathered across processes as TRL gathers them."""
-        metrics, gather = self._metrics[mode], self.accelerator.gather_for_metrics
-        mask = inputs["completion_mask"][:, 1:]
-        chosen_mask, rejected_mask = mask.bool().chunk(2)
+        metrics, gather = self._metrics[mode], self.accelerator.gather
         if outputs.entropy is not None:
-            seq_len = mask.shape[1]  # prompt-learning PEFT prepends virtual tokens: keep the real ones
-            entropy, mean_logit, is_top1 = (
-                t[:, -seq_len:] for t in (outputs.entropy, outputs.mean_logit, outputs.is_top1)
-            )
-            entropy_sum, tokens = gather((entropy * mask).sum()).sum(), gather(mask.sum()).sum()
-            metrics["entropy"].append((entropy_sum / tokens).item() if tokens > 0 else 0.0)
+            self._record_token_metrics(metrics, inputs["completion_mask"][:, 1:], outputs)
         if mode == "train":
-            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+            tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
-        if outputs.entropy is not None:
-            chosen_logit, rejected_logit = mean_logit.chunk(2)
-            for name, values, where in (
-                ("chosen", chosen_logit, chosen_mask),
-                ("rejected", rejected_logit, rejected_mask),
-            ):
-                total, count = gather(values[where].sum()).sum().item(), gather(where.sum()).sum().item()
-                metrics[f"logits/{name}"].append(total / count if count > 0 else 0.0)
-            hits, count = gather((is_top1.chunk(2)[0] & chosen_mask).sum()).sum(), gather(chosen_mask.sum()).sum()
-            metrics["mean_token_accuracy"].append((hits / count).item() if count > 0 else 0.0)
         chosen_logps, rejected_logps = outputs.logps.chunk(2)
         chosen_rewards, rejected_rewards = (self.beta * (outputs.logps - ref_logps.to(outputs.logps))).chunk(2)
-        metrics["rewards/chosen"].append(self.accelerator.gather(chosen_rewards).mean().item())
-        metrics["rewards/rejected"].append(self.accelerator.gather(rejected_rewards).mean().item())
-        accuracies = (chosen_rewards > rejected_rewards).float()
-        metrics["rewards/accuracies"].append(self.accelerator.gather(accuracies).mean().item())
-        metrics["rewards/margins"].append(self.accelerator.gather(chosen_rewards - rejected_rewards).mean().item())
-        metrics["logps/chosen"].append(self.accelerator.gather(chosen_logps).mean().item())
-        metrics["logps/rejected"].append(self.accelerator.gather(rejected_logps).mean().item())
+        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+        metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
+        metrics["logps/chosen"].append(gather(chosen_logps).mean().item())
+        metrics["logps/rejected"].append(gather(rejected_logps).mean().item())
+
+    def _record_token_metrics(self, metrics: dict, mask: torch.Tensor, outputs: PolicyOutput) -> None:
+        """entropy (all completion tokens), logits/chosen, logits/rejected, mean_token_accuracy (chosen tokens).
+
+        mask: (2P, T-1) the shifted completion mask; prompt-learning PEFT prepends virtual tokens to
+        the outputs, so only their last T-1 positions are the real ones.
+        """
+        gather, length = self.accelerator.gather_for_metrics, mask.shape[1]
+        entropy, mean_logit, is_top1 = (t[:, -length:] for t in (outputs.entropy, outputs.mean_logit, outputs.is_top1))
+
+        def mean_over(values: torch.Tensor, where: torch.Tensor) -> float:
+            total, count = gather(values[where].sum()).sum().item(), gather(where.sum()).sum().item()
+            return total / count if count > 0 else 0.0
+
+        mask = mask.bool()
+        chosen, rejected = mask.chunk(2)
+        metrics["entropy"].append(mean_over(entropy, mask))
+        metrics["logits/chosen"].append(mean_over(mean_logit.chunk(2)[0], chosen))
+        metrics["logits/rejected"].append(mean_over(mean_logit.chunk(2)[1], rejected))
+        metrics["mean_token_accuracy"].append(mean_over(is_top1.chunk(2)[0].float(), chosen))
