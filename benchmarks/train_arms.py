@@ -12,7 +12,8 @@ GPU. The arms:
 - ``dpo-fast-cli``: the lean trainer, ``dpo-fast train`` in its own process (``run_cli``).
 
 Measured: the median step time after warm-up, tokens per second (every token of the batch), peak
-memory (``torch.cuda.max_memory_allocated``, the process's total from ``nvidia-smi`` for the CLI),
+memory (``torch.cuda.max_memory_allocated`` in-process, and every arm's process total sampled from
+``nvidia-smi`` every 0.2 s, the only number for the CLI),
 and the longest sequence (one pair) and largest batch (pairs at the timing length) that train
 without running out of memory, by doubling and then bisecting once.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import itertools
 import json
 import os
 import random
@@ -200,9 +202,15 @@ def train_in_process(arm: str, plan: Plan, shape: Shape, steps: int) -> dict | N
                 model=policy, ref_model=reference, args=args, processing_class=tokenizer(), callbacks=[timer],
                 train_dataset=Dataset.from_list(preference_rows(shape, shape.pairs * steps)), **options,
             )  # fmt: skip
+            peak = [0.0]
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            trainer.train()
+                stop = _poll(_gpu_memory_sampler(os.getpid(), peak), 0.2)
+            try:
+                trainer.train()
+            finally:
+                if cuda:
+                    stop.set()
             times = timer.times[plan.warmup_steps :] or timer.times
             result = {
                 "pairs": shape.pairs, "length": shape.length, "steps": len(timer.times),
@@ -212,6 +220,7 @@ def train_in_process(arm: str, plan: Plan, shape: Shape, steps: int) -> dict | N
             if cuda:
                 result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+                result["peak_process_gib"] = peak[0]
             return result
     except torch.OutOfMemoryError:
         return None
@@ -236,31 +245,51 @@ def _cli_available() -> bool:
         return False
 
 
-def _gpu_memory_poller(pid: int):
-    """Samples the process's GPU memory with nvidia-smi every 0.2 s; returns (stop, peak_gib)."""
-    peak, stop = [0.0], threading.Event()
+def _poll(sample, interval: float):
+    """Run ``sample()`` every ``interval`` seconds in a thread until the returned event is set."""
+    stop = threading.Event()
 
-    def poll():
+    def loop():
         while not stop.is_set():
-            out = subprocess.run(
-                ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                capture_output=True, text=True, check=False,
-            ).stdout  # fmt: skip
-            for line in out.splitlines():
-                fields = [f.strip() for f in line.split(",")]
-                if len(fields) == 2 and fields[0] == str(pid) and fields[1].isdigit():
-                    peak[0] = max(peak[0], int(fields[1]) / 1024)
-            stop.wait(0.2)
+            sample()
+            stop.wait(interval)
 
-    thread = threading.Thread(target=poll, daemon=True)
-    thread.start()
-    return stop, peak
+    threading.Thread(target=loop, daemon=True).start()
+    return stop
+
+
+def _gpu_memory_sampler(pid: int, peak: list[float]):
+    """A sampler that keeps in ``peak[0]`` the most GPU memory nvidia-smi has shown for process ``pid`` (GiB)."""
+
+    def sample():
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, check=False,
+        ).stdout  # fmt: skip
+        for line in out.splitlines():
+            fields = [field.strip() for field in line.split(",")]
+            if len(fields) == 2 and fields[0] == str(pid) and fields[1].isdigit():
+                peak[0] = max(peak[0], int(fields[1]) / 1024)
+
+    return sample
+
+
+def _log_line_sampler(path: Path, stamps: list[float]):
+    """A sampler that appends the time each new line of ``path`` is first seen: with a line logged
+    every step, their differences are the step times, whatever the lines hold."""
+
+    def sample():
+        lines = path.read_text().count("\n") if path.exists() else 0
+        stamps.extend([time.perf_counter()] * (lines - len(stamps)))
+
+    return sample
 
 
 def run_cli(plan: Plan, shape: Shape, steps: int, workdir: Path) -> dict | None:
-    """``dpo-fast train`` for ``steps`` steps; None when it runs out of memory.
+    """``dpo-fast train`` for ``steps`` steps, logging every step; None when it runs out of memory.
 
-    Returns the wall time of the whole process and, on CUDA, its peak memory by nvidia-smi.
+    Returns ``step_ends`` (when each step's line reached ``metrics.jsonl``) and, on CUDA, the
+    process's peak memory by nvidia-smi.
     """
     cuda = plan.device.startswith("cuda")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -275,7 +304,7 @@ def run_cli(plan: Plan, shape: Shape, steps: int, workdir: Path) -> dict | None:
         "tokenizer": str(workdir / "tokenizer"), "dtype": "bfloat16" if cuda else "float32", "bf16": cuda,
         "gradient_checkpointing": True, "reference": "model", "per_device_train_batch_size": shape.pairs,
         "max_length": shape.length, "max_prompt_length": shape.prompt, "learning_rate": 1e-6,
-        "logging_steps": steps, "seed": 0,
+        "logging_steps": 1, "seed": 0,
     }  # fmt: skip
     (workdir / "config.json").write_text(json.dumps(config))
     output_dir = workdir / "output"  # removed after each run: the trainer checkpoints at the end
@@ -284,33 +313,38 @@ def run_cli(plan: Plan, shape: Shape, steps: int, workdir: Path) -> dict | None:
         "--model", str(workdir / "model.json"), "--dataset", str(workdir / "train.jsonl"),
         "--output-dir", str(output_dir), "--max-steps", str(steps), "--backend", "auto",
     ]  # fmt: skip
-    start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    stop, peak = _gpu_memory_poller(process.pid) if cuda else (threading.Event(), [None])
+    peak, step_ends = [0.0], []
+    stops = [_poll(_log_line_sampler(output_dir / "metrics.jsonl", step_ends), 0.005)]
+    if cuda:
+        stops.append(_poll(_gpu_memory_sampler(process.pid, peak), 0.2))
     try:
         output, _ = process.communicate(timeout=max(1.0, plan.deadline - time.time()))
     finally:
-        stop.set()
+        for stop in stops:
+            stop.set()
         shutil.rmtree(output_dir, ignore_errors=True)
-    wall = time.perf_counter() - start
     if process.returncode != 0:
         if "OutOfMemoryError" in output or "CUDA out of memory" in output:
             return None
         raise RuntimeError(f"dpo-fast train failed ({process.returncode}):\n{output[-3000:]}")
-    return {"wall_s": wall, "peak_process_gib": peak[0]}
+    return {"step_ends": step_ends, "peak_process_gib": peak[0] if cuda else None}
 
 
 def _cli_timing(plan: Plan, workdir: Path) -> dict | None:
-    """Step time as the difference of two runs' wall times (warm-up only, warm-up + timed steps):
-    start-up, data preparation and the final checkpoint cancel out."""
-    short = run_cli(plan, plan.timing, plan.warmup_steps, workdir)
-    long = run_cli(plan, plan.timing, plan.warmup_steps + plan.timed_steps, workdir)
-    if short is None or long is None:
+    """Step times from the moments successive steps' log lines appeared."""
+    steps = plan.warmup_steps + plan.timed_steps
+    run = run_cli(plan, plan.timing, steps, workdir)
+    if run is None:
         return None
-    step_s = (long["wall_s"] - short["wall_s"]) / plan.timed_steps
+    ends = run["step_ends"]
+    if len(ends) != steps:
+        raise RuntimeError(f"dpo-fast train logged {len(ends)} lines for {steps} steps (logging_steps=1 expected)")
+    times = [later - earlier for earlier, later in itertools.pairwise(ends)][plan.warmup_steps - 1 :]
+    step_s = statistics.median(times)
     return {
-        "pairs": plan.timing.pairs, "length": plan.timing.length, "steps": plan.warmup_steps + plan.timed_steps,
-        "step_s": step_s, "tokens_per_s": plan.timing.tokens / step_s, "peak_process_gib": long["peak_process_gib"],
+        "pairs": plan.timing.pairs, "length": plan.timing.length, "steps": steps, "step_s": step_s,
+        "step_s_all": times, "tokens_per_s": plan.timing.tokens / step_s, "peak_process_gib": run["peak_process_gib"],
     }  # fmt: skip
 
 
