@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pairs", type=int, default=4, help="pairs per step for the timing")
     parser.add_argument("--length", type=int, default=1024, help="tokens per sequence for the timing (half prompt)")
     parser.add_argument("--timed-steps", type=int, default=5, help="steps timed after 2 warm-up steps")
-    parser.add_argument("--deadline-s", type=float, default=540, help="stop starting work after this many seconds")
+    parser.add_argument("--deadline-s", type=float, default=480, help="stop starting work after this many seconds")
     return parser
 
 
