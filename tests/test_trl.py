@@ -141,6 +141,8 @@ CASES = {
     "ipo-checkpointing": dict(loss_type=["ipo"], gradient_checkpointing=True),
     "ipo-precompute": dict(loss_type=["ipo"], precompute_ref_log_probs=True),
     "sigmoid+sft": dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
+    # TR-DPO: the reference moves toward the policy after every step
+    "sigmoid-sync_ref_model": dict(sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5),
 }
 
 
