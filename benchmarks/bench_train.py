@@ -8,6 +8,12 @@ runs in its own worker process, so one arm's memory or monkey-patching never rea
     python benchmarks/bench_train.py --smoke --out /tmp/smoke            # CPU: tiny model, a few steps
     python benchmarks/bench_train.py report benchmarks/results/bench_train.json   # table and plot again
 
+On the lent GPU machine (``shared/gpu/README.md``: run ``../shared/gpu/fetch-wheels.sh`` here first,
+so that ``.whl/`` holds TRL, Liger and datasets), ``python benchmarks/bench_train.py gpu-command``
+prints the one command to run there, under its 10-minute limit; then copy ``bench_train.json`` and
+``bench_train.md`` from the results folder into ``benchmarks/results/`` and draw the plot with
+``bench_train.py report`` where matplotlib is installed.
+
 Work is done in two phases under one deadline (``--deadline-s``): first the step time and peak
 memory of every arm on every model, then the longest-sequence and largest-batch searches for the
 ``--search-models``. Results are written after every worker, so a run cut short keeps what it
@@ -39,8 +45,26 @@ NAMES = {
 }
 
 
+# The GPU machine's command: the wheel kit's set-up (shared/gpu/README.md), then this benchmark.
+GPU_COMMAND = "; ".join([
+    'R=${R:-gpu-results}',
+    'mkdir -p "$R"',
+    "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "
+    ".whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit",
+    "unset TRITON_INTERPRET",
+    "export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "
+    "TOKENIZERS_PARALLELISM=false",
+    "set -o pipefail",
+    '{ nvidia-smi -L; python3 .whl/check_wheels.py --installed --import .whl; python3 -m pip install -q --no-index '
+    '--no-build-isolation --no-deps -e . && python3 benchmarks/bench_train.py --out "$R"; } 2>&1 | tee "$R/log"',
+])  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gpu-command"]:
+        print(GPU_COMMAND)
+        return 0
     if argv[:1] == ["report"]:
         results_path = Path(argv[1])
         write_report(json.loads(results_path.read_text()), results_path.parent)
