@@ -3,6 +3,6 @@
 from setuptools import setup
 
 setup(
-    packages=["dpo_fast", "dpo_fast.backends", "dpo_fast.kernels"],
+    packages=["dpo_fast", "dpo_fast.backends", "dpo_fast.integrations", "dpo_fast.kernels"],
     package_dir={"dpo_fast.kernels": "kernels"},
 )

@@ -102,6 +102,11 @@ def check_objective(beta: float, loss_type: str, label_smoothing: float) -> None
         raise ValueError(f"beta must be a positive number, got {beta!r}")
     if loss_type == "robust" and not 0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust', got {label_smoothing!r}")
+    if loss_type == "exo_pair" and not 0 < label_smoothing < 1:
+        raise ValueError(
+            f"label_smoothing must lie in (0, 1) for loss_type='exo_pair' (it is EXO's epsilon; the paper uses 1e-3), "
+            f"got {label_smoothing!r}"
+        )
     if not 0 <= label_smoothing <= 1:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
 

@@ -2,7 +2,8 @@
 
 The fresh environment borrows the running interpreter's site-packages (torch, triton) through a
 ``.pth`` line, appended after its own site-packages, so the dpo_fast it imports is the wheel's:
-the test checks that, and that ``dpo_fast.kernels`` (the top-level ``kernels/`` folder) is in it.
+the test checks that, and that ``dpo_fast.kernels`` (the top-level ``kernels/`` folder) and
+``dpo_fast.integrations`` are in it.
 """
 
 import subprocess
@@ -21,6 +22,8 @@ import dpo_fast, dpo_fast.kernels
 assert dpo_fast.__file__.startswith(sys.prefix), dpo_fast.__file__
 assert dpo_fast.kernels.__file__.startswith(sys.prefix), dpo_fast.kernels.__file__
 from dpo_fast.kernels import forward, backward, logits_tile
+import dpo_fast.integrations.hf
+assert dpo_fast.integrations.hf.__file__.startswith(sys.prefix)
 hidden = torch.randn(2, 3, 4, requires_grad=True)
 out = dpo_fast.fused_linear_dpo_loss(hidden, torch.randn(5, 4), torch.randint(0, 5, (2, 3)), reference_free=True)
 out.loss.backward()
