@@ -86,7 +86,8 @@ class TrainConfig:
 def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConfig:
     """Read a YAML or JSON config (the bundled default when ``path`` is None), then apply overrides.
 
-    Overrides whose value is None are ignored (unset flags). Unknown keys raise, naming the key.
+    ``overrides`` replace the file's values (None included: ``max_length=None`` turns truncation
+    off). Unknown keys raise, naming the key.
     """
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
@@ -103,7 +104,7 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConf
     for key in PATH_KEYS:
         if isinstance(values.get(key), str) and (path.parent / values[key]).exists():
             values[key] = str((path.parent / values[key]).resolve())
-    values.update({key: value for key, value in overrides.items() if value is not None})
+    values.update(overrides)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
