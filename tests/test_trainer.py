@@ -35,6 +35,15 @@ TINY_LLAMA = dict(model_type="llama", vocab_size=40, hidden_size=32, intermediat
                   tie_word_embeddings=True)  # fmt: skip
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models here run fastest on one thread (and do not fight other processes for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return AutoTokenizer.from_pretrained(TOKENIZER)
@@ -313,11 +322,12 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(files, tmp_path):
     assert expected.keys() == got.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
 
 
-def test_auto_resume_rewrites_the_log_after_the_checkpoint(files, tmp_path):
+def test_auto_resume_rewrites_the_log_after_the_checkpoint_bf16_checkpointed(files, tmp_path):
     out = tmp_path / "run"
-    first = run(files, out, max_steps=8, save_steps=4, save_total_limit=0)
+    options = dict(max_steps=8, save_steps=4, bf16=True, gradient_checkpointing=True, padding_free=True)
+    first = run(files, out, save_total_limit=0, **options)
     (out / "checkpoint-8").rename(out / "lost")  # as if the run died after step 8's log, before its checkpoint
-    again = run(files, out, max_steps=8, save_steps=4, resume_from_checkpoint="auto")
+    again = run(files, out, resume_from_checkpoint="auto", **options)
     assert again == first
 
 
@@ -367,8 +377,8 @@ def test_two_processes_match_one_with_twice_the_accumulation(files, tmp_path):
               "--max-length", "32", "--max-prompt-length", "16", "--per-device-train-batch-size", "4",
               "--per-device-eval-batch-size", "5", "--learning-rate", "3e-3", "--max-steps", "4",
               "--logging-steps", "1", "--seed", "0"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}  # CPU processes talk through gloo
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dpo_fast.trainer.cli",
               "train", *common, "--output-dir", str(tmp_path / "two")]  # fmt: skip
     subprocess.run(launch, check=True, env=env, capture_output=True)

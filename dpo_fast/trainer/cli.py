@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
 from .config import TrainConfig, load_config
@@ -43,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.pop("config", None), **args)
     from .loop import train  # heavy imports (transformers, datasets, accelerate) only for a run
 
-    metrics = train(cfg)
-    print(json.dumps(metrics, indent=2))
+    train(cfg)
     return 0
 
 

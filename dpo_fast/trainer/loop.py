@@ -135,6 +135,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             state = {"step": done, "epoch": epoch, "step_in_epoch": step_in_epoch + 1, "steps_per_epoch": steps_per_epoch}
             checkpoint.save(accelerator, model, optimizer, scheduler, tokenizer, cfg, state)
     progress.close()
+    accelerator.print(json.dumps(last, indent=2))
     accelerator.end_training()
     return last
 

@@ -51,8 +51,9 @@ def load_model(cfg: TrainConfig) -> PreTrainedModel:
     for key in _UNSUPPORTED_HEAD_SCALES:
         if getattr(model.config, key, None) not in (None, 1, 1.0):
             raise ValueError(f"model {cfg.model!r} scales its logits by config.{key}, which dpo_fast does not support")
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:  # named activation_checkpointing_enable from transformers 5.23 on
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -106,19 +107,25 @@ class DPOModel(torch.nn.Module):
         """
         hidden = self.hf_model.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state  # (2P, T, H) or (1, N, H), in the autocast dtype
+        ).last_hidden_state  # (2P, T, H) or (1, N, H)
         if segment_ids is not None:
             hidden = hidden.squeeze(0)
+        # Under autocast (bf16 mixed precision) the head runs in the autocast dtype, cast here once:
+        # dpo_fast's kernels take their dtypes from their inputs, not from autocast.
+        device = hidden.device.type
+        if torch.is_autocast_enabled(device):
+            hidden = hidden.to(torch.get_autocast_dtype(device))
         head = self.hf_model.get_output_embeddings()
-        if ref_logps is None:
-            return api.sequence_logps(
-                hidden, head.weight, labels, bias=head.bias, average_log_prob=self.average_log_prob,
-                softcap=self.softcap, segment_ids=segment_ids, backend=self.backend,
+        with torch.autocast(device, enabled=False):
+            if ref_logps is None:
+                return api.sequence_logps(
+                    hidden, head.weight, labels, bias=head.bias, average_log_prob=self.average_log_prob,
+                    softcap=self.softcap, segment_ids=segment_ids, backend=self.backend,
+                )  # fmt: skip
+            pairs = ref_logps.shape[0] // 2
+            return api.fused_linear_dpo_loss(
+                hidden, head.weight, labels, bias=head.bias, ref_chosen_logps=ref_logps[:pairs],
+                ref_rejected_logps=ref_logps[pairs:], average_log_prob=self.average_log_prob, softcap=self.softcap,
+                segment_ids=segment_ids, num_pairs=pairs if segment_ids is not None else None, backend=self.backend,
+                **self.objective,
             )  # fmt: skip
-        pairs = ref_logps.shape[0] // 2
-        return api.fused_linear_dpo_loss(
-            hidden, head.weight, labels, bias=head.bias, ref_chosen_logps=ref_logps[:pairs],
-            ref_rejected_logps=ref_logps[pairs:], average_log_prob=self.average_log_prob, softcap=self.softcap,
-            segment_ids=segment_ids, num_pairs=pairs if segment_ids is not None else None, backend=self.backend,
-            **self.objective,
-        )  # fmt: skip
