@@ -135,6 +135,16 @@ def test_rows_mixing_text_and_messages_are_rejected(tokenizer):
         rows_of(tokenizer, [row])
 
 
+def test_json_jsonl_and_parquet_files_give_the_same_rows(tmp_path):
+    records = [{"prompt": "reverse ab:", "chosen": " ba", "rejected": " ab"},
+               {"prompt": "reverse cde:", "chosen": " edc", "rejected": " ecd"}]  # fmt: skip
+    (tmp_path / "rows.json").write_text(json.dumps(records))
+    datasets.Dataset.from_list(records).to_json(tmp_path / "rows.jsonl")
+    datasets.Dataset.from_list(records).to_parquet(tmp_path / "rows.parquet")
+    for name in ("rows.json", "rows.jsonl", "rows.parquet"):
+        assert data.load_rows(str(tmp_path / name), "train").to_list() == records
+
+
 def test_a_dataset_without_a_column_is_rejected(tokenizer, tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps({"prompt": "reverse ab:", "chosen": " ba"}) + "\n")
@@ -260,10 +270,10 @@ def test_fused_loss_equals_the_naive_step_in_loss_and_gradients(tokenizer, files
 
 
 def run(files: Path, out: Path, **overrides) -> list[dict]:
-    """Train on the tiny files; returns the run's metrics.jsonl records."""
+    """Train on the tiny files; returns the run's metrics.jsonl records. Runs beside each other share a cache."""
     values = dict(
         model=str(files / "model.json"), tokenizer=TOKENIZER, dataset=str(files / "train.jsonl"),
-        eval_dataset=str(files / "eval.jsonl"), output_dir=str(out), reference_cache_dir=str(files / "cache"),
+        eval_dataset=str(files / "eval.jsonl"), output_dir=str(out), reference_cache_dir=str(out.parent / "cache"),
         max_length=32, max_prompt_length=16, per_device_train_batch_size=4, per_device_eval_batch_size=8,
         learning_rate=3e-3, max_steps=6, logging_steps=1, seed=0,
     )  # fmt: skip
@@ -336,7 +346,7 @@ def test_precomputed_reference_equals_the_live_frozen_copy(files, tmp_path):
     live = train_records(run(files, tmp_path / "live", reference="model"))
     for a, b in zip(precomputed, live, strict=True):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
-    cached = list((files / "cache").glob("*.pt"))
+    cached = list((tmp_path / "cache").glob("*.pt"))
     assert len(cached) == 2  # train and eval tables, keyed by model and data
     again = train_records(run(files, tmp_path / "again", reference="precompute"))  # read from the cache
     assert again == precomputed
