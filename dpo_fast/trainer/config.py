@@ -100,7 +100,7 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConf
     else:
         values = json.loads(text)
     if not isinstance(values, dict):
-        raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values")
+        raise TypeError(f"config file {str(path)!r} must hold a mapping of keys to values")
     for key in PATH_KEYS:
         if isinstance(values.get(key), str) and (path.parent / values[key]).exists():
             values[key] = str((path.parent / values[key]).resolve())
@@ -123,12 +123,11 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {cfg.reference!r}")
     if cfg.reference == "adapters" and cfg.lora_r <= 0:
         raise ValueError("reference='adapters' needs a LoRA policy: set lora_r > 0, or pick another reference")
-    if cfg.max_length is not None:
-        if cfg.max_prompt_length is None or not 0 < cfg.max_prompt_length < cfg.max_length:
-            raise ValueError(
-                f"max_prompt_length must be set and in (0, max_length={cfg.max_length}) so every completion keeps "
-                f"a token, got {cfg.max_prompt_length}; or set max_length to null to turn truncation off"
-            )
+    if cfg.max_length is not None and (cfg.max_prompt_length is None or not 0 < cfg.max_prompt_length < cfg.max_length):
+        raise ValueError(
+            f"max_prompt_length must be set and in (0, max_length={cfg.max_length}) so every completion keeps "
+            f"a token, got {cfg.max_prompt_length}; or set max_length to null to turn truncation off"
+        )
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")

@@ -125,7 +125,7 @@ def _check_field(value, key: str, index: int, name: str) -> None:
     elif isinstance(value, list):
         empty = not value or any(not isinstance(m, dict) or not str(m.get("content") or "").strip() for m in value)
     else:
-        raise ValueError(
+        raise TypeError(
             f"dataset {name!r} row {index}: field {key!r} must be text or a list of {{'role', 'content'}} "
             f"messages, got {type(value).__name__}"
         )

@@ -115,7 +115,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                 out = model(**batch, ref_logps=ref)
                 accelerator.backward(out.loss / cfg.gradient_accumulation_steps)
             window += _pair_sums(out)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        clip = cfg.max_grad_norm > 0
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if clip else None
         learning_rate = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -132,8 +133,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         if "eval" in splits and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == total_steps):
             last.update(evaluate(done))
         if (cfg.save_steps and done % cfg.save_steps == 0) or done == total_steps:
-            state = {"step": done, "epoch": epoch, "step_in_epoch": step_in_epoch + 1, "steps_per_epoch": steps_per_epoch}
-            checkpoint.save(accelerator, model, optimizer, scheduler, tokenizer, cfg, state)
+            position = {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "steps_per_epoch": steps_per_epoch}
+            checkpoint.save(accelerator, model, optimizer, scheduler, tokenizer, cfg, {"step": done, **position})
     progress.close()
     accelerator.print(json.dumps(last, indent=2))
     accelerator.end_training()

@@ -74,7 +74,7 @@ class DPOModel(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
         super().__init__()
         self.model = model
-        self.objective = dict(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
+        self.objective = {"beta": cfg.beta, "loss_type": cfg.loss_type, "label_smoothing": cfg.label_smoothing}
         self.average_log_prob = objectives.default_average_log_prob(cfg.loss_type)
         self.backend = cfg.backend
         self.softcap = getattr(self.hf_model.config, "final_logit_softcapping", None)

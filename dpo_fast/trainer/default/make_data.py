@@ -5,8 +5,8 @@ Each row asks to reverse a string of 4-8 letters from ``a``-``l``:
     {"prompt": "reverse fbkal:", "chosen": " lakbf", "rejected": " lakfb"}
 
 ``chosen`` is the reversal; ``rejected`` is a near miss of one of four kinds, in equal shares:
-the string not reversed, two neighbouring letters swapped, one letter replaced, one letter
-dropped. The held-out split's strings never occur in the training split. The tokenizer is
+the string not reversed, two neighbouring letters swapped, one letter replaced by a letter the
+string does not have, one letter dropped. The held-out split's strings never occur in the training split. The tokenizer is
 character-level (``tokenizers`` WordLevel over single characters, ``<bos>`` prepended) with a
 small chat template, so conversational rows work with it too.
 
@@ -44,7 +44,7 @@ def near_miss(answer: str, rng: random.Random) -> str:
             chars[i], chars[i + 1] = chars[i + 1], chars[i]
         elif kind == "replace":
             i = rng.randrange(len(chars))
-            chars[i] = rng.choice([c for c in LETTERS if c != chars[i]])
+            chars[i] = rng.choice([c for c in LETTERS if c not in answer])
         else:
             del chars[rng.randrange(len(chars))]
         wrong = "".join(chars)
@@ -53,10 +53,8 @@ def near_miss(answer: str, rng: random.Random) -> str:
 
 
 def rows(strings: list[str], rng: random.Random) -> list[dict]:
-    return [
-        {"prompt": f"reverse {s}:", "chosen": f" {s[::-1]}", "rejected": f" {near_miss(s[::-1], rng)}"}
-        for s in strings
-    ]
+    return [{"prompt": f"reverse {s}:", "chosen": f" {s[::-1]}", "rejected": f" {near_miss(s[::-1], rng)}"}
+            for s in strings]  # fmt: skip
 
 
 def build_tokenizer(folder: Path) -> None:
