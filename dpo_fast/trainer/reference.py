@@ -40,8 +40,12 @@ def build(cfg: TrainConfig, model, accelerator: Accelerator, splits: dict[str, d
         policy = accelerator.unwrap_model(model).model
 
         def with_adapters_disabled(split, rows, batch):
+            was_training = model.training
+            model.eval()  # no dropout in the reference
             with torch.no_grad(), policy.disable_adapter():
-                return model(**batch)
+                logps = model(**batch)
+            model.train(was_training)
+            return logps
 
         return with_adapters_disabled
     if cfg.reference == "model":
