@@ -1,0 +1,160 @@
+"""Preference data: load rows, check them, tokenize, order them into batches, collate a batch.
+
+A row is ``{"prompt", "chosen", "rejected"}``, each plain text, or (conversational) a list of
+``{"role", "content"}`` messages rendered with the tokenizer's chat template. Tokenized rows
+hold ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (lists of int); a batch of P rows becomes
+one forward of 2P sequences, chosen first (TRL's concatenated order), padded or packed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import torch
+
+FIELDS = ("prompt", "chosen", "rejected")
+IGNORE_INDEX = -100
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def load_rows(source: str, split: str) -> datasets.Dataset:
+    """A local JSON/JSONL/Parquet file (all its rows) or a hub dataset name (``split`` of it)."""
+    suffix = Path(source).suffix
+    if suffix in _FILE_BUILDERS:
+        if not Path(source).is_file():
+            raise ValueError(f"dataset file {source!r} does not exist")
+        return datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=source, split="train")
+    return datasets.load_dataset(source, split=split)
+
+
+def tokenize(rows: datasets.Dataset, tokenizer, max_length: int | None, max_prompt_length: int | None,
+             name: str) -> datasets.Dataset:  # fmt: skip
+    """Check every row and tokenize it; ``name`` (the dataset's source) goes into errors.
+
+    Truncation as TRL does it: the prompt keeps its last ``max_prompt_length`` tokens, then each
+    completion keeps its first ``max_length - len(prompt)``. Plain-text completions end with EOS;
+    conversational ones end as the chat template ends an assistant turn.
+
+    Returns:
+        the dataset with int columns ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` only.
+    """
+    missing = [key for key in FIELDS if key not in rows.column_names]
+    if missing:
+        raise ValueError(
+            f"dataset {name!r} lacks column(s) {missing}; a preference dataset needs {list(FIELDS)} "
+            f"(it has {rows.column_names})"
+        )
+
+    def encode(row, index):
+        for key in FIELDS:
+            _check_field(row[key], key, index, name)
+        prompt, chosen, rejected = _encode_row(row, tokenizer, index, name)
+        if not prompt:
+            raise ValueError(f"dataset {name!r} row {index}: field 'prompt' encodes to no token")
+        if max_prompt_length is not None:
+            prompt = prompt[-max_prompt_length:]
+        if max_length is not None:
+            chosen, rejected = chosen[: max_length - len(prompt)], rejected[: max_length - len(prompt)]
+        return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+
+    return rows.map(encode, with_indices=True, remove_columns=rows.column_names, desc=f"tokenizing {name}")
+
+
+def epoch_batches(num_rows: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Row indices of each training batch of an epoch: a permutation seeded by (seed, epoch), last partial batch dropped."""
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    return [order[start : start + batch_size] for start in range(0, num_rows - batch_size + 1, batch_size)]
+
+
+def eval_batches(num_rows: int, batch_size: int) -> list[list[int]]:
+    """Row indices of each eval batch, in order, the last one possibly smaller."""
+    return [list(range(start, min(start + batch_size, num_rows))) for start in range(0, num_rows, batch_size)]
+
+
+def shard(batches: list[list[int]], accelerator) -> list[tuple[list[int], bool]]:
+    """This process's share of ``batches`` as ``(indices, counted)``.
+
+    The list is padded by repeating its first batches until every process has as many (DDP and
+    FSDP forwards are collective); the repeats have ``counted=False`` and add nothing to results.
+    """
+    world, rank = accelerator.num_processes, accelerator.process_index
+    padded = batches + batches[: -len(batches) % world]
+    return [(indices, i < len(batches)) for i, indices in enumerate(padded) if i % world == rank]
+
+
+def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def collate(rows: dict[str, list[list[int]]], padding_free: bool, pad_id: int) -> dict[str, torch.Tensor]:
+    """One forward's tensors for P tokenized rows: 2P sequences ``prompt + completion``, chosen first.
+
+    ``labels[t]`` is the target of position t (``input_ids[t + 1]`` where that token is a
+    completion token, ``IGNORE_INDEX`` elsewhere), so ``hidden[t]`` pairs with ``labels[t]``.
+
+    Returns:
+        padded: ``input_ids``, ``attention_mask``, ``labels``: (2P, T) int64.
+        padding-free: ``input_ids``, ``position_ids``: (1, N) int64 with positions restarting at
+        each sequence; ``labels``, ``segment_ids``: (N,) int64, sequence s in [0, 2P).
+    """
+    prompts = rows["prompt_ids"] * 2
+    completions = rows["chosen_ids"] + rows["rejected_ids"]
+    sequences = [p + c for p, c in zip(prompts, completions)]
+    targets = [[IGNORE_INDEX] * (len(p) - 1) + c + [IGNORE_INDEX] for p, c in zip(prompts, completions)]
+    if padding_free:
+        return {
+            "input_ids": torch.tensor([tok for seq in sequences for tok in seq]).unsqueeze(0),
+            "position_ids": torch.tensor([pos for seq in sequences for pos in range(len(seq))]).unsqueeze(0),
+            "labels": torch.tensor([tok for tgt in targets for tok in tgt]),
+            "segment_ids": torch.tensor([s for s, seq in enumerate(sequences) for _ in seq]),
+        }
+    length = max(map(len, sequences))
+    return {
+        "input_ids": torch.tensor([seq + [pad_id] * (length - len(seq)) for seq in sequences]),
+        "attention_mask": torch.tensor([[1] * len(seq) + [0] * (length - len(seq)) for seq in sequences]),
+        "labels": torch.tensor([tgt + [IGNORE_INDEX] * (length - len(tgt)) for tgt in targets]),
+    }
+
+
+def _check_field(value, key: str, index: int, name: str) -> None:
+    if value is None:
+        raise ValueError(f"dataset {name!r} row {index}: field {key!r} is missing; every row needs {list(FIELDS)}")
+    if isinstance(value, str):
+        empty = not value.strip()
+    elif isinstance(value, list):
+        empty = not value or any(not isinstance(m, dict) or not str(m.get("content") or "").strip() for m in value)
+    else:
+        raise TypeError(
+            f"dataset {name!r} row {index}: field {key!r} must be text or a list of {{'role', 'content'}} "
+            f"messages, got {type(value).__name__}"
+        )
+    if empty:
+        raise ValueError(f"dataset {name!r} row {index}: field {key!r} is empty (or has an empty message); "
+                         "fix or drop the row")  # fmt: skip
+
+
+def _encode_row(row, tokenizer, index: int, name: str) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of (prompt, chosen, rejected); the prompt with the tokenizer's special tokens."""
+    kinds = {key: isinstance(row[key], list) for key in FIELDS}
+    if len(set(kinds.values())) > 1:
+        raise ValueError(
+            f"dataset {name!r} row {index}: fields mix text and message lists ({kinds}); use one form for all three"
+        )
+    if not kinds["prompt"]:
+        completion = [tokenizer(row[key], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                      for key in ("chosen", "rejected")]  # fmt: skip
+        return tokenizer(row["prompt"])["input_ids"], *completion
+    if tokenizer.chat_template is None:
+        raise ValueError(f"dataset {name!r} is conversational but the tokenizer has no chat template; set one")
+    prompt_text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    ids = [tokenizer(prompt_text, add_special_tokens=False)["input_ids"]]
+    for key in ("chosen", "rejected"):
+        full_text = tokenizer.apply_chat_template(row["prompt"] + row[key], tokenize=False)
+        if not full_text.startswith(prompt_text):
+            raise ValueError(
+                f"dataset {name!r} row {index}: the chat template renders prompt + {key!r} without the prompt "
+                "as its prefix, so the completion cannot be cut out; use a template that appends turns"
+            )
+        ids.append(tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"])
+    return tuple(ids)

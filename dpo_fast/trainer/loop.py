@@ -1,0 +1,169 @@
+"""The training loop: ``train(cfg)`` reads top to bottom, setup, reference, steps, eval, checkpoints.
+
+Data order is a function of (seed, epoch), and a step's micro-batches are a function of the
+step, so the data position of a run is its step: a resumed run takes the same batches as an
+uninterrupted one. A step is ``gradient_accumulation_steps`` micro-batches on each of the
+processes; global micro-batch ``(step_in_epoch * accumulation + micro) * processes + rank``
+of the epoch's order goes to process ``rank``.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from . import checkpoint, data, reference
+from . import model as model_lib
+from .config import TrainConfig
+
+# TRL's names; each is a sum over pairs in ``_pair_sums``, divided by the pair count to log
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+           "logps/chosen", "logps/rejected")  # fmt: skip
+
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    """Run DPO as ``cfg`` says; returns the last logged train and eval metrics."""
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+    set_seed(cfg.seed)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    # data: tokenized once (by the main process first, the others read datasets' cache)
+    tokenizer = model_lib.load_tokenizer(cfg)
+    with accelerator.main_process_first():
+        splits = {"train": _tokenized(cfg.dataset, cfg.dataset_split, tokenizer, cfg)}
+        if cfg.eval_dataset:
+            splits["eval"] = _tokenized(cfg.eval_dataset, cfg.eval_split, tokenizer, cfg)
+    train_rows = splits["train"]
+    micro_batches_per_step = cfg.gradient_accumulation_steps * accelerator.num_processes
+    steps_per_epoch = len(train_rows) // cfg.per_device_train_batch_size // micro_batches_per_step
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"dataset {cfg.dataset!r} has {len(train_rows)} rows, fewer than one step's "
+            f"{cfg.per_device_train_batch_size * micro_batches_per_step} (batch size x accumulation x processes)"
+        )
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.num_train_epochs
+
+    # model, optimizer, schedule; weight decay on matrices only
+    model = model_lib.DPOModel(model_lib.load_model(cfg), cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}],
+        lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+    )  # fmt: skip
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # the reference is taken from the initial weights, before any checkpoint is loaded
+    ref_logps = reference.build(cfg, model, accelerator, splits, tokenizer.pad_token_id)
+    start_step = 0
+    resume = checkpoint.latest(cfg.output_dir) if cfg.resume_from_checkpoint == "auto" else cfg.resume_from_checkpoint
+    if resume:
+        state = checkpoint.load(Path(resume), accelerator, model, optimizer, scheduler)
+        if state["steps_per_epoch"] != steps_per_epoch:
+            raise ValueError(
+                f"checkpoint {str(resume)!r} ran {state['steps_per_epoch']} steps per epoch, this run "
+                f"{steps_per_epoch}: resume with the same data, batch size, accumulation and process count"
+            )
+        start_step = state["step"]
+        _truncate_log(output_dir / "metrics.jsonl", start_step, accelerator)
+
+    def log(record: dict) -> None:
+        if accelerator.is_main_process:
+            with open(output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluate(step: int) -> dict[str, float]:
+        sums = torch.zeros(len(METRICS) + 1, device=accelerator.device)
+        model.eval()
+        with torch.no_grad():
+            batches = data.eval_batches(len(splits["eval"]), cfg.per_device_eval_batch_size)
+            for rows, counted in data.shard(batches, accelerator):
+                batch = data.to_device(data.collate(splits["eval"][rows], cfg.padding_free, tokenizer.pad_token_id),
+                                       accelerator.device)  # fmt: skip
+                out = model(**batch, ref_logps=ref_logps("eval", rows, batch))
+                sums += _pair_sums(out) if counted else 0
+        model.train()
+        record = {"eval_" + name: value for name, value in _means(accelerator.reduce(sums, "sum")).items()}
+        log({"step": step, "epoch": step / steps_per_epoch, **record})
+        return record
+
+    # the loop
+    model.train()
+    last = {}
+    window = torch.zeros(len(METRICS) + 1, device=accelerator.device)
+    progress = tqdm(total=total_steps, initial=start_step, desc="dpo", disable=not accelerator.is_main_process)
+    for step in range(start_step, total_steps):
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        order = data.epoch_batches(len(train_rows), cfg.per_device_train_batch_size, cfg.seed, epoch)
+        for micro in range(cfg.gradient_accumulation_steps):
+            rows = order[(step_in_epoch * cfg.gradient_accumulation_steps + micro) * accelerator.num_processes
+                         + accelerator.process_index]  # fmt: skip
+            batch = data.to_device(data.collate(train_rows[rows], cfg.padding_free, tokenizer.pad_token_id),
+                                   accelerator.device)  # fmt: skip
+            ref = ref_logps("train", rows, batch)
+            last_micro = micro == cfg.gradient_accumulation_steps - 1
+            with nullcontext() if last_micro else accelerator.no_sync(model):
+                out = model(**batch, ref_logps=ref)
+                accelerator.backward(out.loss / cfg.gradient_accumulation_steps)
+            window += _pair_sums(out)
+        clip = cfg.max_grad_norm > 0
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if clip else None
+        learning_rate = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        progress.update(1)
+
+        if done % cfg.logging_steps == 0 or done == total_steps:
+            last = _means(accelerator.reduce(window, "sum"))
+            window.zero_()
+            extra = {} if grad_norm is None else {"grad_norm": grad_norm.item()}
+            log({"step": done, "epoch": done / steps_per_epoch, "learning_rate": learning_rate, **extra, **last})
+            progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}")
+        if "eval" in splits and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == total_steps):
+            last.update(evaluate(done))
+        if (cfg.save_steps and done % cfg.save_steps == 0) or done == total_steps:
+            position = {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "steps_per_epoch": steps_per_epoch}
+            checkpoint.save(accelerator, model, optimizer, scheduler, tokenizer, cfg, {"step": done, **position})
+    progress.close()
+    accelerator.print(json.dumps(last, indent=2))
+    accelerator.end_training()
+    return last
+
+
+def _tokenized(source: str, split: str, tokenizer, cfg: TrainConfig):
+    rows = data.load_rows(source, split)
+    return data.tokenize(rows, tokenizer, cfg.max_length, cfg.max_prompt_length, source)
+
+
+def _pair_sums(out) -> torch.Tensor:
+    """(len(METRICS) + 1,) float32: each metric summed over the batch's P pairs, then P."""
+    pairs = out.chosen_rewards.shape[0]
+    chosen, rejected = out.chosen_rewards, out.rejected_rewards
+    return torch.stack([
+        out.loss.detach() * pairs, chosen.sum(), rejected.sum(), (chosen > rejected).float().sum(),
+        (chosen - rejected).sum(), out.chosen_logps.detach().sum(), out.rejected_logps.detach().sum(),
+        torch.tensor(float(pairs), device=chosen.device),
+    ]).float()  # fmt: skip
+
+
+def _means(sums: torch.Tensor) -> dict[str, float]:
+    return {name: value for name, value in zip(METRICS, (sums[:-1] / sums[-1]).tolist())}
+
+
+def _truncate_log(path: Path, step: int, accelerator: Accelerator) -> None:
+    """Drop the records a resumed run will write again (those after its checkpoint's step)."""
+    if accelerator.is_main_process and path.is_file():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+    accelerator.wait_for_everyone()

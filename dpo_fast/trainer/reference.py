@@ -1,0 +1,127 @@
+"""Reference log-probs, four ways (``cfg.reference``):
+
+- ``precompute`` (default): one no-grad pass of the initial policy over the train and eval rows
+  before training, cached on disk under a key of the model's source and the tokenized data; the
+  reference model need not stay in memory, and a rerun (or a resume) reads the cache.
+- ``model``: a frozen copy of the initial policy, run beside it on every batch.
+- ``adapters``: a LoRA policy with its adapters disabled, i.e. the base model.
+- ``none``: reference-free DPO (reference log-probs 0).
+
+``build`` returns ``ref_logps(split, rows, batch) -> (2P,) float32``, chosen first, for the
+batch of dataset rows ``rows`` of ``split`` ("train" or "eval"), collated as ``batch``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast, broadcast_object_list
+
+from . import data
+from .config import TrainConfig
+
+RefLogps = Callable[[str, list[int], dict], torch.Tensor]
+
+
+def build(cfg: TrainConfig, model, accelerator: Accelerator, splits: dict[str, datasets.Dataset],
+          pad_id: int) -> RefLogps:  # fmt: skip
+    """The reference of ``cfg.reference`` for the prepared policy ``model`` at its initial weights."""
+    if cfg.reference == "none":
+        return lambda split, rows, batch: torch.zeros(2 * len(rows), device=accelerator.device)
+    if cfg.reference == "adapters":
+        policy = accelerator.unwrap_model(model).model
+
+        def with_adapters_disabled(split, rows, batch):
+            was_training = model.training
+            model.eval()  # no dropout in the reference
+            with torch.no_grad(), policy.disable_adapter():
+                logps = model(**batch)
+            model.train(was_training)
+            return logps
+
+        return with_adapters_disabled
+    if cfg.reference == "model":
+        frozen = copy.deepcopy(accelerator.unwrap_model(model)).requires_grad_(False).eval()
+        frozen = accelerator.prepare_model(frozen, evaluation_mode=True)
+
+        def frozen_copy(split, rows, batch):
+            with torch.no_grad():
+                return frozen(**batch)
+
+        return frozen_copy
+    tables = {split: _cached_table(cfg, model, accelerator, rows, split, pad_id) for split, rows in splits.items()}
+
+    def precomputed(split, rows, batch):
+        table = tables[split][rows]  # (P, 2): chosen, rejected
+        return torch.cat([table[:, 0], table[:, 1]]).to(accelerator.device)
+
+    return precomputed
+
+
+def compute_table(model, accelerator: Accelerator, rows: datasets.Dataset, batch_size: int, padding_free: bool,
+                  pad_id: int) -> torch.Tensor:  # fmt: skip
+    """(num_rows, 2) float32 log-probs [chosen, rejected] of every row under ``model``, no grad, eval mode.
+
+    Every process runs the same number of forwards (DDP and FSDP forwards are collective) on its
+    share of the batches; the table is summed across processes.
+    """
+    table = torch.zeros(len(rows), 2, device=accelerator.device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for indices, counted in data.shard(data.eval_batches(len(rows), batch_size), accelerator):
+            batch = data.to_device(data.collate(rows[indices], padding_free, pad_id), accelerator.device)
+            logps = model(**batch).float()
+            if counted:
+                table[indices] = torch.stack(logps.chunk(2), dim=1)
+    model.train(was_training)
+    return accelerator.reduce(table, reduction="sum").cpu()
+
+
+def _cached_table(cfg, model, accelerator, rows, split, pad_id) -> torch.Tensor:
+    revision = getattr(accelerator.unwrap_model(model).hf_model.config, "_commit_hash", None)
+    path = Path(cfg.reference_cache_dir) / f"{_cache_key(cfg, rows, revision)}.pt"
+    hit = broadcast_object_list([path.is_file()])[0]  # the main process decides, so all take the same branch
+    if hit:
+        table = torch.load(path) if accelerator.is_main_process else torch.zeros(len(rows), 2)
+        return broadcast(table.to(accelerator.device)).cpu()
+    table = compute_table(model, accelerator, rows, cfg.per_device_eval_batch_size, cfg.padding_free, pad_id)
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(table, partial)
+        os.replace(partial, path)
+    accelerator.print(f"reference log-probs of the {split} rows computed and cached in {path}")
+    return table
+
+
+def _cache_key(cfg: TrainConfig, rows: datasets.Dataset, revision: str | None) -> str:
+    """sha256 of the reference model's source, what changes its numbers, and the tokenized rows.
+
+    A folder is known by its files' names, sizes and modification times; a hub model by its name
+    and the revision it was loaded at; a config file by its bytes and the seed of the
+    random init. LoRA adapters start as the identity, so they do not enter the key.
+    """
+    source = Path(cfg.model)
+    if source.is_file():
+        model_id = {"config": hashlib.sha256(source.read_bytes()).hexdigest(), "seed": cfg.seed,
+                    "torch": torch.__version__}  # fmt: skip
+    elif source.is_dir():
+        files = sorted(f for f in source.iterdir() if f.is_file())
+        model_id = {"folder": str(source.resolve()), "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                                                                 for f in files]}  # fmt: skip
+    else:
+        model_id = {"hub": cfg.model, "revision": revision}
+    options = {"dtype": cfg.dtype, "bf16": cfg.bf16, "loss_type_averages": cfg.loss_type == "ipo"}
+    digest = hashlib.sha256(json.dumps([model_id, options], sort_keys=True).encode())
+    for batch in rows.iter(batch_size=4096):
+        digest.update(json.dumps([batch[key] for key in ("prompt_ids", "chosen_ids", "rejected_ids")]).encode())
+    return digest.hexdigest()[:32]

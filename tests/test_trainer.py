@@ -1,0 +1,409 @@
+"""The trainer (``dpo_fast.trainer``) on tiny random models, on CPU.
+
+Units first (rows -> tokens -> batches, bad rows, config and flags, the model's fused loss against
+the naive full-logits step), then whole runs: end to end, resume, the reference modes, LoRA, and
+two processes against one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+import datasets
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from dpo_fast import objectives
+from dpo_fast.trainer import TrainConfig, cli, data, load_config, train
+from dpo_fast.trainer.config import DEFAULT_DIR
+from dpo_fast.trainer.model import DPOModel
+
+TOKENIZER = str(DEFAULT_DIR / "tokenizer")
+TINY_LLAMA = {"model_type": "llama", "vocab_size": 40, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 64, "tie_word_embeddings": True}  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models here run fastest on one thread (and do not fight other processes for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny model config and 64 train / 24 eval rows of the bundled data, as files."""
+    folder = tmp_path_factory.mktemp("tiny")
+    (folder / "model.json").write_text(json.dumps(TINY_LLAMA))
+    for name, count in (("train", 64), ("eval", 24)):
+        lines = (DEFAULT_DIR / f"{name}.jsonl").read_text().splitlines()[:count]
+        (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def rows_of(tokenizer, records, **truncation):
+    options = {"max_length": None, "max_prompt_length": None, **truncation}
+    return data.tokenize(datasets.Dataset.from_list(records), tokenizer, name="test", **options)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_collate_shifts_labels_onto_completion_tokens_padded_and_packed(tokenizer):
+    rows = rows_of(tokenizer, [{"prompt": "reverse abc:", "chosen": " cba", "rejected": " cab"},
+                               {"prompt": "reverse de:", "chosen": " ed", "rejected": " de"}])[:]  # fmt: skip
+    prompt = tokenizer("reverse abc:")["input_ids"]
+    chosen = tokenizer(" cba", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert rows["prompt_ids"][0] == prompt and rows["chosen_ids"][0] == chosen
+    padded = data.collate(rows, padding_free=False, pad_id=tokenizer.pad_token_id)
+    assert padded["input_ids"].shape == (4, len(prompt) + len(chosen))  # sequences: c0, c1, r0, r1
+    first = padded["labels"][0]
+    assert (first[: len(prompt) - 1] == data.IGNORE_INDEX).all()
+    assert first[len(prompt) - 1 : -1].tolist() == chosen and first[-1] == data.IGNORE_INDEX
+    valid = padded["labels"] != data.IGNORE_INDEX
+    assert torch.equal(padded["labels"][:, :-1][valid[:, :-1]], padded["input_ids"][:, 1:][valid[:, :-1]])
+    lengths = [len(p) + len(c) for p, c in zip(rows["prompt_ids"] * 2, rows["chosen_ids"] + rows["rejected_ids"])]
+    assert padded["attention_mask"].sum(1).tolist() == lengths
+
+    packed = data.collate(rows, padding_free=True, pad_id=tokenizer.pad_token_id)
+    keep = padded["attention_mask"].bool()
+    assert torch.equal(packed["input_ids"][0], padded["input_ids"][keep])
+    assert torch.equal(packed["labels"], padded["labels"][keep])
+    assert torch.equal(packed["segment_ids"], torch.arange(4)[:, None].expand_as(keep)[keep])
+    assert torch.equal(packed["position_ids"][0], torch.arange(keep.shape[1]).expand_as(keep)[keep])
+
+
+def test_truncation_keeps_the_prompt_end_and_the_completion_start(tokenizer):
+    rows = rows_of(tokenizer, [{"prompt": "reverse abcdefgh:", "chosen": " hgfedcba", "rejected": " abcdefgh"}],
+                   max_length=12, max_prompt_length=5)  # fmt: skip
+    full_prompt = tokenizer("reverse abcdefgh:")["input_ids"]
+    assert rows[0]["prompt_ids"] == full_prompt[-5:]
+    assert rows[0]["chosen_ids"] == tokenizer(" hgfedcb", add_special_tokens=False)["input_ids"][:7]
+    assert len(rows[0]["prompt_ids"]) + len(rows[0]["rejected_ids"]) == 12
+
+
+def test_conversational_rows_use_the_chat_template(tokenizer):
+    rows = rows_of(tokenizer, [{"prompt": [{"role": "user", "content": "abc"}],
+                                "chosen": [{"role": "assistant", "content": "cba"}],
+                                "rejected": [{"role": "assistant", "content": "abc"}]}])  # fmt: skip
+    assert tokenizer.decode(rows[0]["prompt_ids"]) == "user: abc\nassistant:"
+    assert tokenizer.decode(rows[0]["chosen_ids"]) == " cba\n"
+    assert tokenizer.decode(rows[0]["rejected_ids"]) == " abc\n"
+
+
+@pytest.mark.parametrize(
+    "row, match",
+    [
+        ({"prompt": "reverse ab:", "chosen": None, "rejected": " ab"}, "row 1: field 'chosen' is missing"),
+        ({"prompt": "reverse ab:", "chosen": " ba", "rejected": "  "}, "row 1: field 'rejected' is empty"),
+        ({"prompt": "", "chosen": " ba", "rejected": " ab"}, "row 1: field 'prompt' is empty"),
+        ({"prompt": [{"role": "user", "content": "ab"}], "chosen": [{"role": "assistant", "content": ""}],
+          "rejected": [{"role": "assistant", "content": "ab"}]}, "row 1: field 'chosen' is empty"),
+    ],
+)  # fmt: skip
+def test_bad_rows_are_named_with_their_field(tokenizer, row, match):
+    good = {"prompt": "reverse cd:", "chosen": " dc", "rejected": " cd"}
+    if isinstance(row["prompt"], list):
+        good = {key: [{"role": "user" if key == "prompt" else "assistant", "content": "cd"}] for key in good}
+    with pytest.raises(ValueError, match=match):
+        rows_of(tokenizer, [good, row])
+
+
+def test_rows_mixing_text_and_messages_are_rejected(tokenizer):
+    row = {"prompt": "reverse ab:", "chosen": [{"role": "assistant", "content": "ba"}],
+           "rejected": [{"role": "assistant", "content": "ab"}]}  # fmt: skip
+    with pytest.raises(ValueError, match="row 0: fields mix text and message lists"):
+        rows_of(tokenizer, [row])
+
+
+def test_json_jsonl_and_parquet_files_give_the_same_rows(tmp_path):
+    records = [{"prompt": "reverse ab:", "chosen": " ba", "rejected": " ab"},
+               {"prompt": "reverse cde:", "chosen": " edc", "rejected": " ecd"}]  # fmt: skip
+    (tmp_path / "rows.json").write_text(json.dumps(records))
+    datasets.Dataset.from_list(records).to_json(tmp_path / "rows.jsonl")
+    datasets.Dataset.from_list(records).to_parquet(tmp_path / "rows.parquet")
+    for name in ("rows.json", "rows.jsonl", "rows.parquet"):
+        assert data.load_rows(str(tmp_path / name), "train").to_list() == records
+
+
+def test_a_dataset_without_a_column_is_rejected(tokenizer, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"prompt": "reverse ab:", "chosen": " ba"}) + "\n")
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['rejected'\]"):
+        data.tokenize(data.load_rows(str(path), "train"), tokenizer, None, None, str(path))
+    missing = tmp_path / "rows.parquet"
+    with pytest.raises(ValueError, match="does not exist"):
+        data.load_rows(str(missing), "train")
+
+
+def test_epoch_batches_are_a_seeded_permutation_and_shards_cover_every_batch():
+    first, again, other = (data.epoch_batches(10, 3, seed, epoch) for seed, epoch in ((0, 0), (0, 0), (0, 1)))
+    assert first == again and first != other and len(first) == 3
+    assert len({i for batch in first for i in batch}) == 9
+
+    class Procs:  # the two attributes of an Accelerator that shard() reads
+        def __init__(self, rank):
+            self.num_processes, self.process_index = 2, rank
+
+    batches = data.eval_batches(7, 2)  # 4 batches, the last of one row
+    shares = [data.shard(batches[:3], Procs(rank)) for rank in (0, 1)]
+    assert [len(share) for share in shares] == [2, 2]  # padded to as many forwards on each process
+    counted = sorted(i for share in shares for rows, keep in share if keep for i in rows)
+    assert counted == list(range(6))
+
+
+# ---------------------------------------------------------------------------------------------- config and CLI
+
+
+def test_flags_override_the_config_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m.json\ndataset: d.jsonl\nmax_steps: 5\nbf16: true\n")
+    (tmp_path / "m.json").write_text("{}")
+    args = vars(cli.parser().parse_args(
+        ["train", "--config", str(path), "--max-steps", "7", "--no-bf16", "--max_prompt_length", "8",
+         "--eval-dataset", "e.jsonl", "--max-length", "null", "--learning-rate", "1e-4"]
+    ))  # fmt: skip
+    args.pop("command")
+    cfg = load_config(args.pop("config"), **args)
+    assert (cfg.max_steps, cfg.bf16, cfg.max_prompt_length, cfg.max_length) == (7, False, 8, None)
+    assert cfg.learning_rate == 1e-4
+    assert cfg.model == str((tmp_path / "m.json").resolve())  # relative to the config file: it exists there
+    assert cfg.dataset == "d.jsonl" and cfg.eval_dataset == "e.jsonl"  # kept: no such file beside the config
+    default = load_config()
+    assert Path(default.model) == DEFAULT_DIR / "model.json" and Path(default.eval_dataset).is_file()
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"max_stepz": 3}, r"unknown config key\(s\) \['max_stepz'\]"),
+        ({"reference": "adapters"}, "needs a LoRA policy"),
+        ({"loss_type": "kto"}, "loss_type must be one of"),
+        ({"max_length": 8, "max_prompt_length": 8}, "max_prompt_length must be set and in"),
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be >= 1"),
+    ],
+)
+def test_bad_config_values_are_named(tmp_path, values, match):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"model": "m", "dataset": "d", **values}))
+    with pytest.raises(ValueError, match=match):
+        load_config(path)
+
+
+# ---------------------------------------------------------------------------------------------- the model's loss
+
+
+def tiny_model(kind: str) -> torch.nn.Module:
+    """float32 random models: tied Llama; untied Llama whose head has a bias; Gemma-2 with a softcap."""
+    torch.manual_seed(0)
+    if kind == "gemma2-softcap":
+        config = AutoConfig.for_model("gemma2", vocab_size=40, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                      final_logit_softcapping=3.0, attn_implementation="eager")  # fmt: skip
+        return AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(**{**TINY_LLAMA, "tie_word_embeddings": kind == "llama-tied"})
+    )
+    if kind == "llama-bias":
+        model.lm_head = torch.nn.Linear(32, 40, bias=True)
+        torch.nn.init.normal_(model.lm_head.bias)
+    return model
+
+
+def naive_dpo_loss(model, batch, ref_logps, beta):
+    """The step the fused loss replaces: full (2P, T, V) logits from the HF model, log-softmax, gather."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    labels = batch["labels"]
+    valid = labels != data.IGNORE_INDEX
+    token_logps = logits.log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    seq_logps = (token_logps * valid).sum(-1) - ref_logps
+    return objectives.pair_losses(*seq_logps.chunk(2), beta=beta, loss_type="sigmoid").mean()
+
+
+@pytest.mark.parametrize("kind", ["llama-tied", "llama-bias", "gemma2-softcap"])
+def test_fused_loss_equals_the_naive_step_in_loss_and_gradients(tokenizer, files, kind):
+    records = [json.loads(line) for line in (files / "train.jsonl").read_text().splitlines()[:4]]
+    rows = rows_of(tokenizer, records)[:]
+    padded = data.collate(rows, padding_free=False, pad_id=tokenizer.pad_token_id)
+    packed = data.collate(rows, padding_free=True, pad_id=tokenizer.pad_token_id)
+    ref_logps = -30 + 5 * torch.randn(8, generator=torch.Generator().manual_seed(1))
+    model = tiny_model(kind)
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    def fused(backend, batch):
+        cfg = TrainConfig(model="m", dataset="d", backend=backend, beta=0.5)
+        return lambda: DPOModel(model, cfg)(**batch, ref_logps=ref_logps).loss
+
+    expected_loss, expected_grads = loss_and_grads(lambda: naive_dpo_loss(model, padded, ref_logps, beta=0.5))
+    for backend, batch in (("reference", padded), ("torch", padded), ("torch", packed)):
+        loss, grads = loss_and_grads(fused(backend, batch))
+        torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+        for name, grad in expected_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=f"{backend} {name}")
+
+
+# ---------------------------------------------------------------------------------------------- whole runs
+
+
+def run(files: Path, out: Path, **overrides) -> list[dict]:
+    """Train on the tiny files; returns the run's metrics.jsonl records. Runs beside each other share a cache."""
+    values = {
+        "model": str(files / "model.json"), "tokenizer": TOKENIZER, "dataset": str(files / "train.jsonl"),
+        "eval_dataset": str(files / "eval.jsonl"), "output_dir": str(out),
+        "reference_cache_dir": str(out.parent / "cache"), "max_length": 32, "max_prompt_length": 16,
+        "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8, "learning_rate": 3e-3, "max_steps": 6,
+        "logging_steps": 1, "seed": 0,
+    }  # fmt: skip
+    try:
+        train(TrainConfig(**{**values, **overrides}))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_records(records):
+    return [r for r in records if "loss" in r]
+
+
+def weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted((checkpoint_dir / "model").glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_a_run_logs_trl_metrics_learns_and_saves_a_loadable_model(files, tmp_path):
+    # two epochs of the 64 rows, evaluated on those rows: the loss on them must fall
+    records = run(files, tmp_path / "run", max_steps=16, per_device_train_batch_size=8, eval_steps=8, save_steps=8,
+                  padding_free=True, eval_dataset=str(files / "train.jsonl"))  # fmt: skip
+    steps = train_records(records)
+    assert [r["step"] for r in steps] == list(range(1, 17))
+    keys = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+            "logps/rejected", "learning_rate", "grad_norm", "epoch"}  # fmt: skip
+    assert keys <= set(steps[0])
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [8, 16]
+    assert {"eval_" + key for key in keys - {"learning_rate", "grad_norm", "epoch"}} <= set(evals[0])
+    # step 1 runs the initial policy, which the precomputed reference is: rewards 0, loss log 2
+    assert abs(steps[0]["rewards/chosen"]) < 1e-5 and abs(steps[0]["rewards/rejected"]) < 1e-5
+    assert steps[0]["loss"] == pytest.approx(0.6931472, abs=1e-5)
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] < 0.6931472
+    assert evals[-1]["eval_rewards/accuracies"] > 0.5
+
+    final = tmp_path / "run" / "checkpoint-16"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-16", "checkpoint-8", "metrics.jsonl"]
+    model = AutoModelForCausalLM.from_pretrained(final / "model")
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
+    state = json.loads((final / "trainer_state.json").read_text())
+    assert (state["step"], state["steps_per_epoch"], state["epoch"]) == (16, 8, 1)
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(files, tmp_path):
+    # 20 steps: one epoch is 16 steps, so the resumed part crosses an epoch boundary
+    full = run(files, tmp_path / "full", max_steps=20, save_steps=10, gradient_accumulation_steps=1)
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    resumed = run(files, resumed_dir, max_steps=20, save_steps=10,
+                  resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-10"))  # fmt: skip
+    assert train_records(resumed) == train_records(full)[10:]
+    assert [r for r in resumed if "eval_loss" in r] == [r for r in full if "eval_loss" in r]
+    expected = weights(tmp_path / "full" / "checkpoint-20")
+    got = weights(resumed_dir / "checkpoint-20")
+    assert expected.keys() == got.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_auto_resume_rewrites_the_log_after_the_checkpoint_bf16_checkpointed(files, tmp_path):
+    out = tmp_path / "run"
+    options = {"max_steps": 8, "save_steps": 4, "bf16": True, "gradient_checkpointing": True, "padding_free": True}
+    first = run(files, out, save_total_limit=0, **options)
+    (out / "checkpoint-8").rename(out / "lost")  # as if the run died after step 8's log, before its checkpoint
+    again = run(files, out, resume_from_checkpoint="auto", **options)
+    assert again == first
+
+
+def test_precomputed_reference_equals_the_live_frozen_copy(files, tmp_path):
+    precomputed = train_records(run(files, tmp_path / "pre", reference="precompute"))
+    live = train_records(run(files, tmp_path / "live", reference="model"))
+    for a, b in zip(precomputed, live, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    cached = list((tmp_path / "cache").glob("*.pt"))
+    assert len(cached) == 2  # train and eval tables, keyed by model and data
+    again = train_records(run(files, tmp_path / "again", reference="precompute"))  # read from the cache
+    assert again == precomputed
+
+
+def test_lora_reference_is_the_base_model_with_adapters_disabled(files, tokenizer, tmp_path):
+    lora = {"lora_r": 4, "lora_alpha": 8, "learning_rate": 1e-2}
+    adapters = train_records(run(files, tmp_path / "adapters", reference="adapters", **lora))
+    precomputed = train_records(run(files, tmp_path / "pre", reference="precompute", **lora))
+    for a, b in zip(adapters, precomputed, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    assert adapters[-1]["rewards/margins"] != 0  # the adapters did train
+
+    from peft import PeftModel
+
+    torch.manual_seed(0)  # the run's random init, as its seed made it
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA))
+    policy = PeftModel.from_pretrained(base, tmp_path / "adapters" / "checkpoint-6" / "model")
+    model = DPOModel(policy, TrainConfig(model="m", dataset="d"))
+    records = [json.loads(line) for line in (files / "train.jsonl").read_text().splitlines()[:4]]
+    batch = data.collate(rows_of(tokenizer, records, max_length=32, max_prompt_length=16)[:], False, 0)
+    with torch.no_grad():
+        trained = model(**batch)
+        with policy.disable_adapter():
+            disabled = model(**batch)
+    torch.manual_seed(0)
+    fresh_base = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA))
+    with torch.no_grad():
+        base_logps = DPOModel(fresh_base, TrainConfig(model="m", dataset="d"))(**batch)
+    assert not torch.allclose(trained, base_logps)
+    torch.testing.assert_close(disabled, base_logps)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_twice_the_accumulation(files, tmp_path):
+    common = ["--model", str(files / "model.json"), "--tokenizer", TOKENIZER, "--dataset", str(files / "train.jsonl"),
+              "--eval-dataset", str(files / "eval.jsonl"), "--reference-cache-dir", str(tmp_path / "cache"),
+              "--max-length", "32", "--max-prompt-length", "16", "--per-device-train-batch-size", "4",
+              "--per-device-eval-batch-size", "5", "--learning-rate", "3e-3", "--max-steps", "4",
+              "--logging-steps", "1", "--seed", "0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}  # CPU processes talk through gloo
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dpo_fast.trainer.cli",
+              "train", *common, "--output-dir", str(tmp_path / "two")]  # fmt: skip
+    subprocess.run(launch, check=True, env=env, capture_output=True)
+    one = [sys.executable, "-m", "dpo_fast.trainer.cli", "train", *common, "--output-dir", str(tmp_path / "one"),
+           "--gradient-accumulation-steps", "2"]  # fmt: skip
+    subprocess.run(one, check=True, env=env, capture_output=True)
+
+    def records(name):
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    two, single = records("two"), records("one")
+    assert len(two) == len(single) == 5  # 4 steps and the final eval (of 24 rows: 5 batches, padded shards)
+    for a, b in zip(two, single):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    expected, got = weights(tmp_path / "one" / "checkpoint-4"), weights(tmp_path / "two" / "checkpoint-4")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)
