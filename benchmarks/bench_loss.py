@@ -12,7 +12,7 @@ Suites (``--suite``):
          dpo, frozen, forward and token; cce_paper (H=2304, V=256000, 8192 tokens all valid);
          qwen2 (H=3584, V=152064); a sweep of 1k..64k tokens at the headline head.
   cpu    on CPU: 4 pairs x 512 tokens, H=512, V=32000, half prompt, float32, each implementation in
-         its own process (time, and peak RSS growth).
+         its own process (time, and peak RSS growth), three rounds round-robin, medians kept.
   smoke  tiny shapes for CI, every mode (implementations that need torch.compile are left out on CPU).
 
 Modes: dpo (the full step), frozen (lm_head weight frozen), forward (no_grad: sequence log-probs
@@ -35,6 +35,7 @@ import dataclasses
 import fnmatch
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                         help="each measurement in a fresh process (default: on for the cpu suite, where the "
                              "peak RSS growth is the memory figure)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, help="measure every implementation this many times, round-robin, "
+                        "and keep the medians (default: cpu 3, else 1)")  # fmt: skip
     parser.add_argument("--time-budget", type=float, help="seconds; measurements after it are recorded as not run")
     parser.add_argument("--resume", type=Path, metavar="RESULTS_JSON",
                         help="keep the rows of an earlier results file and measure only what it lacks")  # fmt: skip
@@ -84,8 +87,8 @@ def _device(suite: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _selected(names: list[str], patterns: list[str]) -> list[str]:
-    return [name for name in names if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
 def available(impls: list[Implementation], suite: str, device: torch.device, dtype: torch.dtype):
@@ -102,10 +105,11 @@ def available(impls: list[Implementation], suite: str, device: torch.device, dty
     return runnable, missing
 
 
-def _run_isolated(impl: Implementation, case: Case, mode: str, settings: Settings, expected: Path | None) -> dict:
-    """One measurement in a fresh Python process (its peak RSS is the step's alone)."""
-    spec = {"impl": impl.name, "case": dataclasses.asdict(case), "mode": mode, "expected": str(expected or ""),
-            "settings": dataclasses.asdict(settings)}  # fmt: skip
+def _run_isolated(impl: Implementation, case: Case, mode: str, device: torch.device, settings: Settings,
+                  expected: Path | None) -> dict:  # fmt: skip
+    """One measurement in a fresh Python process (on CPU, its peak RSS is the step's alone)."""
+    spec = {"impl": impl.name, "case": dataclasses.asdict(case), "mode": mode, "device": str(device),
+            "expected": str(expected or ""), "settings": dataclasses.asdict(settings)}  # fmt: skip
     done = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=False
     )
@@ -123,7 +127,7 @@ def worker(spec_json: str) -> None:
     case = Case(**{**spec["case"], "modes": tuple(spec["case"]["modes"])})
     impl = next(impl for impl in all_implementations() if impl.name == spec["impl"])
     expected = torch.load(spec["expected"]) if spec["expected"] else None
-    record = measure(impl, case, spec["mode"], torch.device("cpu"), Settings(**spec["settings"]), expected,
+    record = measure(impl, case, spec["mode"], torch.device(spec["device"]), Settings(**spec["settings"]), expected,
                      fresh_process=True)  # fmt: skip
     print(json.dumps(record))
 
@@ -132,34 +136,92 @@ def _key(row: dict) -> tuple:
     return row["case"], row["tokens"], row["implementation"], row["mode"]
 
 
+def combine_rounds(rows: list[dict]) -> dict:
+    """One row from an implementation's rounds: the medians of their times and memory, each round's
+    figures kept in ``rounds``; the first failed round's row if any failed."""
+    failed = [row for row in rows if row["oom"] or row["error"]]
+    if failed or len(rows) == 1:
+        return (failed or rows)[0]
+    row = dict(rows[0])
+    figures = ("fwd_ms", "fwd_bwd_ms", "peak_mem_mb")
+    for key in figures:
+        values = [r[key] for r in rows]
+        row[key] = None if None in values else statistics.median(values)
+    row["rounds"] = [{key: r[key] for key in figures} for r in rows]
+    return row
+
+
 @dataclasses.dataclass
 class Runner:
-    """Decides, for each (implementation, case, mode), whether to measure it and where, and keeps the run's state.
+    """Runs the implementations of one suite case by case and mode by mode, and keeps the run's state.
 
-    done: rows kept from an earlier run (``--resume``); out_of_memory: the smallest token count at
-    which each (implementation, mode, case name) ran out of memory, so that larger sweep points are
-    recorded as out of memory without being run.
+    done: rows kept from an earlier run (``--resume``); scratch: a folder for the reference that
+    isolated workers load; out_of_memory: the smallest token count at which each (implementation,
+    mode, case name) ran out of memory, so that larger sweep points are recorded as out of memory
+    without being run.
     """
 
     device: torch.device
+    runnable: list[Implementation]
     settings: Settings
     isolate: bool
     budget: float | None
     done: dict
+    scratch: Path
+    rounds: int = 1
     started: float = dataclasses.field(default_factory=time.monotonic)
     out_of_memory: dict = dataclasses.field(default_factory=dict)
 
     def over_budget(self) -> bool:
         return self.budget is not None and time.monotonic() - self.started > self.budget
 
-    def pending(self, impl: Implementation, case: Case, mode: str) -> bool:
-        return _key(record_for(case, impl.name, mode)) not in self.done
+    def rows(self, case: Case, mode: str):
+        """Yield one row per implementation that runs ``mode``: measured, kept, or saying why it was not run.
 
-    def row(self, impl: Implementation, case: Case, mode: str, expected: dict | None, expected_path: Path | None):
-        """A measured row, a kept one, or one that says why it was not run."""
-        key = _key(record_for(case, impl.name, mode))
-        if key in self.done:
-            return self.done[key]
+        With several rounds, every implementation is measured once per round, round-robin, so that
+        a change in the machine's load falls on all of them alike (``combine_rounds``); rows come
+        out during the last round.
+        """
+        todo = [impl for impl in self.runnable if mode in impl.modes]
+        expected = self._reference(case, mode, todo)
+        measured = {impl.name: [] for impl in todo}
+        for round_index in range(self.rounds):
+            last = round_index == self.rounds - 1
+            for impl in todo:
+                kept = self.done.get(_key(record_for(case, impl.name, mode)))
+                if kept is not None:
+                    if last:
+                        yield kept
+                    continue
+                measured[impl.name].append(self._row(impl, case, mode, None if impl.name == "gemm" else expected))
+                if last:
+                    row = combine_rounds(measured[impl.name])
+                    if row["oom"] and not row["error"]:
+                        self.out_of_memory[(impl.name, mode, case.name)] = case.tokens
+                    yield row
+        release(self.device)
+
+    def _reference(self, case: Case, mode: str, todo: list[Implementation]) -> dict | Path | None:
+        """The float64 reference (a file for isolated workers), if any implementation will be checked against it."""
+        needed = any(impl.name != "gemm" and _key(record_for(case, impl.name, mode)) not in self.done for impl in todo)
+        if not needed or self.over_budget():
+            return None
+        try:
+            expected = reference(make_batch(case, self.device, mode), mode)
+        except torch.OutOfMemoryError:
+            print(
+                f"bench_loss: the reference of {case.name} {case.tokens} {mode} ran out of memory: errors not checked"
+            )
+            return None
+        finally:
+            release(self.device)
+        if not self.isolate:
+            return expected
+        path = self.scratch / "expected.pt"
+        torch.save(expected, path)
+        return path
+
+    def _row(self, impl: Implementation, case: Case, mode: str, expected: dict | Path | None) -> dict:
         row = record_for(case, impl.name, mode)
         smaller = self.out_of_memory.get((impl.name, mode, case.name))
         if smaller is not None and case.tokens > smaller:
@@ -167,12 +229,9 @@ class Runner:
         elif self.over_budget():
             row["error"] = f"not run: time budget of {self.budget:.0f} s spent"
         elif self.isolate:
-            row = _run_isolated(impl, case, mode, self.settings, expected_path if impl.name != "gemm" else None)
+            row = _run_isolated(impl, case, mode, self.device, self.settings, expected)
         else:
-            row = measure(impl, case, mode, self.device, self.settings, expected if impl.name != "gemm" else None,
-                          fresh_process=False)  # fmt: skip
-        if row["oom"] and not row["error"]:
-            self.out_of_memory[(impl.name, mode, case.name)] = case.tokens
+            row = measure(impl, case, mode, self.device, self.settings, expected, fresh_process=False)
         return row
 
 
@@ -181,9 +240,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         return worker(args.worker)
     device = _device(args.suite)
-    cases = [case for case in SUITES[args.suite] if _selected([case.name], args.case)]
+    cases = [case for case in SUITES[args.suite] if _matches(case.name, args.case)]
     dtype = cases[0].torch_dtype if cases else torch.float32
-    impls = [impl for impl in all_implementations() if _selected([impl.name], args.impl)]
+    impls = [impl for impl in all_implementations() if _matches(impl.name, args.impl)]
     runnable, missing = available(impls, args.suite, device, dtype)
     if args.list:
         for impl in impls:
@@ -195,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(args.warmup if args.warmup is not None else default.warmup,
                         args.repeats if args.repeats is not None else default.repeats)  # fmt: skip
     isolate = args.suite == "cpu" if args.isolate is None else args.isolate
+    rounds = args.rounds or (3 if args.suite == "cpu" else 1)
     meta = environment.describe(device)
     stem = args.out / f"{meta['date']}-{environment.slug(meta)}{'-smoke' if args.suite == 'smoke' else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -202,32 +262,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.resume:
         kept = json.loads(args.resume.read_text())["results"]
         done = {_key(row): row for row in kept if not (row["error"] or "").startswith("not run: time")}
-    runner = Runner(device, settings, isolate, args.time_budget, done)
-    results = {"meta": meta, "suite": args.suite, "settings": {**dataclasses.asdict(settings), "isolate": isolate},
-               "missing": missing, "results": []}  # fmt: skip
+    results = {"meta": meta, "suite": args.suite, "missing": missing, "results": [],
+               "settings": {**dataclasses.asdict(settings), "isolate": isolate, "rounds": rounds}}  # fmt: skip
 
     with tempfile.TemporaryDirectory() as scratch:
+        runner = Runner(device, runnable, settings, isolate, args.time_budget, done, Path(scratch), rounds)
         for case in cases:
             for mode in case.modes:
-                todo = [impl for impl in runnable if mode in impl.modes]
-                expected, expected_path = None, None
-                if (
-                    any(impl.name != "gemm" and runner.pending(impl, case, mode) for impl in todo)
-                    and not runner.over_budget()
-                ):
-                    expected = reference(make_batch(case, device, mode), mode)
-                    if isolate:
-                        expected_path = Path(scratch) / "expected.pt"
-                        torch.save(expected, expected_path)
-                        expected = None
-                    release(device)
-                for impl in todo:
-                    row = runner.row(impl, case, mode, expected, expected_path)
+                for row in runner.rows(case, mode):
                     results["results"].append(row)
                     print(_progress(row), flush=True)
                     report.write(results, stem, tables=False)
-                expected = None
-                release(device)
     results["meta"]["device"]["load_average_1m_end"] = round(os.getloadavg()[0], 2)
     report.write(results, stem)
     print(f"bench_loss: wrote {stem}.json and .md", flush=True)

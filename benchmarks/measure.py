@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -42,13 +43,20 @@ def record_for(case: Case, impl: str, mode: str) -> dict:
         "case": case.name, "pairs": case.pairs, "T": case.length, "H": case.hidden, "V": case.vocab,
         "tokens": case.tokens, "valid_tokens": case.valid_tokens, "dtype": case.dtype, "implementation": impl,
         "mode": mode, "fwd_ms": None, "fwd_bwd_ms": None, "tflops": None, "gemm_ratio": None, "peak_mem_mb": None,
-        "memory_kind": None, "max_rel_err": None, "errors": None, "oom": False, "error": None,
+        "memory_kind": None, "max_rel_err": None, "errors": None, "oom": False, "error": None, "rounds": None,
     }  # fmt: skip
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach().float(), expected.detach().to(actual.device, torch.float32)
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+def rel_err(actual: torch.Tensor, expected: torch.Tensor, slice_elements: int = 1 << 25) -> float:
+    """``||actual - expected|| / ||expected||`` in float64, a slice at a time: ``expected`` lives on the
+    CPU, and a whole (V, H) gradient in float64 beside the step's own tensors could run out of memory."""
+    actual, expected = actual.detach().reshape(-1), expected.detach().reshape(-1)
+    diff_sq = ref_sq = 0.0
+    for start in range(0, expected.numel(), slice_elements):
+        ref = expected[start : start + slice_elements].to(actual.device, torch.float64)
+        diff_sq += (actual[start : start + slice_elements].double() - ref).square().sum().item()
+        ref_sq += ref.square().sum().item()
+    return math.sqrt(diff_sq) / max(math.sqrt(ref_sq), 1e-30)
 
 
 def compare(outputs: StepOutputs, batch: Batch, expected: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -146,14 +154,15 @@ def measure(impl: Implementation, case: Case, mode: str, device: torch.device, s
     """One result row. ``expected``: the reference outputs (None: no error check, as for the GEMM line).
 
     In a fresh process on CPU the memory is the RSS growth of the first full step; on CUDA it is
-    the allocator's peak; otherwise it is not measured.
+    the allocator's peak; otherwise it is not measured, nor for the GEMM line (its outputs are
+    preallocated by definition).
     """
     record = record_for(case, impl.name, mode)
     batch = run = outputs = None
     try:
         batch = make_batch(case, device, mode)
         run = impl.make_step(batch, mode)
-        if fresh_process and device.type == "cpu":
+        if fresh_process and device.type == "cpu" and impl.name != "gemm":
             record["peak_mem_mb"], record["memory_kind"] = cpu_rss_growth_mib(impl, case, batch, mode, run), "rss"
         record["fwd_ms"], record["fwd_bwd_ms"], outputs = time_steps(run, batch, mode, settings)
         if expected is not None:

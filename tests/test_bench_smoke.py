@@ -21,7 +21,7 @@ from report import derive
 
 ROW_KEYS = {"case", "pairs", "T", "H", "V", "tokens", "valid_tokens", "dtype", "implementation", "mode", "fwd_ms",
             "fwd_bwd_ms", "tflops", "gemm_ratio", "peak_mem_mb", "memory_kind", "max_rel_err", "errors", "oom",
-            "error"}  # fmt: skip
+            "error", "rounds"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
