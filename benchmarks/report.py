@@ -12,7 +12,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 from cases import GEMM_PRODUCTS
+
+from dpo_fast import backends
 
 
 def step_ms(row: dict) -> float | None:
@@ -61,16 +64,26 @@ def _memory_header(rows: list[dict]) -> str:
     return "peak MiB above inputs"
 
 
+def _rounds(row: dict) -> str:
+    """Each round's step time, where the row is the median of several rounds."""
+    return " / ".join(_num(step_ms({**row, **figures})) for figures in row["rounds"] or [])
+
+
 def case_table(rows: list[dict]) -> list[str]:
+    rounds = any(row["rounds"] for row in rows)
     lines = [
-        f"| implementation | fwd ms | fwd+bwd ms | TFLOP/s | x GEMM line | {_memory_header(rows)} | max rel err | note |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"| implementation | fwd ms | fwd+bwd ms | TFLOP/s | x GEMM line | {_memory_header(rows)} | max rel err | "
+        + ("step ms by round | " if rounds else "")
+        + "note |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | " + ("---: | " if rounds else "") + "--- |",
     ]
     for row in rows:
         err = "–" if row["max_rel_err"] is None else f"{row['max_rel_err']:.1e}"
         lines.append(
             f"| {row['implementation']} | {_num(row['fwd_ms'])} | {_num(row['fwd_bwd_ms'])} | {_num(row['tflops'])} "
-            f"| {_num(row['gemm_ratio'])} | {_num(row['peak_mem_mb'])} | {err} | {_note(row)} |"
+            f"| {_num(row['gemm_ratio'])} | {_num(row['peak_mem_mb'])} | {err} | "
+            + (f"{_rounds(row)} | " if rounds else "")
+            + f"{_note(row)} |"
         )
     return lines
 
@@ -96,6 +109,68 @@ def sweep_tables(rows: list[dict]) -> list[str]:
     return lines
 
 
+# The issues' goals (8 and 9): dpo_fast's default over another implementation, at most ``target``.
+# (case, mode, the other implementation or "peers" for the best of them, "time" or "memory", target)
+GOALS = [
+    ("headline", "dpo", "gemm", "time", 1.1),
+    ("headline", "dpo", "trl", "time", 0.7),
+    ("headline", "dpo", "liger", "time", 0.5),
+    ("headline", "dpo", "cce", "time", 0.9),
+    ("headline", "dpo", "verl", "time", 1.0),
+    ("headline", "dpo", "torch-lce", "time", 1.0),
+    ("headline", "dpo", "naive", "memory", 0.05),
+    ("headline", "dpo", "peers", "memory", 1.0),
+    ("headline", "frozen", "gemm", "time", 1.15),
+    ("headline", "forward", "gemm", "time", 1.1),
+    ("headline", "token", "trl", "time", 0.7),
+    ("cpu", "dpo", "cce", "time", 1.0),
+    ("cpu", "dpo", "naive", "memory", 0.10),
+]
+
+
+def _figure(row: dict, metric: str) -> float | None:
+    return step_ms(row) if metric == "time" else row["peak_mem_mb"]
+
+
+def default_implementation(device_type: str, dtype: str) -> str:
+    """The row name of what ``backend="auto"`` (and the default ``grads_in_forward``) runs on such a device."""
+    return "dpo_fast-" + backends.resolve("auto", torch.device(device_type), getattr(torch, dtype))
+
+
+def goal_lines(results: dict) -> list[str]:
+    """The goals whose case and mode this run has: dpo_fast's default against the other, beside the target."""
+    rows, lines = results["results"], []
+    for case, mode, other, metric, target in GOALS:
+        group = [r for r in rows if r["case"] == case and r["mode"] == mode]
+        if not group:
+            continue
+        ours = default_implementation(results["meta"]["device"]["type"], group[0]["dtype"])
+        measured = [r for r in group if _figure(r, metric) is not None]
+        mine = next((r for r in measured if r["implementation"] == ours), None)
+        if other == "peers":
+            theirs = [r for r in measured if not r["implementation"].startswith(("dpo_fast-", "gemm"))]
+        else:
+            theirs = [r for r in measured if r["implementation"] == other]
+        against = min(theirs, key=lambda r: _figure(r, metric), default=None)
+        if mine is None or against is None:
+            ratio, verdict, other_name = "–", "not measured", other
+        else:
+            value = _figure(mine, metric) / _figure(against, metric)
+            ratio, verdict, other_name = (
+                f"{value:.3g}",
+                "met" if value <= target else "not met",
+                against["implementation"],
+            )
+        lines.append(f"| {case} · {mode} | {metric} | {ours} | {other_name} | {ratio} | <= {target} | {verdict} |")
+    if not lines:
+        return []
+    header = ["## Goals (issues 8 and 9)", "",
+              "dpo_fast's default (`backend=\"auto\"`, default `grads_in_forward`) over the other implementation.", "",
+              "| case · mode | figure | dpo_fast | against | ratio | target | |",
+              "| --- | --- | --- | --- | ---: | ---: | --- |"]  # fmt: skip
+    return [*header, *lines, ""]
+
+
 def markdown(results: dict) -> str:
     meta = results["meta"]
     device = meta["device"].get("gpu") or f"{meta['device']['cpu']} ({meta['device']['cpu_cores_available']} cores)"
@@ -105,6 +180,9 @@ def markdown(results: dict) -> str:
     lines = [
         f"# DPO loss step: {results['suite']} suite, {meta['date']}", "",
         f"Device: {device}. Versions: {versions}.", "",
+        (f"Load average (1 min): {meta['device']['load_average_1m']} at the start, "
+         f"{meta['device'].get('load_average_1m_end', '–')} at the end; {meta['device']['torch_threads']} torch "
+         "threads."), "",
         (f"Settings: {json.dumps(results['settings'])}. Times are medians; TFLOP/s counts the mode's products on "
          "valid tokens (2, 4 or 6 x N_valid x H x V) over the step's time; 'x GEMM line' is the time over the same "
          "products' time in this run. Max rel err: the largest ||out - ref|| / ||ref|| over loss, log-probs and "
@@ -121,6 +199,7 @@ def markdown(results: dict) -> str:
             lines += [title, "", *sweep_tables(rows)]
         else:
             lines += [f"## {_case_title(rows[0])}", "", *case_table(rows), ""]
+    lines += goal_lines(results)
     if results["missing"]:
         lines += ["## Not measured", ""]
         lines += [f"- {item['implementation']}: {item['reason']}" for item in results["missing"]]

@@ -17,7 +17,7 @@ sys.path.insert(0, str(BENCH))
 
 from cases import SUITES
 from implementations import all_implementations
-from report import derive
+from report import derive, goal_lines
 
 ROW_KEYS = {"case", "pairs", "T", "H", "V", "tokens", "valid_tokens", "dtype", "implementation", "mode", "fwd_ms",
             "fwd_bwd_ms", "tflops", "gemm_ratio", "peak_mem_mb", "memory_kind", "max_rel_err", "errors", "oom",
@@ -92,3 +92,17 @@ def test_derive_counts_the_modes_products_and_the_gemm_ratio():
     assert rows[1]["gemm_ratio"] == pytest.approx(2.0)
     assert rows[2]["tflops"] == pytest.approx(2 * 4 * 10 * 100 / 0.5e-3 / 1e12)  # forward: one product, fwd time
     assert rows[2]["gemm_ratio"] is None  # no forward-mode GEMM line among these rows
+
+
+def test_goals_compare_dpo_fasts_default_with_the_named_implementation():
+    base = {"case": "cpu", "mode": "dpo", "dtype": "float32", "fwd_ms": 1.0}
+    rows = [
+        {**base, "implementation": "dpo_fast-torch", "fwd_bwd_ms": 2.0, "peak_mem_mb": 10.0},
+        {**base, "implementation": "dpo_fast-torch-recompute", "fwd_bwd_ms": 1.0, "peak_mem_mb": 1.0},
+        {**base, "implementation": "cce", "fwd_bwd_ms": 4.0, "peak_mem_mb": 50.0},
+        {**base, "implementation": "naive", "fwd_bwd_ms": 3.0, "peak_mem_mb": 80.0},
+    ]
+    lines = goal_lines({"meta": {"device": {"type": "cpu"}}, "results": rows})
+    # the default on CPU is the torch backend with gradients in the forward, not the faster variant here
+    assert "| cpu · dpo | time | dpo_fast-torch | cce | 0.5 | <= 1.0 | met |" in lines
+    assert "| cpu · dpo | memory | dpo_fast-torch | naive | 0.125 | <= 0.1 | not met |" in lines
