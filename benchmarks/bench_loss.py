@@ -76,7 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="keep the rows of an earlier results file and measure only what it lacks")  # fmt: skip
     parser.add_argument("--list", action="store_true", help="list the implementations and whether they run here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one isolated measurement (JSON spec), internal
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("repeats", "rounds"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    return args
 
 
 def _device(suite: str) -> torch.device:

@@ -51,6 +51,13 @@ def _note(row: dict) -> str:
     return row["error"] or ""
 
 
+def _short_note(row: dict) -> str:
+    """A table cell's word for a row without figures: not run, or failed."""
+    if not row["error"]:
+        return ""
+    return "not run" if row["error"].startswith("not run") else "failed"
+
+
 def _case_title(row: dict) -> str:
     shape = f"{row['pairs']} pairs x {row['T']} tokens" if row["pairs"] else f"{row['tokens']} tokens"
     return (f"{row['case']} · {row['mode']}: H={row['H']}, V={row['V']}, {shape}, "
@@ -103,10 +110,12 @@ def sweep_tables(rows: list[dict]) -> list[str]:
             values = []
             for n in tokens:
                 row = cells.get(n)
-                values.append("" if row is None else "OOM" if row["oom"] else "err" if row["error"] else _num(row[key]))
+                values.append("" if row is None else "OOM" if row["oom"] else _short_note(row) or _num(row[key]))
             lines.append(f"| {impl} | " + " | ".join(values) + " |")
         lines.append("")
-    return lines
+    failed = [row for row in rows if _short_note(row) == "failed"]
+    lines += [f"- {row['implementation']} at {row['tokens']} tokens failed: {row['error']}" for row in failed]
+    return lines + ([""] if failed else [])
 
 
 # The issues' goals (8 and 9): dpo_fast's default over another implementation, at most ``target``.
@@ -236,10 +245,14 @@ def plots(results: dict, stem: Path) -> list[Path]:
         for impl, points in series.items():
             oom = [r["tokens"] for r in by_impl[impl] if r["oom"]]
             if points:
-                axes.plot(*zip(*points), marker="o", label=impl + (f" (OOM from {min(oom)} tokens)" if oom else ""))
+                style = {"color": "black", "linestyle": "--"} if impl == "gemm" else {}  # the floor
+                legend = impl + (f" (OOM from {min(oom)} tokens)" if oom else "")
+                axes.plot(*zip(*points), marker="o", label=legend, **style)
         axes.set(xscale="log", yscale="log", xlabel="tokens (half prompt)", ylabel=label,
                  title=f"DPO loss step, H={rows[0]['H']}, V={rows[0]['V']}, {rows[0]['dtype']}, {device}")  # fmt: skip
-        axes.set_xticks(sorted({r["tokens"] for r in rows}), [str(t) for t in sorted({r["tokens"] for r in rows})])
+        tokens = sorted({r["tokens"] for r in rows})
+        axes.set_xticks(tokens, [str(t) for t in tokens], minor=False)
+        axes.set_xticks([], minor=True)
         axes.grid(True, which="both", alpha=0.3)
         axes.legend(fontsize=7)
         path = stem.parent / f"{stem.name}-{suffix}.png"
