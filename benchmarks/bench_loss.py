@@ -1,0 +1,294 @@
+"""Benchmark one DPO loss step straight from the LM hidden states: dpo_fast against every peer.
+
+For each case (shape) and mode, every implementation that can run here is measured on the same
+inputs: forward ms and forward+backward ms (medians after warm-up), effective TFLOP/s and the
+ratio to the GEMM line measured in the same run, peak memory, and the relative error of its loss,
+log-probs and gradients against a float64 reference, so that only equals are compared.
+Out-of-memory and failures are recorded, and the run goes on; a peer that cannot run here is
+listed with the reason.
+
+Suites (``--suite``):
+  gpu    on CUDA: headline (H=4096, V=128256, 8 pairs x 1024 tokens, half prompt, bf16) in the modes
+         dpo, frozen, forward and token; cce_paper (H=2304, V=256000, 8192 tokens all valid);
+         qwen2 (H=3584, V=152064); a sweep of 1k..64k tokens at the headline head.
+  cpu    on CPU: 4 pairs x 512 tokens, H=512, V=32000, half prompt, float32, each implementation in
+         its own process (time, and peak RSS growth), three rounds round-robin, medians kept.
+  smoke  tiny shapes for CI, every mode (implementations that need torch.compile are left out on CPU).
+
+Modes: dpo (the full step), frozen (lm_head weight frozen), forward (no_grad: sequence log-probs
+only), token (per-token log-probs, backward with a random per-token upstream gradient).
+
+Writes ``<out>/<date>-<device>[-smoke].json``, ``.md`` and, for a sweep, ``-time.png`` and
+``-memory.png``; the JSON is rewritten after every measurement, so a run cut short keeps what it did.
+The schema is in ``benchmarks/README.md``.
+
+Examples:
+  python benchmarks/bench_loss.py --suite cpu
+  python benchmarks/bench_loss.py --suite gpu --out gpu-results --time-budget 540
+  python benchmarks/bench_loss.py --suite gpu --resume benchmarks/results/DATE-GPU.json   # finish a cut-short run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import environment
+import report
+from cases import SUITES, Case, make_batch, reference
+from implementations import Implementation, all_implementations
+from measure import Settings, measure, record_for, release
+
+DEFAULT_SETTINGS = {"gpu": Settings(warmup=3, repeats=10), "cpu": Settings(warmup=1, repeats=5),
+                    "smoke": Settings(warmup=0, repeats=1)}  # fmt: skip
+SMOKE_COMPILE_REASON = "uses torch.compile, which takes about a minute on a 2-core CPU: run by the cpu suite, not smoke"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=sorted(SUITES), default="cpu", help="which shapes and device (default cpu)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                        help="folder for the results (default benchmarks/results)")  # fmt: skip
+    parser.add_argument("--impl", nargs="*", default=["*"], help="implementations to run (shell patterns)")
+    parser.add_argument("--case", nargs="*", default=["*"], help="case names to run (shell patterns)")
+    parser.add_argument("--warmup", type=int, help="warm-up steps (default: gpu 3, cpu 1, smoke 0)")
+    parser.add_argument("--repeats", type=int, help="timed steps, median taken (default: gpu 10, cpu 5, smoke 1)")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="each measurement in a fresh process (default: on for the cpu suite, where the "
+                             "peak RSS growth is the memory figure)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, help="measure every implementation this many times, round-robin, "
+                        "and keep the medians (default: cpu 3, else 1)")  # fmt: skip
+    parser.add_argument("--time-budget", type=float, help="seconds; measurements after it are recorded as not run")
+    parser.add_argument("--resume", type=Path, metavar="RESULTS_JSON",
+                        help="keep the rows of an earlier results file and measure only what it lacks")  # fmt: skip
+    parser.add_argument("--list", action="store_true", help="list the implementations and whether they run here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # one isolated measurement (JSON spec), internal
+    args = parser.parse_args(argv)
+    for name in ("repeats", "rounds"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    return args
+
+
+def _device(suite: str) -> torch.device:
+    if suite == "gpu":
+        if not torch.cuda.is_available():
+            sys.exit("bench_loss: the gpu suite needs a CUDA device; try --suite cpu")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def available(impls: list[Implementation], suite: str, device: torch.device, dtype: torch.dtype):
+    """(implementations that run here, [{implementation, reason}] for those that do not)."""
+    runnable, missing = [], []
+    for impl in impls:
+        reason = impl.unavailable(device, dtype)
+        if reason is None and suite == "smoke" and impl.compiles and device.type == "cpu":
+            reason = SMOKE_COMPILE_REASON
+        if reason is None:
+            runnable.append(impl)
+        else:
+            missing.append({"implementation": impl.name, "reason": reason})
+    return runnable, missing
+
+
+def _run_isolated(impl: Implementation, case: Case, mode: str, device: torch.device, settings: Settings,
+                  expected: Path | None) -> dict:  # fmt: skip
+    """One measurement in a fresh Python process (on CPU, its peak RSS is the step's alone)."""
+    spec = {"impl": impl.name, "case": dataclasses.asdict(case), "mode": mode, "device": str(device),
+            "expected": str(expected or ""), "settings": dataclasses.asdict(settings)}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=False
+    )
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    record = record_for(case, impl.name, mode)
+    record["oom"] = done.returncode in (-9, 137) or "MemoryError" in done.stderr
+    record["error"] = f"worker exit {done.returncode}: {done.stderr.strip()[-400:]}"
+    return record
+
+
+def worker(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    case = Case(**{**spec["case"], "modes": tuple(spec["case"]["modes"])})
+    impl = next(impl for impl in all_implementations() if impl.name == spec["impl"])
+    expected = torch.load(spec["expected"]) if spec["expected"] else None
+    record = measure(impl, case, spec["mode"], torch.device(spec["device"]), Settings(**spec["settings"]), expected,
+                     fresh_process=True)  # fmt: skip
+    print(json.dumps(record))
+
+
+def _key(row: dict) -> tuple:
+    return row["case"], row["tokens"], row["implementation"], row["mode"]
+
+
+def combine_rounds(rows: list[dict]) -> dict:
+    """One row from an implementation's rounds: the medians of their times and memory, each round's
+    figures kept in ``rounds``; the first failed round's row if any failed."""
+    failed = [row for row in rows if row["oom"] or row["error"]]
+    if failed or len(rows) == 1:
+        return (failed or rows)[0]
+    row = dict(rows[0])
+    figures = ("fwd_ms", "fwd_bwd_ms", "peak_mem_mb")
+    for key in figures:
+        values = [r[key] for r in rows]
+        row[key] = None if None in values else statistics.median(values)
+    row["rounds"] = [{key: r[key] for key in figures} for r in rows]
+    return row
+
+
+@dataclasses.dataclass
+class Runner:
+    """Runs the implementations of one suite case by case and mode by mode, and keeps the run's state.
+
+    done: rows kept from an earlier run (``--resume``); scratch: a folder for the reference that
+    isolated workers load; out_of_memory: the smallest token count at which each (implementation,
+    mode, case name) ran out of memory, so that larger sweep points are recorded as out of memory
+    without being run.
+    """
+
+    device: torch.device
+    runnable: list[Implementation]
+    settings: Settings
+    isolate: bool
+    budget: float | None
+    done: dict
+    scratch: Path
+    rounds: int = 1
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    out_of_memory: dict = dataclasses.field(default_factory=dict)
+
+    def over_budget(self) -> bool:
+        return self.budget is not None and time.monotonic() - self.started > self.budget
+
+    def rows(self, case: Case, mode: str):
+        """Yield one row per implementation that runs ``mode``: measured, kept, or saying why it was not run.
+
+        With several rounds, every implementation is measured once per round, round-robin, so that
+        a change in the machine's load falls on all of them alike (``combine_rounds``); rows come
+        out during the last round.
+        """
+        todo = [impl for impl in self.runnable if mode in impl.modes]
+        expected = self._reference(case, mode, todo)
+        measured = {impl.name: [] for impl in todo}
+        for round_index in range(self.rounds):
+            last = round_index == self.rounds - 1
+            for impl in todo:
+                kept = self.done.get(_key(record_for(case, impl.name, mode)))
+                if kept is not None:
+                    if last:
+                        yield kept
+                    continue
+                measured[impl.name].append(self._row(impl, case, mode, None if impl.name == "gemm" else expected))
+                if last:
+                    row = combine_rounds(measured[impl.name])
+                    if row["oom"] and not row["error"]:
+                        self.out_of_memory[(impl.name, mode, case.name)] = case.tokens
+                    yield row
+        release(self.device)
+
+    def _reference(self, case: Case, mode: str, todo: list[Implementation]) -> dict | Path | None:
+        """The float64 reference (a file for isolated workers), if any implementation will be checked against it."""
+        needed = any(impl.name != "gemm" and _key(record_for(case, impl.name, mode)) not in self.done for impl in todo)
+        if not needed or self.over_budget():
+            return None
+        try:
+            expected = reference(make_batch(case, self.device, mode), mode)
+        except torch.OutOfMemoryError:
+            print(
+                f"bench_loss: the reference of {case.name} {case.tokens} {mode} ran out of memory: errors not checked"
+            )
+            return None
+        finally:
+            release(self.device)
+        if not self.isolate:
+            return expected
+        path = self.scratch / "expected.pt"
+        torch.save(expected, path)
+        return path
+
+    def _row(self, impl: Implementation, case: Case, mode: str, expected: dict | Path | None) -> dict:
+        row = record_for(case, impl.name, mode)
+        smaller = self.out_of_memory.get((impl.name, mode, case.name))
+        if smaller is not None and case.tokens > smaller:
+            row.update(oom=True, error=f"not run: out of memory at {smaller} tokens")
+        elif self.over_budget():
+            row["error"] = f"not run: time budget of {self.budget:.0f} s spent"
+        elif self.isolate:
+            row = _run_isolated(impl, case, mode, self.device, self.settings, expected)
+        else:
+            row = measure(impl, case, mode, self.device, self.settings, expected, fresh_process=False)
+        return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args.worker)
+    device = _device(args.suite)
+    cases = [case for case in SUITES[args.suite] if _matches(case.name, args.case)]
+    dtype = cases[0].torch_dtype if cases else torch.float32
+    impls = [impl for impl in all_implementations() if _matches(impl.name, args.impl)]
+    runnable, missing = available(impls, args.suite, device, dtype)
+    if args.list:
+        for impl in impls:
+            reason = next((m["reason"] for m in missing if m["implementation"] == impl.name), "runs here")
+            print(f"{impl.name:28s} {reason}\n{'':28s} {impl.description}")
+        return
+
+    default = DEFAULT_SETTINGS[args.suite]
+    settings = Settings(args.warmup if args.warmup is not None else default.warmup,
+                        args.repeats if args.repeats is not None else default.repeats)  # fmt: skip
+    isolate = args.suite == "cpu" if args.isolate is None else args.isolate
+    rounds = args.rounds or (3 if args.suite == "cpu" else 1)
+    meta = environment.describe(device)
+    stem = args.out / f"{meta['date']}-{environment.slug(meta)}{'-smoke' if args.suite == 'smoke' else ''}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if args.resume:
+        kept = json.loads(args.resume.read_text())["results"]
+        done = {_key(row): row for row in kept if not (row["error"] or "").startswith("not run: time")}
+    results = {"meta": meta, "suite": args.suite, "missing": missing, "results": [],
+               "settings": {**dataclasses.asdict(settings), "isolate": isolate, "rounds": rounds}}  # fmt: skip
+
+    with tempfile.TemporaryDirectory() as scratch:
+        runner = Runner(device, runnable, settings, isolate, args.time_budget, done, Path(scratch), rounds)
+        for case in cases:
+            for mode in case.modes:
+                for row in runner.rows(case, mode):
+                    results["results"].append(row)
+                    print(_progress(row), flush=True)
+                    report.write(results, stem, tables=False)
+    results["meta"]["device"]["load_average_1m_end"] = round(os.getloadavg()[0], 2)
+    report.write(results, stem)
+    print(f"bench_loss: wrote {stem}.json and .md", flush=True)
+
+
+def _progress(row: dict) -> str:
+    figures = (
+        f"fwd {row['fwd_ms']} ms, fwd+bwd {row['fwd_bwd_ms']} ms, mem {row['peak_mem_mb']}, err {row['max_rel_err']}"
+    )
+    status = "OOM" if row["oom"] else (row["error"] or figures)
+    return f"{row['case']:10s} {row['tokens']:6d} {row['mode']:8s} {row['implementation']:28s} {status}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""Results files: the JSON of a run, its markdown tables and its plots of time and memory against tokens.
+
+``python benchmarks/report.py RESULTS.json`` rewrites the tables and plots beside a JSON file
+(for instance after a run cut short by a time limit, or after editing nothing but this module).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from cases import GEMM_PRODUCTS
+
+from dpo_fast import backends
+
+
+def step_ms(row: dict) -> float | None:
+    """The time the mode's FLOPs are counted over: forward+backward, or forward alone in the forward mode."""
+    return row["fwd_ms"] if row["mode"] == "forward" else row["fwd_bwd_ms"]
+
+
+def derive(rows: list[dict]) -> None:
+    """Fill ``tflops`` (the mode's useful FLOPs over the step's time) and ``gemm_ratio`` (time over the
+    GEMM line's, same case, tokens and mode) in place."""
+    gemm = {(r["case"], r["tokens"], r["mode"]): step_ms(r) for r in rows if r["implementation"] == "gemm"}
+    for row in rows:
+        ms = step_ms(row)
+        if ms is None:
+            continue
+        flops = 2 * GEMM_PRODUCTS[row["mode"]] * row["valid_tokens"] * row["H"] * row["V"]
+        row["tflops"] = flops / (ms * 1e-3) / 1e12
+        line = gemm.get((row["case"], row["tokens"], row["mode"]))
+        row["gemm_ratio"] = ms / line if line else None
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if value >= 10 ** (digits - 1):
+        return f"{value:.0f}"
+    return f"{value:.{digits}g}"
+
+
+def _note(row: dict) -> str:
+    if row["oom"]:
+        return "OOM" if not row["error"] else f"OOM ({row['error']})"
+    return row["error"] or ""
+
+
+def _short_note(row: dict) -> str:
+    """A table cell's word for a row without figures: not run, or failed."""
+    if not row["error"]:
+        return ""
+    return "not run" if row["error"].startswith("not run") else "failed"
+
+
+def _case_title(row: dict) -> str:
+    shape = f"{row['pairs']} pairs x {row['T']} tokens" if row["pairs"] else f"{row['tokens']} tokens"
+    return (f"{row['case']} · {row['mode']}: H={row['H']}, V={row['V']}, {shape}, "
+            f"{row['valid_tokens']} valid, {row['dtype']}")  # fmt: skip
+
+
+def _memory_header(rows: list[dict]) -> str:
+    kinds = {row["memory_kind"] for row in rows if row["memory_kind"]}
+    if kinds == {"rss"}:
+        return "peak RSS growth MiB"
+    return "peak MiB above inputs"
+
+
+def _rounds(row: dict) -> str:
+    """Each round's step time, where the row is the median of several rounds."""
+    return " / ".join(_num(step_ms({**row, **figures})) for figures in row["rounds"] or [])
+
+
+def case_table(rows: list[dict]) -> list[str]:
+    rounds = any(row["rounds"] for row in rows)
+    lines = [
+        f"| implementation | fwd ms | fwd+bwd ms | TFLOP/s | x GEMM line | {_memory_header(rows)} | max rel err | "
+        + ("step ms by round | " if rounds else "")
+        + "note |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | " + ("---: | " if rounds else "") + "--- |",
+    ]
+    for row in rows:
+        err = "–" if row["max_rel_err"] is None else f"{row['max_rel_err']:.1e}"
+        lines.append(
+            f"| {row['implementation']} | {_num(row['fwd_ms'])} | {_num(row['fwd_bwd_ms'])} | {_num(row['tflops'])} "
+            f"| {_num(row['gemm_ratio'])} | {_num(row['peak_mem_mb'])} | {err} | "
+            + (f"{_rounds(row)} | " if rounds else "")
+            + f"{_note(row)} |"
+        )
+    return lines
+
+
+def sweep_tables(rows: list[dict]) -> list[str]:
+    """Implementations down, tokens across: forward+backward ms, then peak memory."""
+    tokens = sorted({row["tokens"] for row in rows})
+    by_impl = defaultdict(dict)
+    for row in rows:
+        by_impl[row["implementation"]][row["tokens"]] = row
+    lines = []
+    for title, key in (("fwd+bwd ms", "fwd_bwd_ms"), (_memory_header(rows), "peak_mem_mb")):
+        lines += [f"{title}:", "", "| implementation | " + " | ".join(f"{n // 1024}k" if n >= 1024 else str(n)
+                                                                      for n in tokens) + " |"]  # fmt: skip
+        lines.append("| --- |" + " ---: |" * len(tokens))
+        for impl, cells in by_impl.items():
+            values = []
+            for n in tokens:
+                row = cells.get(n)
+                values.append("" if row is None else "OOM" if row["oom"] else _short_note(row) or _num(row[key]))
+            lines.append(f"| {impl} | " + " | ".join(values) + " |")
+        lines.append("")
+    failed = [row for row in rows if _short_note(row) == "failed"]
+    lines += [f"- {row['implementation']} at {row['tokens']} tokens failed: {row['error']}" for row in failed]
+    return lines + ([""] if failed else [])
+
+
+# The issues' goals (8 and 9): dpo_fast's default over another implementation, at most ``target``.
+# (case, mode, the other implementation or "peers" for the best of them, "time" or "memory", target)
+GOALS = [
+    ("headline", "dpo", "gemm", "time", 1.1),
+    ("headline", "dpo", "trl", "time", 0.7),
+    ("headline", "dpo", "liger", "time", 0.5),
+    ("headline", "dpo", "cce", "time", 0.9),
+    ("headline", "dpo", "verl", "time", 1.0),
+    ("headline", "dpo", "torch-lce", "time", 1.0),
+    ("headline", "dpo", "naive", "memory", 0.05),
+    ("headline", "dpo", "peers", "memory", 1.0),
+    ("headline", "frozen", "gemm", "time", 1.15),
+    ("headline", "forward", "gemm", "time", 1.1),
+    ("headline", "token", "trl", "time", 0.7),
+    ("cpu", "dpo", "cce", "time", 1.0),
+    ("cpu", "dpo", "naive", "memory", 0.10),
+]
+
+
+def _figure(row: dict, metric: str) -> float | None:
+    return step_ms(row) if metric == "time" else row["peak_mem_mb"]
+
+
+def default_implementation(device_type: str, dtype: str) -> str:
+    """The row name of what ``backend="auto"`` (and the default ``grads_in_forward``) runs on such a device."""
+    return "dpo_fast-" + backends.resolve("auto", torch.device(device_type), getattr(torch, dtype))
+
+
+def goal_lines(results: dict) -> list[str]:
+    """The goals whose case and mode this run has: dpo_fast's default against the other, beside the target."""
+    rows, lines = results["results"], []
+    for case, mode, other, metric, target in GOALS:
+        group = [r for r in rows if r["case"] == case and r["mode"] == mode]
+        if not group:
+            continue
+        ours = default_implementation(results["meta"]["device"]["type"], group[0]["dtype"])
+        measured = [r for r in group if _figure(r, metric) is not None]
+        mine = next((r for r in measured if r["implementation"] == ours), None)
+        if other == "peers":
+            theirs = [r for r in measured if not r["implementation"].startswith(("dpo_fast-", "gemm"))]
+        else:
+            theirs = [r for r in measured if r["implementation"] == other]
+        against = min(theirs, key=lambda r: _figure(r, metric), default=None)
+        if mine is None or against is None:
+            ratio, verdict, other_name = "–", "not measured", other
+        else:
+            value = _figure(mine, metric) / _figure(against, metric)
+            ratio, verdict, other_name = (
+                f"{value:.3g}",
+                "met" if value <= target else "not met",
+                against["implementation"],
+            )
+        lines.append(f"| {case} · {mode} | {metric} | {ours} | {other_name} | {ratio} | <= {target} | {verdict} |")
+    if not lines:
+        return []
+    header = ["## Goals (issues 8 and 9)", "",
+              "dpo_fast's default (`backend=\"auto\"`, default `grads_in_forward`) over the other implementation.", "",
+              "| case · mode | figure | dpo_fast | against | ratio | target | |",
+              "| --- | --- | --- | --- | ---: | ---: | --- |"]  # fmt: skip
+    return [*header, *lines, ""]
+
+
+def markdown(results: dict) -> str:
+    meta = results["meta"]
+    device = meta["device"].get("gpu") or f"{meta['device']['cpu']} ({meta['device']['cpu_cores_available']} cores)"
+    versions = ", ".join(
+        f"{name} {version}" for name, version in meta["versions"].items() if version != "not installed"
+    )
+    lines = [
+        f"# DPO loss step: {results['suite']} suite, {meta['date']}", "",
+        f"Device: {device}. Versions: {versions}.", "",
+        (f"Load average (1 min): {meta['device']['load_average_1m']} at the start, "
+         f"{meta['device'].get('load_average_1m_end', '–')} at the end; {meta['device']['torch_threads']} torch "
+         "threads."), "",
+        (f"Settings: {json.dumps(results['settings'])}. Times are medians; TFLOP/s counts the mode's products on "
+         "valid tokens (2, 4 or 6 x N_valid x H x V) over the step's time; 'x GEMM line' is the time over the same "
+         "products' time in this run. Max rel err: the largest ||out - ref|| / ||ref|| over loss, log-probs and "
+         "gradients against a float64 reference."), "",
+    ]  # fmt: skip
+    groups = defaultdict(list)
+    for row in results["results"]:
+        groups[(row["case"], row["mode"])].append(row)
+    for (case, mode), rows in groups.items():
+        if case == "sweep":
+            title = (
+                f"## sweep · {mode}: H={rows[0]['H']}, V={rows[0]['V']}, half of each row prompt, {rows[0]['dtype']}"
+            )
+            lines += [title, "", *sweep_tables(rows)]
+        else:
+            lines += [f"## {_case_title(rows[0])}", "", *case_table(rows), ""]
+    lines += goal_lines(results)
+    if results["missing"]:
+        lines += ["## Not measured", ""]
+        lines += [f"- {item['implementation']}: {item['reason']}" for item in results["missing"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(results: dict, stem: Path) -> list[Path]:
+    """PNG plots of forward+backward time and of peak memory against tokens, one line per implementation."""
+    rows = [row for row in results["results"] if row["case"] == "sweep" and row["mode"] == "dpo"]
+    if not rows:
+        return []
+    try:
+        import matplotlib
+    except ImportError:
+        print("report: matplotlib is not installed (pip install .[bench]): no plots", file=sys.stderr)
+        return []
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta, written = results["meta"], []
+    device = meta["device"].get("gpu") or meta["device"]["cpu"]
+    for key, label, suffix in (("fwd_bwd_ms", "forward+backward ms", "time"),
+                               ("peak_mem_mb", _memory_header(rows), "memory")):  # fmt: skip
+        by_impl = defaultdict(list)
+        for row in sorted(rows, key=lambda r: r["tokens"]):
+            by_impl[row["implementation"]].append(row)
+        series = {impl: [(r["tokens"], r[key]) for r in impl_rows if r[key] is not None]
+                  for impl, impl_rows in by_impl.items()}  # fmt: skip
+        if not any(series.values()):
+            continue  # e.g. memory, when it was not measured
+        figure, axes = plt.subplots(figsize=(8, 5))
+        for impl, points in series.items():
+            oom = [r["tokens"] for r in by_impl[impl] if r["oom"]]
+            if points:
+                style = {"color": "black", "linestyle": "--"} if impl == "gemm" else {}  # the floor
+                legend = impl + (f" (OOM from {min(oom)} tokens)" if oom else "")
+                axes.plot(*zip(*points), marker="o", label=legend, **style)
+        axes.set(xscale="log", yscale="log", xlabel="tokens (half prompt)", ylabel=label,
+                 title=f"DPO loss step, H={rows[0]['H']}, V={rows[0]['V']}, {rows[0]['dtype']}, {device}")  # fmt: skip
+        tokens = sorted({r["tokens"] for r in rows})
+        axes.set_xticks(tokens, [str(t) for t in tokens], minor=False)
+        axes.set_xticks([], minor=True)
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(fontsize=7)
+        path = stem.parent / f"{stem.name}-{suffix}.png"
+        figure.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def write(results: dict, stem: Path, tables: bool = True) -> None:
+    """``<stem>.json`` always; ``<stem>.md`` and the plots when ``tables``."""
+    derive(results["results"])
+    Path(f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    if tables:
+        Path(f"{stem}.md").write_text(markdown(results) + "\n")
+        plots(results, stem)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path, help="a results JSON written by bench_loss.py")
+    path = parser.parse_args().results
+    write(json.loads(path.read_text()), path.with_suffix(""))
+
+
+if __name__ == "__main__":
+    main()
