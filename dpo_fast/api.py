@@ -305,9 +305,11 @@ def _segments(hidden, labels, segment_ids, num_segments):
 
 
 def _segment_sum(values, seg, num_segments, padded):
+    """(N,) per-token values -> (R,) per-sequence sums, accumulated in float64 (R numbers: free)."""
+    values64 = values.double()
     if padded:
-        return values.view(num_segments, -1).sum(1)
-    return values.new_zeros(num_segments).index_add(0, seg, values)
+        return values64.view(num_segments, -1).sum(1).to(values.dtype)
+    return values64.new_zeros(num_segments).index_add(0, seg, values64).to(values.dtype)
 
 
 def _packed_num_pairs(ref_chosen_logps, reference_free, num_pairs):

@@ -244,8 +244,10 @@ def dpo_forward_with_grads(
     tokens_per_pair = torch.bincount(seq_of_row % num_pairs, minlength=num_pairs).tolist()
 
     scale = sequence_scale(labels, segment_ids, num_seq, ignore_index, objective.average_log_prob, acc)
-    ref = hidden.new_zeros(num_seq, dtype=acc) if ref_logps is None else ref_logps.to(acc)
-    sums = hidden.new_zeros(num_seq, dtype=acc)
+    # the 2P sums and the objective in float64: free, and a sum of thousands of float32 log-probs
+    # added chunk by chunk would otherwise carry the largest rounding error of the whole step
+    ref = hidden.new_zeros(num_seq, dtype=torch.float64) if ref_logps is None else ref_logps.double()
+    sums = hidden.new_zeros(num_seq, dtype=torch.float64)
     normalizer = hidden.new_zeros((2, labels.shape[0]), dtype=acc)
     grads = _GradAccumulator(hidden, weight, bias, needs)
     keep_cap = _rows_per_chunk(backend, vocab, hidden.dtype, True, budget)
@@ -261,7 +263,7 @@ def dpo_forward_with_grads(
             stats = backend.logits_stats(
                 hidden, weight, bias, rows[start:end], targets[start:end], head, False, keep_logits
             )
-            sums.index_add_(0, seq_of_row[start:end], stats.logp)
+            sums.index_add_(0, seq_of_row[start:end], stats.logp.double())
             _store(None, normalizer, rows[start:end], stats)
             chunk_stats.append(ChunkStats(stats.max_logit, stats.log_sum_exp, logits=stats.logits))
 
@@ -273,7 +275,9 @@ def dpo_forward_with_grads(
             label_smoothing=objective.label_smoothing,
         )  # fmt: skip
         grad_seq = hidden.new_zeros(num_seq, dtype=acc)
-        grad_seq.index_copy_(0, seq, torch.cat([grad_chosen, grad_rejected]) * scale.index_select(0, seq) / num_pairs)
+        grad_seq.index_copy_(
+            0, seq, (torch.cat([grad_chosen, grad_rejected]) * scale.index_select(0, seq) / num_pairs).to(acc)
+        )
 
         for index, (start, end) in enumerate(chunks):
             stats, chunk_stats[index] = chunk_stats[index], None  # let each chunk's logits go once used
@@ -289,4 +293,4 @@ def dpo_forward_with_grads(
         chosen_logratios, rejected_logratios, beta=objective.beta, loss_type=objective.loss_type,
         label_smoothing=objective.label_smoothing,
     ).mean()  # fmt: skip
-    return loss, seq_logps, normalizer, grads.results(bias)
+    return loss.to(acc), seq_logps.to(acc), normalizer, grads.results(bias)
