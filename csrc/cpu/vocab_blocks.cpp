@@ -1,0 +1,47 @@
+// The block products of the CPU kernel, and the argument checks of its entry points.
+#include <algorithm>
+
+#include <ATen/ops/mm.h>
+
+#include "logits.h"
+
+namespace dpo_fast::cpu {
+
+namespace {
+// A block's logits (C x n) and, for 16-bit weights, its float32 copy of W (n x H) hold at most
+// this many elements each (16 MiB of float32); a block has at least kMinColumns columns so that
+// each product stays efficient (ATen's matmul reaches its rate from a few hundred columns).
+constexpr int64_t kBlockElements = int64_t{1} << 22;
+constexpr int64_t kMinColumns = 512;
+}  // namespace
+
+VocabBlocks::VocabBlocks(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& rows)
+    : hidden_rows(hidden.index_select(0, rows).to(at::toOpMathType(hidden.scalar_type()))), weight(weight) {
+  const int64_t widest = std::max({hidden_rows.size(0), weight.size(1), int64_t{1}});
+  size = std::clamp(kBlockElements / widest, kMinColumns, std::max(weight.size(0), int64_t{1}));
+}
+
+void VocabBlocks::logits(int64_t start, at::Tensor out) const {
+  at::Tensor block = weight.narrow(0, start, out.size(1));
+  if (block.scalar_type() != out.scalar_type()) block = block.to(out.scalar_type());
+  at::mm_out(out, hidden_rows, block.t());
+}
+
+void check_chunk(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                 const at::Tensor& rows, const at::Tensor& targets) {
+  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu(),
+              "the cpp backend takes CPU tensors; got hidden on ", hidden.device(), " and weight on ",
+              weight.device(), " (use backend='cuda' or 'triton' for CUDA tensors)");
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "hidden (N, H) and weight (V, H) must share H; got ", hidden.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), "weight must have hidden's dtype ",
+              hidden.scalar_type(), ", got ", weight.scalar_type());
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->device().is_cpu()),
+              "bias must be a CPU tensor of shape (V,) = (", weight.size(0), ",)");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && targets.scalar_type() == at::kLong && rows.dim() == 1 &&
+                  targets.sizes() == rows.sizes(),
+              "rows and targets must be int64 tensors of one shape (C,); got ", rows.sizes(), " ",
+              rows.scalar_type(), " and ", targets.sizes(), " ", targets.scalar_type());
+}
+
+}  // namespace dpo_fast::cpu
