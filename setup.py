@@ -52,6 +52,12 @@ def _extensions():
     class OptionalBuildExtension(cpp_extension.BuildExtension):
         """Builds each extension it can; one that fails is left to the just-in-time build."""
 
+        def finalize_options(self):
+            super().finalize_options()
+            # One object folder for editable installs and wheels alike (an editable install would
+            # otherwise compile in a temporary one): ninja recompiles only what changed since.
+            self.build_temp = str(ROOT / "build" / "objects")
+
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
