@@ -1,8 +1,8 @@
 """The cpp backend beyond the shared property suite: vocabulary blocks, float16, gradcheck, opcheck, memory.
 
 The property suite (test_backends.py and the others, through ``helpers.BACKENDS``) already runs
-``cpp`` against the float64 reference; its vocabularies fit one block of the kernel, so the
-online logsumexp across blocks is tested here on a head wide enough to be split.
+``cpp`` against the float64 reference; its heads are too narrow for the kernel to split a 16-bit
+vocabulary into blocks, so the online logsumexp across blocks is tested here on a wide head.
 """
 
 import pytest
@@ -14,13 +14,14 @@ import dpo_fast
 from dpo_fast import autograd, chunking
 from dpo_fast.backends import HeadSpec, cpp, torch_chunked
 
-# H = 2048 makes the kernel split V = 5000 into blocks of 2048, 2048 and 904 columns
+# A 16-bit head of H = 2048 is processed in vocabulary blocks of 2048 columns: V = 5000 makes three
 WIDE_H, WIDE_V = 2048, 5000
 SMALL = Case(pairs=2, length=4, hidden_dim=5, vocab=7, dtype=torch.float64, bias=True, softcap=None, packed=False,
              seed=3)  # fmt: skip
 
 
-def _wide_head():
+def _wide_head(dtype):
+    """hidden, weight, bias rounded to ``dtype`` and held in float64; rows and targets."""
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(12, WIDE_H, generator=gen, dtype=torch.float64)
     weight = torch.randn(WIDE_V, WIDE_H, generator=gen, dtype=torch.float64) * 0.05
@@ -28,14 +29,17 @@ def _wide_head():
     bias = torch.linspace(0, 4, WIDE_V, dtype=torch.float64) + torch.randn(WIDE_V, generator=gen, dtype=torch.float64)
     rows = torch.tensor([0, 3, 5, 11, 7, 2])
     targets = torch.tensor([0, 2047, 2048, 4095, 4096, 4999])  # on both sides of each block border
-    return hidden, weight, bias, rows, targets
+    return *(tensor.to(dtype).double() for tensor in (hidden, weight, bias)), rows, targets
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize(
+    "dtype, tol, grad_tol", [(torch.float64, 1e-12, 1e-12), (torch.float32, 1e-5, 1e-5), (torch.bfloat16, 1e-5, 4e-3)]
+)
 @pytest.mark.parametrize("head", [HeadSpec(), HeadSpec(softcap=3.0, temperature=0.8)])
 @pytest.mark.parametrize("keep_logits", [False, True])
-def test_vocabulary_blocks_fold_into_one_logsumexp(dtype, tol, head, keep_logits):
-    hidden, weight, bias, rows, targets = _wide_head()
+def test_kernel_matches_float64_torch_forms(dtype, tol, grad_tol, head, keep_logits):
+    """Every statistic and dL/dx against the torch backend's whole-row forms in float64 (bf16: across blocks)."""
+    hidden, weight, bias, rows, targets = _wide_head(dtype)
     expected = torch_chunked.logits_stats(hidden, weight, bias, rows, targets, head, True, False)
     stats = cpp.logits_stats(hidden.to(dtype), weight.to(dtype), bias.to(dtype), rows, targets, head, True,
                              keep_logits)  # fmt: skip
@@ -51,11 +55,12 @@ def test_vocabulary_blocks_fold_into_one_logsumexp(dtype, tol, head, keep_logits
     grad = cpp.logits_grad(hidden.to(dtype), weight.to(dtype), bias.to(dtype), rows, targets, stats,
                            grad_logp.to(acc), grad_entropy.to(acc), head)  # fmt: skip
     assert grad.dtype == dtype and grad.shape == (rows.shape[0], WIDE_V)
-    assert rel_err(grad, expected_grad) <= tol
+    assert rel_err(grad, expected_grad) <= grad_tol
 
 
 def test_float32_gradient_is_written_over_the_kept_logits():
-    hidden, weight, bias, rows, targets = (t.float() if t.is_floating_point() else t for t in _wide_head())
+    hidden, weight, bias, rows, targets = _wide_head(torch.float32)
+    hidden, weight, bias = hidden.float(), weight.float(), bias.float()
     stats = cpp.logits_stats(hidden, weight, bias, rows, targets, HeadSpec(), False, True)
     kept = stats.logits.data_ptr()
     grad = cpp.logits_grad(hidden, weight, bias, rows, targets, stats, torch.ones(rows.shape[0]), None, HeadSpec())

@@ -30,14 +30,15 @@ at::Tensor logits_grad(const at::Tensor& hidden, const at::Tensor& weight, const
                        const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
                        std::optional<double> softcap, double temperature, const std::optional<at::Tensor>& logits);
 
-// The logits are formed one block of vocabulary columns at a time, by ATen's matmul in the
-// accumulate dtype, and each block is finished by the row passes while it is in cache.
+// The logits are formed by ATen's matmul in the accumulate dtype: in one product when the weight
+// has that dtype, otherwise one block of vocabulary columns at a time, each from a float32 copy of
+// that block of W (16-bit weights), and each block finished by the row passes before the next.
 struct VocabBlocks {
   at::Tensor hidden_rows;  // (C, H) the chunk's rows of hidden, in the accumulate dtype
   at::Tensor weight;       // (V, H)
-  int64_t size;            // columns per block
+  int64_t size;            // columns per block: V, or fewer for 16-bit weights
 
-  // Gathers the chunk's rows; block size from the shapes (see vocab_blocks.cpp).
+  // Gathers the chunk's rows; block size from the dtype and shapes (see vocab_blocks.cpp).
   VocabBlocks(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& rows);
 
   // out (C, n) = hidden_rows @ weight[start : start + n]^T; out may be a column slice of a wider matrix.

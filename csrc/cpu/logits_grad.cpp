@@ -1,9 +1,9 @@
 // Backward: dL/dx of a chunk, (C, V) in hidden's dtype, formed in place.
 //
 // From kept logits: one row pass each, writing dL/dx over the logits for float32/float64 inputs
-// (into a new 16-bit matrix otherwise). Without them, one vocabulary block at a time: the block's
-// logits are recomputed by one matmul straight into the output (float32/float64) or into a
-// (C, block) scratch (16-bit), put through the head and turned into dL/dx while in cache.
+// (into a new 16-bit matrix otherwise). Without them, the logits are recomputed by one matmul
+// straight into the output (float32/float64), or one vocabulary block at a time into a (C, block)
+// scratch (16-bit), put through the head and turned into dL/dx row by row.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>

@@ -1,10 +1,10 @@
-// Forward: per-token softmax statistics of a chunk, one vocabulary block at a time.
+// Forward: per-token softmax statistics of a chunk.
 //
-// Each block's logits are formed by one matmul into the kept (C, V) logits or into a (C, block)
-// scratch, then finished in place, row by row in parallel, while they are in cache: the head
-// (bias, softcap, temperature), the block's max, its exp-sums folded into each row's running
-// statistics (the online logsumexp of row_math.h) and the target logit when the block holds it.
-// No other (C, V) temporary exists.
+// The logits (all of them, or one vocabulary block of a 16-bit head at a time) are formed by one
+// matmul into the kept (C, V) logits or into a scratch of the same width, then finished in place,
+// row by row in parallel: the head (bias, softcap, temperature), the max, the exp-sums folded into
+// each row's running statistics (the online logsumexp of row_math.h, across blocks) and the target
+// logit. No other (C, V) temporary exists.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>

@@ -8,17 +8,20 @@
 namespace dpo_fast::cpu {
 
 namespace {
-// A block's logits (C x n) and, for 16-bit weights, its float32 copy of W (n x H) hold at most
-// this many elements each (16 MiB of float32); a block has at least kMinColumns columns so that
-// each product stays efficient (ATen's matmul reaches its rate from a few hundred columns).
-constexpr int64_t kBlockElements = int64_t{1} << 22;
+// A 16-bit weight's float32 copy of one block (n x H) holds about this many elements (16 MiB), and
+// at least kMinColumns rows, so that a very wide head still makes products of a useful size.
+constexpr int64_t kUpcastElements = int64_t{1} << 22;
 constexpr int64_t kMinColumns = 512;
 }  // namespace
 
 VocabBlocks::VocabBlocks(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& rows)
     : hidden_rows(hidden.index_select(0, rows).to(at::toOpMathType(hidden.scalar_type()))), weight(weight) {
-  const int64_t widest = std::max({hidden_rows.size(0), weight.size(1), int64_t{1}});
-  size = std::clamp(kBlockElements / widest, kMinColumns, std::max(weight.size(0), int64_t{1}));
+  // One product when the weight is in the accumulate dtype: measured on a 2-core x86 CPU, ATen's
+  // (262 x 512) @ (512 x 32000) runs 20% slower as four products of 8192 columns, 50% as eight.
+  const int64_t vocab = std::max(weight.size(0), int64_t{1});
+  const bool upcast = weight.scalar_type() != hidden_rows.scalar_type();
+  size = upcast ? std::min(std::max(kUpcastElements / std::max(weight.size(1), int64_t{1}), kMinColumns), vocab)
+                : vocab;
 }
 
 void VocabBlocks::logits(int64_t start, at::Tensor out) const {

@@ -1,10 +1,11 @@
 """The ``cpp`` backend: the C++ CPU kernel of ``csrc/cpu/`` on one chunk of tokens.
 
-Each chunk's logits are formed one vocabulary block at a time by ATen's matmul, straight into
-their destination (the kept logits, or the float32 ``dL/dx`` itself), and finished in place by
-fused row passes, parallel over tokens: head, online logsumexp, target gather, entropy statistics;
-then ``dL/dx`` written over the logits. No other ``(C, V)`` temporary exists, so a chunk holds
-about four times as many tokens as the ``torch`` backend's under the same budget.
+Each chunk's logits are formed by one ATen matmul straight into their destination (the kept
+logits, or the float32 ``dL/dx`` itself; a 16-bit head one vocabulary block at a time from a
+float32 copy of the block) and finished in place by fused row passes, parallel over tokens: head,
+online logsumexp, target gather, entropy statistics; then ``dL/dx`` written over the logits. No
+other ``(C, V)`` temporary exists, so a chunk holds four times as many tokens as the ``torch``
+backend's under the same budget.
 Built ahead of time by ``setup.py`` or just in time on first use (``dpo_fast._build``).
 """
 
