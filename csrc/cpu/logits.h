@@ -38,8 +38,9 @@ struct VocabBlocks {
   at::Tensor weight;       // (V, H)
   int64_t size;            // columns per block: V, or fewer for 16-bit weights
 
-  // Gathers the chunk's rows; block size from the dtype and shapes (see vocab_blocks.cpp).
-  VocabBlocks(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& rows);
+  // Gathers the chunk's rows; the block size bounds a 16-bit weight's float32 copy, and when the
+  // blocks go to a (C, size) scratch rather than into a (C, V) matrix, that scratch (vocab_blocks.cpp).
+  VocabBlocks(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& rows, bool into_scratch);
 
   // out (C, n) = hidden_rows @ weight[start : start + n]^T; out may be a column slice of a wider matrix.
   void logits(int64_t start, at::Tensor out) const;

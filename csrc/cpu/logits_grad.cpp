@@ -35,7 +35,7 @@ at::Tensor logits_grad(const at::Tensor& hidden, const at::Tensor& weight, const
               "logits must be the (C, V) ", acc, " logits kept by logits_stats");
   const bool recompute = !logits.has_value(), in_place = dtype == acc;
   std::optional<VocabBlocks> blocks;
-  if (recompute) blocks.emplace(hidden, weight, rows);
+  if (recompute) blocks.emplace(hidden, weight, rows, !in_place);
   const int64_t block_size = recompute ? blocks->size : std::max(vocab, int64_t{1});
   at::Tensor grad = (logits && in_place) ? *logits : at::empty({num_rows, vocab}, hidden.options());
   at::Tensor scratch = (recompute && !in_place) ? at::empty({num_rows, std::min(block_size, vocab)},

@@ -20,7 +20,7 @@ ChunkStats logits_stats(const at::Tensor& hidden, const at::Tensor& weight, cons
                         const at::Tensor& rows, const at::Tensor& targets, std::optional<double> softcap,
                         double temperature, bool with_entropy, bool keep_logits) {
   check_chunk(hidden, weight, bias, rows, targets);
-  const VocabBlocks blocks(hidden, weight, rows);
+  const VocabBlocks blocks(hidden, weight, rows, !keep_logits);
   const at::TensorOptions options = blocks.hidden_rows.options();
   const int64_t num_rows = rows.size(0), vocab = weight.size(0);
   const at::Tensor bias_acc = bias ? bias->to(options.dtype()).contiguous() : at::Tensor();
