@@ -154,8 +154,8 @@ def _build_just_in_time(extension: Extension) -> ModuleType | str:
     missing = _missing_tools(extension)
     if missing is not None:
         return f"its extension is not built and cannot be built here: {missing}"
-    _LOG.warning("dpo_fast: building the %s extension (csrc/%s) with ninja; cached for later runs",
-                 extension.name, extension.folder)  # fmt: skip
+    _LOG.warning("dpo_fast: the %s extension was not built at install: building csrc/%s with ninja "
+                 "(or loading torch's cached build of it)", extension.name, extension.folder)  # fmt: skip
     args = extension.compile_args(root, torch.__version__)
     try:
         return cpp_extension.load(
