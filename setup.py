@@ -69,9 +69,14 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 setup(
-    packages=["dpo_fast", "dpo_fast.backends", "dpo_fast.kernels", "dpo_fast.csrc"],
+    packages=["dpo_fast", "dpo_fast.backends", "dpo_fast.kernels", "dpo_fast.csrc", "dpo_fast.csrc.cpu",
+              "dpo_fast.csrc.cuda"],
     package_dir={"dpo_fast.kernels": "kernels", "dpo_fast.csrc": "csrc"},
-    package_data={"dpo_fast.csrc": ["*.md", "cpu/*.cpp", "cpu/*.h", "cuda/*.cpp", "cuda/*.cu", "cuda/*.cuh", "cuda/*.h"]},
+    package_data={
+        "dpo_fast.csrc": ["*.md"],
+        "dpo_fast.csrc.cpu": ["*.cpp", "*.h"],
+        "dpo_fast.csrc.cuda": ["*.cpp", "*.cu", "*.cuh", "*.h"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

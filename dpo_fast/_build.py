@@ -41,13 +41,15 @@ class Extension:
     cuda_cflags: tuple[str, ...] = ()
 
     def sources(self, root: Path) -> list[Path]:
+        """The files compiled: every .cpp and .cu file of the folder."""
         return sorted(path for path in (root / self.folder).iterdir() if path.suffix in (".cpp", ".cu"))
 
     def build_tag(self, root: Path, torch_version: str) -> str:
-        """A C identifier naming these sources and flags built against this torch."""
+        """A C identifier naming these sources and headers, flags, and torch version."""
         digest = hashlib.sha256(f"{torch_version} {self.cflags} {self.ldflags} {self.cuda_cflags}".encode())
         for path in sorted((root / self.folder).iterdir()):
-            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+            if path.suffix in (".cpp", ".cu", ".h", ".cuh"):
+                digest.update(path.name.encode() + b"\0" + path.read_bytes())
         return "tag" + digest.hexdigest()[:16]
 
     def compile_args(self, root: Path, torch_version: str) -> dict[str, list[str]]:

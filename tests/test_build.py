@@ -1,6 +1,9 @@
 """Finding and building the extensions: reasons that say why and how, stale builds, what ``auto`` picks."""
 
+import shutil
+import subprocess
 import sys
+import sysconfig
 import types
 
 import pytest
@@ -78,3 +81,21 @@ def test_build_tag_follows_sources_flags_and_torch(tmp_path):
     assert tag != _build.Extension(**{**extension.__dict__, "cflags": ("-O2",)}).build_tag(tmp_path, "2.13.0")
     source.write_text("int f() { return 1; }\n")
     assert tag != extension.build_tag(tmp_path, "2.13.0")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc here")
+def test_cuda_host_side_compiles_without_torch_cuda_headers(tmp_path):
+    """csrc/cuda/bindings.cpp needs only torch's CPU headers and the CUDA runtime's, so it compiles here too.
+
+    nvcc hands a .cpp file to the host compiler with the CUDA include path. (.ci/run compiles the
+    .cu files; linking the extension needs a CUDA build of torch, running it a GPU.)
+    """
+    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+    command = [
+        "nvcc", "-std=c++20", "-Xcompiler=-fsyntax-only,-Wall,-Werror", "-DTORCH_EXTENSION_NAME=dpo_fast_cuda",
+        "-DTORCH_API_INCLUDE_EXTENSION_H", *(f"-isystem={path}" for path in includes), "-c",
+        str(_build.sources_root() / "cuda" / "bindings.cpp"), "-o", str(tmp_path / "bindings.o"),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
