@@ -1,8 +1,8 @@
 """The cpp backend beyond the shared property suite: vocabulary blocks, float16, gradcheck, opcheck, memory.
 
 The property suite (test_backends.py and the others, through ``helpers.BACKENDS``) already runs
-``cpp`` against the float64 reference; its heads are too narrow for the kernel to split a 16-bit
-vocabulary into blocks, so the online logsumexp across blocks is tested here on a wide head.
+``cpp`` against the float64 reference; its heads and chunks are too small for the kernel to split
+the vocabulary into blocks, so the online logsumexp across blocks is tested here.
 """
 
 import pytest
@@ -56,6 +56,18 @@ def test_kernel_matches_float64_torch_forms(dtype, tol, grad_tol, head, keep_log
                            grad_logp.to(acc), grad_entropy.to(acc), head)  # fmt: skip
     assert grad.dtype == dtype and grad.shape == (rows.shape[0], WIDE_V)
     assert rel_err(grad, expected_grad) <= grad_tol
+
+
+def test_forward_blocks_of_a_tall_float32_chunk():
+    """Without kept logits the forward's scratch holds 2^21 logits: 600 tokens split V = 5000 in two blocks."""
+    gen = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(600, 16, generator=gen), torch.randn(WIDE_V, 16, generator=gen)
+    rows, targets = torch.arange(600), torch.randint(0, WIDE_V, (600,), generator=gen)
+    expected = torch_chunked.logits_stats(hidden.double(), weight.double(), None, rows, targets, HeadSpec(), True,
+                                          False)  # fmt: skip
+    stats = cpp.logits_stats(hidden, weight, None, rows, targets, HeadSpec(), True, False)
+    for name in ("max_logit", "log_sum_exp", "target_logit", "mean_shifted"):
+        assert rel_err(getattr(stats, name), getattr(expected, name)) <= 1e-5, name
 
 
 def test_float32_gradient_is_written_over_the_kept_logits():
