@@ -183,6 +183,7 @@ def token_backward(
             grad_logp.index_select(0, chunk_rows).to(acc), chunk_grad_entropy, head,
         )  # fmt: skip
         grads.add(chunk_rows, grad_logits)
+        del grad_logits  # freed before the next chunk's is formed: one (C, V) dL/dx at a time
     return grads.results(bias)
 
 
@@ -286,6 +287,7 @@ def dpo_forward_with_grads(
                 grad_seq.index_select(0, seq_of_row[start:end]), None, head,
             )  # fmt: skip
             grads.add(rows[start:end], grad_logits)
+            del grad_logits  # freed before the next chunk's is formed: one (C, V) dL/dx at a time
 
     seq_logps = sums * scale
     chosen_logratios, rejected_logratios = (seq_logps - ref).chunk(2)

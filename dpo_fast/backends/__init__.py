@@ -28,6 +28,8 @@ import torch
 CHUNKED_BACKENDS = {
     "torch": "dpo_fast.backends.torch_chunked",
     "triton": "dpo_fast.backends.triton",
+    "cpp": "dpo_fast.backends.cpp",
+    "cuda": "dpo_fast.backends.cuda",
 }
 
 
@@ -85,11 +87,16 @@ def get(name: str) -> ModuleType:
 def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
     """Turn ``auto`` into a concrete backend and check that the backend can run on ``device``.
 
-    ``auto`` picks ``triton`` for CUDA tensors when Triton is installed, and ``torch`` elsewhere.
+    ``auto`` picks, by measurement (csrc/README.md): ``triton`` for CUDA tensors when Triton is
+    installed (the ``cuda`` backend has no GPU measurement yet); ``cpp`` for CPU tensors when its
+    extension is already built (``auto`` never starts a build), being faster than ``torch`` there;
+    ``torch`` otherwise.
     """
     if name == "auto":
         if device.type == "cuda" and get("triton").unavailable_reason(device, dtype) is None:
             return "triton"
+        if device.type == "cpu" and get("cpp").is_built() and get("cpp").unavailable_reason(device, dtype) is None:
+            return "cpp"
         return "torch"
     if name == "reference":
         return name

@@ -1,0 +1,164 @@
+"""The cpp backend beyond the shared property suite: vocabulary blocks, float16, gradcheck, opcheck, memory.
+
+The property suite (test_backends.py and the others, through ``helpers.BACKENDS``) already runs
+``cpp`` against the float64 reference; its heads and chunks are too small for the kernel to split
+the vocabulary into blocks, so the online logsumexp across blocks is tested here.
+"""
+
+import pytest
+import torch
+from helpers import Case, leaves, rel_err
+from test_memory import _extra_memory
+
+import dpo_fast
+from dpo_fast import autograd, chunking
+from dpo_fast.backends import HeadSpec, cpp, torch_chunked
+
+# A 16-bit head of H = 2048 is processed in vocabulary blocks of 2048 columns: V = 5000 makes three
+WIDE_H, WIDE_V = 2048, 5000
+SMALL = Case(pairs=2, length=4, hidden_dim=5, vocab=7, dtype=torch.float64, bias=True, softcap=None, packed=False,
+             seed=3)  # fmt: skip
+
+
+def _wide_head(dtype):
+    """hidden, weight, bias rounded to ``dtype`` and held in float64; rows and targets."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(12, WIDE_H, generator=gen, dtype=torch.float64)
+    weight = torch.randn(WIDE_V, WIDE_H, generator=gen, dtype=torch.float64) * 0.05
+    # a bias rising along the vocabulary moves most rows' max into a later block: the running sums are rescaled
+    bias = torch.linspace(0, 4, WIDE_V, dtype=torch.float64) + torch.randn(WIDE_V, generator=gen, dtype=torch.float64)
+    rows = torch.tensor([0, 3, 5, 11, 7, 2])
+    targets = torch.tensor([0, 2047, 2048, 4095, 4096, 4999])  # on both sides of each block border
+    return *(tensor.to(dtype).double() for tensor in (hidden, weight, bias)), rows, targets
+
+
+@pytest.mark.parametrize(
+    "dtype, tol, grad_tol", [(torch.float64, 1e-12, 1e-12), (torch.float32, 1e-5, 1e-5), (torch.bfloat16, 1e-5, 4e-3)]
+)
+@pytest.mark.parametrize("head", [HeadSpec(), HeadSpec(softcap=3.0, temperature=0.8)])
+@pytest.mark.parametrize("keep_logits", [False, True])
+def test_kernel_matches_float64_torch_forms(dtype, tol, grad_tol, head, keep_logits):
+    """Every statistic and dL/dx against the torch backend's whole-row forms in float64 (bf16: across blocks)."""
+    hidden, weight, bias, rows, targets = _wide_head(dtype)
+    expected = torch_chunked.logits_stats(hidden, weight, bias, rows, targets, head, True, False)
+    stats = cpp.logits_stats(hidden.to(dtype), weight.to(dtype), bias.to(dtype), rows, targets, head, True,
+                             keep_logits)  # fmt: skip
+    for name in ("max_logit", "log_sum_exp", "target_logit", "mean_shifted", "logp", "entropy"):
+        assert rel_err(getattr(stats, name), getattr(expected, name)) <= tol, name
+    assert (stats.logits is not None) == keep_logits
+
+    gen = torch.Generator().manual_seed(1)
+    grad_logp, grad_entropy = torch.randn(2, rows.shape[0], generator=gen, dtype=torch.float64)
+    expected_grad = torch_chunked.logits_grad(hidden, weight, bias, rows, targets, expected, grad_logp, grad_entropy,
+                                              head)  # fmt: skip
+    acc = stats.max_logit.dtype
+    grad = cpp.logits_grad(hidden.to(dtype), weight.to(dtype), bias.to(dtype), rows, targets, stats,
+                           grad_logp.to(acc), grad_entropy.to(acc), head)  # fmt: skip
+    assert grad.dtype == dtype and grad.shape == (rows.shape[0], WIDE_V)
+    assert rel_err(grad, expected_grad) <= grad_tol
+
+
+def test_forward_blocks_of_a_tall_float32_chunk():
+    """Without kept logits the forward's scratch holds 2^21 logits: 600 tokens split V = 5000 in two blocks."""
+    gen = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(600, 16, generator=gen), torch.randn(WIDE_V, 16, generator=gen)
+    rows, targets = torch.arange(600), torch.randint(0, WIDE_V, (600,), generator=gen)
+    expected = torch_chunked.logits_stats(hidden.double(), weight.double(), None, rows, targets, HeadSpec(), True,
+                                          False)  # fmt: skip
+    stats = cpp.logits_stats(hidden, weight, None, rows, targets, HeadSpec(), True, False)
+    for name in ("max_logit", "log_sum_exp", "target_logit", "mean_shifted"):
+        assert rel_err(getattr(stats, name), getattr(expected, name)) <= 1e-5, name
+
+
+def test_float32_gradient_is_written_over_the_kept_logits():
+    hidden, weight, bias, rows, targets = _wide_head(torch.float32)
+    hidden, weight, bias = hidden.float(), weight.float(), bias.float()
+    stats = cpp.logits_stats(hidden, weight, bias, rows, targets, HeadSpec(), False, True)
+    kept = stats.logits.data_ptr()
+    grad = cpp.logits_grad(hidden, weight, bias, rows, targets, stats, torch.ones(rows.shape[0]), None, HeadSpec())
+    assert grad.data_ptr() == kept
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_float16_matches_float64_reference(seed):
+    case = Case(pairs=2, length=9, hidden_dim=40, vocab=80, dtype=torch.float16, bias=True, softcap=2.5,
+                packed=bool(seed % 2), seed=seed)  # fmt: skip
+    batch = case.build("cpu")
+
+    def step(inputs, backend):
+        out = dpo_fast.fused_linear_dpo_loss(
+            inputs["hidden"], inputs["weight"], inputs["labels"], bias=inputs["bias"], softcap=case.softcap,
+            ref_chosen_logps=batch["ref_chosen_logps"], ref_rejected_logps=batch["ref_rejected_logps"],
+            segment_ids=batch.get("segment_ids"), backend=backend,
+        )  # fmt: skip
+        out.loss.backward()
+        return out, inputs
+
+    expected, expected_inputs = step(leaves(batch, torch.float64), "reference")
+    actual, actual_inputs = step(leaves(batch), "cpp")
+    assert rel_err(actual.loss, expected.loss) <= 1e-2
+    assert rel_err(actual.chosen_logps, expected.chosen_logps) <= 1e-2
+    for key in ("hidden", "weight", "bias"):
+        assert actual_inputs[key].grad.dtype == torch.float16
+        assert rel_err(actual_inputs[key].grad, expected_inputs[key].grad, 0.1) <= 2e-2, key
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradcheck_fused_dpo_loss(packed):
+    batch = Case(**{**SMALL.__dict__, "packed": packed}).build("cpu")
+    inputs = leaves(batch)
+
+    def loss_and_logps(hidden, weight, bias):
+        out = dpo_fast.fused_linear_dpo_loss(
+            hidden, weight, batch["labels"], bias=bias, ref_chosen_logps=batch["ref_chosen_logps"].double(),
+            ref_rejected_logps=batch["ref_rejected_logps"].double(), segment_ids=batch.get("segment_ids"),
+            label_smoothing=0.1, softcap=2.0, backend="cpp",
+        )  # fmt: skip
+        return out.loss, out.chosen_logps, out.rejected_logps
+
+    assert torch.autograd.gradcheck(loss_and_logps, (inputs["hidden"], inputs["weight"], inputs["bias"]))
+
+
+@pytest.mark.parametrize("return_entropy", [False, True])
+def test_gradcheck_token_logps(return_entropy):
+    inputs = leaves(SMALL.build("cpu"))
+
+    def fn(hidden, weight, bias):
+        return dpo_fast.token_logps(
+            hidden, weight, inputs["labels"], bias=bias, softcap=1.5, temperature=0.8, return_entropy=return_entropy,
+            backend="cpp",
+        )  # fmt: skip
+
+    assert torch.autograd.gradcheck(fn, (inputs["hidden"], inputs["weight"], inputs["bias"]))
+
+
+def test_custom_ops_pass_opcheck_with_cpp():
+    batch = SMALL.build("cpu")
+    hidden = batch["hidden"].reshape(-1, batch["hidden"].shape[-1]).clone().requires_grad_(True)
+    weight, bias, labels = batch["weight"].clone().requires_grad_(True), batch["bias"], batch["labels"].reshape(-1)
+    scratch = chunking.scratch_bytes(hidden.device, None)
+    torch.library.opcheck(
+        autograd.token_logps_forward, (hidden, weight, bias, labels, -100, 2.0, 0.9, True, "cpp", scratch)
+    )
+    logp, entropy, normalizer = autograd.token_logps_forward(
+        hidden.detach(), weight.detach(), bias, labels, -100, None, 1.0, True, "cpp", scratch
+    )
+    torch.library.opcheck(
+        autograd.token_logps_backward,
+        (torch.randn_like(logp), torch.randn_like(logp), hidden.detach(), weight.detach(), bias, labels, normalizer,
+         entropy, -100, None, 1.0, True, True, True, "cpp", scratch),
+    )  # fmt: skip
+    torch.library.opcheck(
+        autograd.dpo_loss_forward,
+        (hidden.detach(), weight.detach(), bias, labels, torch.arange(4).repeat_interleave(4),
+         torch.randn(4, dtype=torch.float64), 2, 0.1, "sigmoid", 0.0, False, -100, None, True, True, True, "cpp",
+         scratch),
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_cpp_extra_memory_is_a_small_fraction_of_naive():
+    naive = _extra_memory("reference")
+    fused = _extra_memory("cpp")
+    assert fused["loss"] == pytest.approx(naive["loss"], rel=1e-4)
+    assert fused["extra_mib"] < 0.1 * naive["extra_mib"], (fused, naive)
