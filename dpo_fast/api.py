@@ -61,12 +61,13 @@ def token_logps(
     ``z = softcap*tanh((h W^T + b)/softcap) / temperature`` (softcap optional).
 
     Args:
-        hidden: (..., H) float32/bf16/fp16 (float64: torch and reference backends).
+        hidden: (..., H) float32/bf16/fp16 (float64: reference, torch and cpp backends).
         weight: (V, H) the lm_head weight; cast to hidden's dtype if it differs.
         labels: (...) int64 targets, ``ignore_index`` where there is none.
         bias: optional (V,) lm_head bias.
         return_entropy: also return each token's entropy of ``softmax(z)``.
-        backend: "auto" | "reference" | "torch" | "triton".
+        backend: "auto" | "reference" | "torch" | "triton" | "cpp" | "cuda". ``auto`` takes triton on
+            CUDA tensors, cpp on CPU tensors once its extension is built, torch otherwise.
         scratch_mib: memory budget of one chunk of tokens, in MiB (default by device: see
             ``dpo_fast.chunking.DEFAULT_SCRATCH_MIB``).
     Returns:
@@ -190,7 +191,7 @@ def fused_linear_dpo_loss(
     if grads_in_forward is None:
         grads_in_forward = name != "reference"
     elif grads_in_forward and name == "reference":
-        raise ValueError("grads_in_forward=True needs a chunked backend (torch, triton), not 'reference'")
+        raise ValueError("grads_in_forward=True needs a chunked backend (torch, triton, cpp, cuda), not 'reference'")
     if grads_in_forward and wants_grad:
         loss, seq_logps, *_ = autograd.dpo_loss_forward(
             flat_hidden, weight, bias, flat_labels, seg, ref, pairs, beta, loss_type, label_smoothing,

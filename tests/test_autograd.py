@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import BACKENDS, Case, leaves, rel_err
+from helpers import BACKENDS, DEVICE, Case, leaves, rel_err
 
 import dpo_fast
 from dpo_fast import autograd, chunking
@@ -170,29 +170,31 @@ def test_dpo_fused_path_equals_general_composition():
         assert rel_err(fused_inputs[key].grad, general_inputs[key].grad) < 1e-5
 
 
-def test_custom_ops_pass_opcheck():
-    batch = SMALL.build("cpu")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ops_pass_opcheck(backend):
+    dtype = torch.float32 if backend in ("triton", "cuda") else torch.float64
+    batch = Case(**{**SMALL.__dict__, "dtype": dtype}).build(DEVICE)
     hidden, weight, bias, labels = batch["hidden"], batch["weight"], batch["bias"], batch["labels"].reshape(-1)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).clone().requires_grad_(True)
     weight = weight.clone().requires_grad_(True)
     scratch = chunking.scratch_bytes(flat_hidden.device, None)
     torch.library.opcheck(
-        autograd.token_logps_forward, (flat_hidden, weight, bias, labels, -100, 2.0, 0.9, True, "torch", scratch)
+        autograd.token_logps_forward, (flat_hidden, weight, bias, labels, -100, 2.0, 0.9, True, backend, scratch)
     )
-    logp, entropy, lse = autograd.token_logps_forward(
-        flat_hidden.detach(), weight.detach(), bias, labels, -100, None, 1.0, True, "torch", scratch
+    logp, entropy, normalizer = autograd.token_logps_forward(
+        flat_hidden.detach(), weight.detach(), bias, labels, -100, None, 1.0, True, backend, scratch
     )
     torch.library.opcheck(
         autograd.token_logps_backward,
-        (torch.randn_like(logp), torch.randn_like(logp), flat_hidden.detach(), weight.detach(), bias, labels, lse,
-         entropy, -100, None, 1.0, True, True, True, "torch", scratch),
+        (torch.randn_like(logp), torch.randn_like(logp), flat_hidden.detach(), weight.detach(), bias, labels,
+         normalizer, entropy, -100, None, 1.0, True, True, True, backend, scratch),
     )  # fmt: skip
-    segment_ids = torch.arange(4).repeat_interleave(4)
-    ref = torch.randn(4, dtype=torch.float64)
+    segment_ids = torch.arange(4, device=DEVICE).repeat_interleave(4)
+    ref = torch.randn(4, dtype=torch.float64, device=DEVICE)
     torch.library.opcheck(
         autograd.dpo_loss_forward,
         (flat_hidden.detach(), weight.detach(), bias, labels, segment_ids, ref, 2, 0.1, "sigmoid", 0.0, False,
-         -100, None, True, True, True, "torch", scratch),
+         -100, None, True, True, True, backend, scratch),
     )  # fmt: skip
 
 

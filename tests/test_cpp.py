@@ -8,7 +8,6 @@ the vocabulary into blocks, so the online logsumexp across blocks is tested here
 import pytest
 import torch
 from helpers import Case, leaves, rel_err
-from test_memory import _extra_memory
 
 import dpo_fast
 from dpo_fast import autograd, chunking
@@ -130,35 +129,3 @@ def test_gradcheck_token_logps(return_entropy):
         )  # fmt: skip
 
     assert torch.autograd.gradcheck(fn, (inputs["hidden"], inputs["weight"], inputs["bias"]))
-
-
-def test_custom_ops_pass_opcheck_with_cpp():
-    batch = SMALL.build("cpu")
-    hidden = batch["hidden"].reshape(-1, batch["hidden"].shape[-1]).clone().requires_grad_(True)
-    weight, bias, labels = batch["weight"].clone().requires_grad_(True), batch["bias"], batch["labels"].reshape(-1)
-    scratch = chunking.scratch_bytes(hidden.device, None)
-    torch.library.opcheck(
-        autograd.token_logps_forward, (hidden, weight, bias, labels, -100, 2.0, 0.9, True, "cpp", scratch)
-    )
-    logp, entropy, normalizer = autograd.token_logps_forward(
-        hidden.detach(), weight.detach(), bias, labels, -100, None, 1.0, True, "cpp", scratch
-    )
-    torch.library.opcheck(
-        autograd.token_logps_backward,
-        (torch.randn_like(logp), torch.randn_like(logp), hidden.detach(), weight.detach(), bias, labels, normalizer,
-         entropy, -100, None, 1.0, True, True, True, "cpp", scratch),
-    )  # fmt: skip
-    torch.library.opcheck(
-        autograd.dpo_loss_forward,
-        (hidden.detach(), weight.detach(), bias, labels, torch.arange(4).repeat_interleave(4),
-         torch.randn(4, dtype=torch.float64), 2, 0.1, "sigmoid", 0.0, False, -100, None, True, True, True, "cpp",
-         scratch),
-    )  # fmt: skip
-
-
-@pytest.mark.slow
-def test_cpp_extra_memory_is_a_small_fraction_of_naive():
-    naive = _extra_memory("reference")
-    fused = _extra_memory("cpp")
-    assert fused["loss"] == pytest.approx(naive["loss"], rel=1e-4)
-    assert fused["extra_mib"] < 0.1 * naive["extra_mib"], (fused, naive)

@@ -1,4 +1,4 @@
-"""Memory on CPU: the torch backend's extra memory for a real-size step is a small fraction of the naive step's.
+"""Memory on CPU: each chunked CPU backend's extra memory for a real-size step is a small fraction of the naive step's.
 
 Each step runs in a fresh process. Just before the step the kernel's high-water mark of resident
 memory (``VmHWM``) is reset to the current resident set through ``/proc/self/clear_refs``; its growth
@@ -57,9 +57,10 @@ def _extra_memory(backend: str) -> dict:
 
 
 @pytest.mark.slow
-def test_torch_backend_extra_memory_is_a_small_fraction_of_naive():
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_chunked_cpu_backend_extra_memory_is_a_small_fraction_of_naive(backend):
     naive = _extra_memory("reference")
-    chunked = _extra_memory("torch")
+    chunked = _extra_memory(backend)
     assert chunked["loss"] == pytest.approx(naive["loss"], rel=1e-4)
     assert naive["extra_mib"] > 1000, naive  # the naive step holds several 4096 x 32000 float32 buffers
     assert chunked["extra_mib"] < 0.1 * naive["extra_mib"], (chunked, naive)
