@@ -113,7 +113,7 @@ def _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
 
 def _token_setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, ignore_index, softcap, temperature, with_entropy, backend, scratch_bytes = inputs
-    logp, entropy, normalizer = output
+    _, entropy, normalizer = output
     ctx.mark_non_differentiable(normalizer)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(hidden, weight, bias, labels, normalizer, entropy if with_entropy else None)

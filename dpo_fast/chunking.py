@@ -15,7 +15,8 @@ Three passes are built here from a backend's ``logits_stats`` / ``logits_grad``:
   pass. A pair's gradient depends only on its own two sequences, so valid tokens are grouped by
   whole pairs; a group that fits the budget keeps its logits between the log-prob pass and the
   gradient pass (``6*N*H*V`` in all, ``4*N*H*V`` with a frozen weight); a pair too long for the
-  budget is processed in recompute chunks.
+  budget keeps the logits of as many of its last tokens as fit and recomputes the chunks before
+  them (between ``6`` and ``8*N*H*V``).
 
 Gradient precision: each chunk's ``dL/dz`` is rounded to the compute dtype (bf16 for bf16 inputs)
 and the two products accumulate in float32 inside the matmul; ``dL/dh`` rows are written once, and
@@ -255,12 +256,14 @@ def dpo_forward_with_grads(
     step = _rows_per_chunk(backend, vocab, hidden.dtype, False, budget)
 
     for pair_start, pair_end, token_start, token_end in _pair_groups(tokens_per_pair, keep_cap):
-        keep_logits = token_end - token_start <= keep_cap
-        chunks = [(token_start, token_end)] if keep_logits else [
-            (start, min(start + step, token_end)) for start in range(token_start, token_end, step)
-        ]  # fmt: skip
+        # the group's last ``keep_cap`` tokens keep their logits for the gradient pass; a pair too
+        # long for that recomputes only the chunks before them
+        kept_start = max(token_start, token_end - keep_cap)
+        chunks = [(start, min(start + step, kept_start)) for start in range(token_start, kept_start, step)]
+        chunks.append((kept_start, token_end))
         chunk_stats = []
         for start, end in chunks:
+            keep_logits = end == token_end
             stats = backend.logits_stats(
                 hidden, weight, bias, rows[start:end], targets[start:end], head, False, keep_logits
             )
@@ -280,8 +283,8 @@ def dpo_forward_with_grads(
             0, seq, (torch.cat([grad_chosen, grad_rejected]) * scale.index_select(0, seq) / num_pairs).to(acc)
         )
 
-        for index, (start, end) in enumerate(chunks):
-            stats, chunk_stats[index] = chunk_stats[index], None  # let each chunk's logits go once used
+        for index in reversed(range(len(chunks))):  # the kept chunk first: its logits go before any recompute
+            (start, end), stats, chunk_stats[index] = chunks[index], chunk_stats[index], None
             grad_logits = backend.logits_grad(
                 hidden, weight, bias, rows[start:end], targets[start:end], stats,
                 grad_seq.index_select(0, seq_of_row[start:end]), None, head,

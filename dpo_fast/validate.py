@@ -58,9 +58,10 @@ def check_head(
     for name, tensor in (("weight", weight), ("labels", labels), ("bias", bias)):
         if tensor is not None and tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}; move them together")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (vocab,) or bias.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"bias must be a ({vocab},) floating-point tensor, got {_describe(bias)}")
+    if bias is not None and (
+        not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (vocab,) or bias.dtype not in FLOAT_DTYPES
+    ):
+        raise ValueError(f"bias must be a ({vocab},) floating-point tensor, got {_describe(bias)}")
     if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
     if not (math.isfinite(temperature) and temperature > 0):

@@ -10,7 +10,6 @@ import torch
 from helpers import Case, leaves, rel_err
 
 import dpo_fast
-from dpo_fast import autograd, chunking
 from dpo_fast.backends import HeadSpec, cpp, torch_chunked
 
 # A 16-bit head of H = 2048 is processed in vocabulary blocks of 2048 columns: V = 5000 makes three
