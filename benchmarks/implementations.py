@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 # TRL's DPOTrainer passes this vocabulary tile width (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, trl 1.16)
 TRL_VOCAB_CHUNK = 32768
 # Scratch budget of the compiled chunked step, as dpo_fast's defaults (dpo_fast.chunking.DEFAULT_SCRATCH_MIB)
-COMPILED_CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 32 << 20}
+COMPILED_CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
 CUTE_DSL_REASON = (
     "needs the CuTe DSL (nvidia-cutlass-dsl, a wheel of about 92 MB): the GPU machine has no network and "
     "does not have it, and it is larger than the 64 MiB that travel with the project's tree"
