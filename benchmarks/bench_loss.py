@@ -12,7 +12,8 @@ Suites (``--suite``):
          dpo, frozen, forward and token; cce_paper (H=2304, V=256000, 8192 tokens all valid);
          qwen2 (H=3584, V=152064); a sweep of 1k..64k tokens at the headline head.
   cpu    on CPU: 4 pairs x 512 tokens, H=512, V=32000, half prompt, float32, each implementation in
-         its own process (time, and peak RSS growth), three rounds round-robin, medians kept.
+         its own process (time, and peak RSS growth; glibc's mmap threshold fixed), three rounds
+         round-robin, medians kept.
   smoke  tiny shapes for CI, every mode (implementations that need torch.compile are left out on CPU).
 
 Modes: dpo (the full step), frozen (lm_head weight frozen), forward (no_grad: sequence log-probs
@@ -114,8 +115,12 @@ def _run_isolated(impl: Implementation, case: Case, mode: str, device: torch.dev
     """One measurement in a fresh Python process (on CPU, its peak RSS is the step's alone)."""
     spec = {"impl": impl.name, "case": dataclasses.asdict(case), "mode": mode, "device": str(device),
             "expected": str(expected or ""), "settings": dataclasses.asdict(settings)}  # fmt: skip
+    # glibc's mmap threshold fixed at its 128 KiB default, as tests/test_memory.py does: left dynamic,
+    # it keeps freed chunk-sized blocks in the heap, and the peak RSS moves with fragmentation
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"} if device.type == "cpu" else None
     done = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=False
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=False,
+        env=env,
     )
     lines = done.stdout.strip().splitlines()
     if done.returncode == 0 and lines:
