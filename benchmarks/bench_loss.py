@@ -119,7 +119,10 @@ def _run_isolated(impl: Implementation, case: Case, mode: str, device: torch.dev
     # it keeps freed chunk-sized blocks in the heap, and the peak RSS moves with fragmentation
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"} if device.type == "cpu" else None
     done = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=False,
+        [sys.executable, __file__, "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
         env=env,
     )
     lines = done.stdout.strip().splitlines()

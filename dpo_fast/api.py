@@ -76,7 +76,9 @@ def token_logps(
         bias for any upstream gradient. ``dL/dW`` accumulates in float32 within a chunk and is
         rounded to the weight's dtype once per chunk.
     """
-    hidden, weight, bias, name = _prepare_head(hidden, weight, labels, bias, softcap, temperature, ignore_index, backend)
+    hidden, weight, bias, name = _prepare_head(
+        hidden, weight, labels, bias, softcap, temperature, ignore_index, backend
+    )
     head = HeadSpec(softcap, temperature)
     logp, entropy = _per_token(hidden, weight, bias, labels, head, ignore_index, return_entropy, name, scratch_mib)
     if return_entropy:
@@ -111,7 +113,9 @@ def sequence_logps(
     Returns:
         (R,) float32 (float64 for float64 inputs), differentiable w.r.t. hidden, weight and bias.
     """
-    hidden, weight, bias, name = _prepare_head(hidden, weight, labels, bias, softcap, temperature, ignore_index, backend)
+    hidden, weight, bias, name = _prepare_head(
+        hidden, weight, labels, bias, softcap, temperature, ignore_index, backend
+    )
     flat_labels, seg, num_seq = _segments(hidden, labels, segment_ids, num_segments)
     logp, _ = _per_token(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_labels, HeadSpec(softcap, temperature),

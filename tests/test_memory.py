@@ -50,9 +50,7 @@ print(json.dumps({"extra_mib": peak_mib() - before, "loss": out.loss.item()}))
 
 def _extra_memory(backend: str) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    result = subprocess.run(
-        [sys.executable, "-c", PROBE, backend], capture_output=True, text=True, check=True, env=env
-    )
+    result = subprocess.run([sys.executable, "-c", PROBE, backend], capture_output=True, text=True, check=True, env=env)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

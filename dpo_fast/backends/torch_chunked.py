@@ -26,9 +26,7 @@ def scratch_bytes_per_logit(keep_logits: bool, dtype: torch.dtype) -> int:
     return 3 * accumulate + dtype.itemsize
 
 
-def logits(
-    hidden_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: HeadSpec
-) -> torch.Tensor:
+def logits(hidden_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: HeadSpec) -> torch.Tensor:
     """``z = softcap(h W^T + b) / temperature`` for a chunk: (C, H) x (V, H) -> (C, V) float32/float64."""
     acc = accumulate_dtype(hidden_rows.dtype)
     if hidden_rows.dtype == acc:

@@ -62,7 +62,10 @@ def tokenize(rows: datasets.Dataset, tokenizer, max_length: int | None, max_prom
 
 
 def epoch_batches(num_rows: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Row indices of each training batch of an epoch: a permutation seeded by (seed, epoch), last partial batch dropped."""
+    """Row indices of each training batch of an epoch: a permutation seeded by (seed, epoch).
+
+    The last partial batch is dropped.
+    """
     order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
     return [order[start : start + batch_size] for start in range(0, num_rows - batch_size + 1, batch_size)]
 
