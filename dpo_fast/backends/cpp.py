@@ -47,14 +47,13 @@ def logits_stats(
     rows: torch.Tensor,
     targets: torch.Tensor,
     head: HeadSpec,
-    with_entropy: bool,
+    with_metrics: bool,
     keep_logits: bool,
 ) -> ChunkStats:
-    return ChunkStats(
-        *_build.load(NAME).logits_stats(
-            hidden, weight, bias, rows, targets, head.softcap, head.temperature, with_entropy, keep_logits
-        )
+    max_logit, log_sum_exp, target_logit, mean_shifted, logits = _build.load(NAME).logits_stats(
+        hidden, weight, bias, rows, targets, head.softcap, head.temperature, with_metrics, keep_logits
     )
+    return ChunkStats(max_logit, log_sum_exp, target_logit, mean_shifted, logits=logits)
 
 
 def logits_grad(

@@ -51,18 +51,28 @@ def logits_stats(
     rows: torch.Tensor,
     targets: torch.Tensor,
     head: HeadSpec,
-    with_entropy: bool,
+    with_metrics: bool,
     keep_logits: bool,
 ) -> ChunkStats:
     z = logits(hidden.index_select(0, rows), weight, bias, head)
+    vocab = z.shape[1]
     max_logit = z.max(dim=1).values
-    target_logit = z.gather(1, targets[:, None]).squeeze(1)
-    shifted = z - max_logit[:, None]
+    in_range = (targets >= 0) & (targets < vocab)
+    target_logit = z.gather(1, targets.clamp(0, vocab - 1)[:, None]).squeeze(1).masked_fill_(~in_range, float("nan"))
+    shifted = z - max_logit[:, None]  # -inf at a -inf logit; NaN throughout a row with +inf/NaN or only -inf
     exp_shifted = torch.exp(shifted)
     sum_exp = exp_shifted.sum(1)
-    mean_shifted = exp_shifted.mul_(shifted).sum(1) / sum_exp if with_entropy else None
+    mean_shifted = mean_logit = log_sum_sq_probs = None
+    if with_metrics:
+        mean_logit = z.mean(1)
+        log_sum_sq_probs = 2 * (torch.linalg.vector_norm(exp_shifted, dim=1).log() - sum_exp.log())
+        # p * (z - max) is 0 where p is 0 (a -inf logit), not 0 * -inf
+        mean_shifted = shifted.masked_fill_(exp_shifted == 0, 0).mul_(exp_shifted).sum(1) / sum_exp
     del shifted, exp_shifted
-    return ChunkStats(max_logit, torch.log(sum_exp), target_logit, mean_shifted, z if keep_logits else None)
+    return ChunkStats(
+        max_logit, torch.log(sum_exp), target_logit, mean_shifted, mean_logit, log_sum_sq_probs,
+        z if keep_logits else None,
+    )  # fmt: skip
 
 
 def logits_grad(
@@ -80,18 +90,23 @@ def logits_grad(
 
     With ``p = softmax(z) = exp(z - max - log_sum_exp)``, ``a = grad_logp`` and ``e = grad_entropy``:
     ``dL/dz = a*(onehot(y) - p) - e*p*(z - E_p[z])``, then the chain rule through temperature and
-    softcap. Consumes ``stats.logits`` when they were kept.
+    softcap. A ``-inf`` logit has ``p = 0`` and gradient 0; a row whose target is outside ``[0, V)``
+    gets NaN. Consumes ``stats.logits`` when they were kept.
     """
     z = stats.logits if stats.logits is not None else logits(hidden.index_select(0, rows), weight, bias, head)
+    vocab = z.shape[1]
     shifted = z - stats.max_logit[:, None]
     grad = torch.exp(shifted - stats.log_sum_exp[:, None])
     if grad_entropy is None:
         grad.mul_(-grad_logp[:, None])
     else:
         weight_per_logit = shifted.sub_(stats.mean_shifted[:, None]).mul_(grad_entropy[:, None])
-        grad.mul_(weight_per_logit.add_(grad_logp[:, None])).neg_()
+        weight_per_logit.add_(grad_logp[:, None]).masked_fill_(grad == 0, 0)  # p = 0 at a -inf logit
+        grad.mul_(weight_per_logit).neg_()
     del shifted
-    grad.scatter_add_(1, targets[:, None], grad_logp[:, None].to(grad.dtype))
+    in_range = (targets >= 0) & (targets < vocab)
+    grad.scatter_add_(1, targets.clamp(0, vocab - 1)[:, None], grad_logp[:, None].to(grad.dtype))
+    grad.masked_fill_(~in_range[:, None], float("nan"))
     if head.softcap is not None:
         # d(c*tanh(x/c))/dx = 1 - tanh^2 = 1 - (capped/c)^2, and capped = z * temperature
         grad.mul_(z.mul_(head.temperature / head.softcap).square_().neg_().add_(1))
