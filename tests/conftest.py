@@ -8,12 +8,12 @@ if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors only in the interpreter; it must be chosen before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-from helpers import DEVICE_CHECK, device_of  # noqa: E402
-from hypothesis import HealthCheck, Phase, settings  # noqa: E402
+import pytest
+from helpers import DEVICE_CHECK, device_of
+from hypothesis import HealthCheck, Phase, settings
 
-import dpo_fast  # noqa: E402
-from dpo_fast import backends  # noqa: E402
+import dpo_fast
+from dpo_fast import backends
 
 settings.register_profile(
     "ci", max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]

@@ -38,6 +38,7 @@ def device_of(backend: str) -> torch.device:
     on_gpu = backend == "cuda" or (backend != "cpp" and torch.cuda.is_available())
     return torch.device("cuda" if on_gpu else "cpu")
 
+
 # DESIGN.md's tolerances, relative error by norm against the float64 reference
 TOLERANCE = {
     torch.float32: {"values": 1e-4, "grads": 1e-4},
