@@ -23,6 +23,7 @@ import dpo_fast
 from dpo_fast.integrations.prefix_sharing import (
     CHOSEN,
     REJECTED,
+    AttentionPlan,
     SharedPrefixBatch,
     check_model,
     collate_shared,
@@ -338,7 +339,19 @@ def test_trl_keep_end_truncation_that_cuts_the_prompts_apart_is_refused():
         pairs_from_trl_batch(collated)
 
 
-# ---------------------------------------------------------------------------------------------- refusals
+# ---------------------------------------------------------------------------------------------- plans and refusals
+
+
+def test_each_family_gets_the_masks_its_decoder_reads():
+    assert check_model(tiny_model("llama")) == AttentionPlan("sdpa", {None: None})
+    stray = tiny_model("llama")
+    stray.config.sliding_window = 3  # Llama's attention ignores the key, so the shared mask must too
+    assert check_model(stray).windows == {None: None}
+    assert check_model(tiny_model("mistral-sliding")).windows == {None: 3}
+    assert check_model(tiny_model("qwen3")).windows == {"full_attention": None}
+    assert check_model(tiny_model("gemma2", "eager")) == AttentionPlan(
+        "eager", {"full_attention": None, "sliding_attention": 3}
+    )
 
 
 @pytest.mark.parametrize(
@@ -348,6 +361,7 @@ def test_trl_keep_end_truncation_that_cuts_the_prompts_apart_is_refused():
         ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "'dynamic'"),
         ("gemma3", {"use_bidirectional_attention": True}, "causal attention"),
         ("qwen2", {"layer_types": ["full_attention", "chunked_attention"]}, "chunked_attention"),
+        ("qwen2-sliding", {"sliding_window": None}, "no config.sliding_window"),
     ],
 )
 def test_what_cannot_be_shared_exactly_is_refused(family, change, match):

@@ -56,12 +56,13 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100
 PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
 
-# model_type -> how its decoder takes a custom mask: one mask for every layer ("single"), or a
-# dict keyed by ``config.layer_types`` ("by_layer_type"). Each is tested in tests/test_prefix_sharing.py.
+# model_type -> the masks its decoder takes: one for every layer, without a window ("full") or with
+# ``config.sliding_window`` ("sliding", Mistral), or a dict keyed by ``config.layer_types``
+# ("by_layer_type"). Each is tested in tests/test_prefix_sharing.py.
 SUPPORTED_MODEL_TYPES = {
-    "llama": "single",
-    "gemma": "single",
-    "mistral": "single",
+    "llama": "full",
+    "gemma": "full",
+    "mistral": "sliding",
     "qwen2": "by_layer_type",
     "qwen3": "by_layer_type",
     "gemma2": "by_layer_type",
@@ -263,7 +264,7 @@ class AttentionPlan:
 
     Attributes:
         implementation: ``config._attn_implementation``: "sdpa", "eager" or "flex_attention".
-        windows: each attention kind the decoder needs a mask for -> its sliding window (None: full).
+        windows: each mask the decoder takes -> its sliding window in positions (None: no window).
             Keyed by layer type for decoders that take a dict of masks; one entry, key None, otherwise.
     """
 
@@ -300,13 +301,15 @@ def check_model(model: torch.nn.Module) -> AttentionPlan:
                 f"the model's rotary scaling {rope_type!r} depends on the longest position in the batch, which "
                 "differs between the shared and the unshared layouts; prefix sharing refuses it"
             )
-    sliding_window = getattr(config, "sliding_window", None)
-    if SUPPORTED_MODEL_TYPES[model_type] == "single":
-        return AttentionPlan(implementation, {None: sliding_window})
+    masks, sliding_window = SUPPORTED_MODEL_TYPES[model_type], getattr(config, "sliding_window", None)
+    if masks != "by_layer_type":  # the decoder applies one mask to every layer
+        return AttentionPlan(implementation, {None: sliding_window if masks == "sliding" else None})
     layer_types = set(config.layer_types)
     unknown = layer_types - set(_LAYER_TYPES)
     if unknown:
         raise ValueError(f"prefix sharing handles layer types {_LAYER_TYPES}, not {sorted(unknown)}")
+    if "sliding_attention" in layer_types and sliding_window is None:
+        raise ValueError("the model has sliding_attention layers but no config.sliding_window")
     return AttentionPlan(
         implementation, {kind: sliding_window if kind == "sliding_attention" else None for kind in sorted(layer_types)}
     )
@@ -368,7 +371,7 @@ def _mask(implementation: str, batch: SharedPrefixBatch, window: int | None, dty
     ).unsqueeze(1)  # (B, 1, T, T)
     if implementation == "sdpa":
         return allowed
-    return torch.zeros((), dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def _rope_types(config) -> list[str]:
