@@ -67,9 +67,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_model(family: str, attn_implementation: str = "sdpa") -> torch.nn.Module:
+def tiny_model(family: str, attn_implementation: str = "sdpa", **changes) -> torch.nn.Module:
     model_type, overrides = FAMILIES[family]
-    config = AutoConfig.for_model(model_type, **{**TINY, **overrides})
+    config = AutoConfig.for_model(model_type, **{**TINY, **overrides, **changes})
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
 
@@ -289,7 +289,7 @@ def test_flex_attention_reference_pass_on_cpu():
 @pytest.mark.parametrize("family", ["llama", "qwen2-sliding", "gemma2"])
 def test_flex_attention_training_on_gpu(family):
     """flex_attention's training path (BlockMask, backward) against the unshared step with eager attention."""
-    model, rows = tiny_model(family, "flex_attention").cuda(), random_rows()
+    model, rows = tiny_model(family, "flex_attention", head_dim=16).cuda(), random_rows()  # tl.dot: dims >= 16
     ref = reference_logps(len(PAIR_LENGTHS), "cuda")
     shared = shared_step(model, rows, ref, pairs_per_row=None)
     model.set_attn_implementation("eager")
