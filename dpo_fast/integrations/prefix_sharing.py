@@ -147,7 +147,10 @@ def collate_shared(
             empty prompt shares nothing and its completions' first tokens have no predictor.
         pad_id: the token id of padding.
         pairs_per_row: how many consecutive pairs share a row; None packs all P in one row
-            (padding-free). 1 (default) gives one padded row per pair.
+            (padding-free). 1 (default) gives one padded row per pair. Packing pays with
+            flex_attention, which skips the blocks the mask empties; sdpa and eager compute every
+            (query, key) of a row, so there several pairs per row cost attention work quadratic in
+            the row's length.
         padding_side: "right" or "left".
         pad_to_multiple_of: round T up to a multiple of this (fewer distinct shapes to compile).
     Returns:
