@@ -41,7 +41,7 @@ namespace dpo_fast::cpu {
 // Below that range the result is 0 (the true value is under 2^-126, about 1e-38), so that exp(-inf)
 // is 0; above it, e^88 (arguments here are at most 0). NaN gives NaN.
 inline float exp_lanes(float x) {
-  const bool underflows = x < -87.33654f;
+  const int32_t in_range = x >= -87.33654f;  // 0 below the range, and for NaN (whose p is NaN anyway)
   x = std::min(std::max(x, -87.33654f), 88.0f);
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds a float to an integer
   const float n = (x * 1.44269504088896341f + kRound) - kRound;
@@ -53,13 +53,21 @@ inline float exp_lanes(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  // 2^n, or 0 below the range: an integer mask, not a branch (GCC would not vectorize one)
+  const int32_t bits = ((static_cast<int32_t>(n) + 127) << 23) & -in_range;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return underflows ? 0.0f : p * scale;
+  return p * scale;
 }
 
 inline double exp_lanes(double x) { return std::exp(x); }
+
+// max(a, b) by value, NaN in a kept: std::max returns a reference, and a load through a reference
+// chosen at run time keeps GCC from vectorizing the gradient's loop.
+template <typename T>
+T at_least(T a, T b) {
+  return a < b ? b : a;
+}
 
 // z = softcap * tanh(x / softcap) / temperature.
 template <typename T>
@@ -121,7 +129,7 @@ struct RowStats {
     if (with_metrics) {
 #pragma omp simd reduction(+ : block_sum, block_weighted, block_squares, block_logits)
       for (int64_t v = 0; v < n; ++v) {
-        const T shifted = std::max(z[v] - m, lowest);
+        const T shifted = at_least(z[v] - m, lowest);
         const T e = exp_lanes(shifted);
         block_sum += e;
         block_weighted += e * shifted;
@@ -155,15 +163,16 @@ template <typename T, typename Out>
 void row_grad(const T* z, Out* grad, int64_t n, int64_t target, const RowGrad<T>& row, const Head<T>& head) {
   const T m = row.max_logit, lse = row.log_sum_exp, a = row.grad_logp, e = row.grad_entropy;
   const T mean = row.mean_shifted, tanh_per_logit = head.tanh_per_logit(), inv_temperature = head.inv_temperature;
+  // Shifts below `floor` have p = 0 (exp_lanes underflows to 0 there): raising a -inf logit's shift
+  // to it keeps p = 0 and its term p * (...) = 0, not 0 * -inf. Likewise its tanh factor is 0 without
+  // softcap (z is finite with one). NaN stays NaN. (Branch-free, so that the loop vectorizes.)
+  const T floor = lse - T(sizeof(T) == sizeof(float) ? 88 : 746);
   constexpr T lowest = std::numeric_limits<T>::lowest();
   const auto grad_at = [&](T logit, T onehot) {
-    const T shifted = logit - m;
+    const T shifted = at_least(logit - m, floor);
     const T p = exp_lanes(shifted - lse);
-    // p = 0 at a -inf logit: its term is 0, not 0 * -inf; the tanh factor is 0 without softcap
-    // (z is finite with one), also at a -inf logit. NaN stays NaN.
-    const T spread = p == T(0) ? T(0) : p * (a + e * (shifted - mean));
-    const T tanh = std::max(logit, lowest) * tanh_per_logit;
-    return static_cast<Out>((onehot - spread) * (T(1) - tanh * tanh) * inv_temperature);
+    const T tanh = at_least(logit, lowest) * tanh_per_logit;
+    return static_cast<Out>((onehot - p * (a + e * (shifted - mean))) * (T(1) - tanh * tanh) * inv_temperature);
   };
   const bool has_target = target >= 0 && target < n;
   const T target_logit = has_target ? z[target] : T(0);
