@@ -107,6 +107,18 @@ def test_chunk_arguments_are_checked_by_name(name, change, message):
         _stats(module, chunk)
 
 
+@pytest.mark.parametrize("target", [-(2**63), 2**63 - 1])
+def test_extreme_targets_give_nan_rows(target):
+    module = _build.load(EXTENSION)
+    chunk = _chunk()
+    chunk["targets"][1] = target
+    args = _grad_args(module, chunk, keep_logits=True)
+    target_logit = _stats(module, chunk)[2].cpu()
+    grad = module.logits_grad(**args).cpu()
+    assert torch.isnan(target_logit[1]) and torch.isfinite(target_logit[[0, 2, 3]]).all()
+    assert torch.isnan(grad[1]).all() and torch.isfinite(grad[[0, 2, 3]]).all()
+
+
 # --- the CUDA kernels for the H100/H200 target, compiled here -------------------------------------------------
 
 

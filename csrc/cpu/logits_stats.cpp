@@ -55,8 +55,7 @@ ChunkStats logits_stats(const at::Tensor& hidden, const at::Tensor& weight, cons
           T* z = block_data + row * stride;
           const T block_max = apply_head(z, bias_data == nullptr ? nullptr : bias_data + start, width, head);
           stats[row].update(z, width, block_max, with_metrics);
-          const int64_t local = target[row] - start;
-          if (local >= 0 && local < width) target_out[row] = z[local];
+          if (target[row] >= start && target[row] < start + width) target_out[row] = z[target[row] - start];
         }
       });
     }

@@ -62,7 +62,7 @@ inline float exp_lanes(float x) {
 
 inline double exp_lanes(double x) { return std::exp(x); }
 
-// max(a, b) by value, NaN in a kept: std::max returns a reference, and a load through a reference
+// max(a, b) by value, a NaN `a` returned as is: std::max returns a reference, and a load through a reference
 // chosen at run time keeps GCC from vectorizing the gradient's loop.
 template <typename T>
 T at_least(T a, T b) {
