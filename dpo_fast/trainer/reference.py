@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast, broadcast_object_list
 
+from .. import objectives
 from . import data
 from .config import TrainConfig
 
@@ -91,7 +92,7 @@ def _cached_table(cfg, model, accelerator, rows, split, pad_id) -> torch.Tensor:
     path = Path(cfg.reference_cache_dir) / f"{_cache_key(cfg, rows, revision)}.pt"
     hit = broadcast_object_list([path.is_file()])[0]  # the main process decides, so all take the same branch
     if hit:
-        table = torch.load(path) if accelerator.is_main_process else torch.zeros(len(rows), 2)
+        table = torch.load(path, weights_only=True) if accelerator.is_main_process else torch.zeros(len(rows), 2)
         return broadcast(table.to(accelerator.device)).cpu()
     table = compute_table(model, accelerator, rows, cfg.per_device_eval_batch_size, cfg.padding_free, pad_id)
     if accelerator.is_main_process:
@@ -120,7 +121,8 @@ def _cache_key(cfg: TrainConfig, rows: datasets.Dataset, revision: str | None) -
                                                                  for f in files]}  # fmt: skip
     else:
         model_id = {"hub": cfg.model, "revision": revision}
-    options = {"dtype": cfg.dtype, "bf16": cfg.bf16, "loss_type_averages": cfg.loss_type == "ipo"}
+    options = {"dtype": cfg.dtype, "bf16": cfg.bf16,
+               "average_log_prob": objectives.default_average_log_prob(cfg.loss_type)}  # fmt: skip
     digest = hashlib.sha256(json.dumps([model_id, options], sort_keys=True).encode())
     for batch in rows.iter(batch_size=4096):
         digest.update(json.dumps([batch[key] for key in ("prompt_ids", "chosen_ids", "rejected_ids")]).encode())
