@@ -17,8 +17,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import datasets
-from trainer_helpers import TINY_LLAMA, TOKENIZER, flags, launch, records, run, run_values, train_records, weights
-from trainer_helpers import write_tiny_files
+from trainer_helpers import TINY_LLAMA, TOKENIZER, run, train_records, weights, write_tiny_files
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dpo_fast import objectives

@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 pytest.importorskip("peft")
 
-from trainer_helpers import TINY_LLAMA, records, run, train_records, weights, write_tiny_files
+from trainer_helpers import TINY_LLAMA, logged, run, train_records, weights, write_tiny_files
 from transformers import AutoConfig, AutoModelForCausalLM
 
 
@@ -44,9 +44,11 @@ def test_a_fresh_run_refuses_a_non_empty_output_dir_and_overwrite_replaces_the_o
     out = tmp_path / "run"
     old = run(files, out, max_steps=4, save_steps=2, save_total_limit=0)
     (out / "notes.txt").write_text("the user's own file")
-    with pytest.raises(ValueError, match="output_dir .* is not empty .*--resume-from-checkpoint auto.*--overwrite-output-dir"):
+    with pytest.raises(
+        ValueError, match="output_dir .* is not empty .*--resume-from-checkpoint auto.*--overwrite-output-dir"
+    ):
         run(files, out, max_steps=3, save_steps=1)
-    assert records(out) == old and names(out) == ["checkpoint-2", "checkpoint-4", "metrics.jsonl", "notes.txt"]
+    assert logged(out) == old and names(out) == ["checkpoint-2", "checkpoint-4", "metrics.jsonl", "notes.txt"]
 
     new = run(files, out, max_steps=3, save_steps=1, overwrite_output_dir=True)  # keeps the last 2 checkpoints
     assert [r["step"] for r in train_records(new)] == [1, 2, 3]  # the old run's lines are gone

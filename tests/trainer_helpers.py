@@ -49,10 +49,11 @@ def run(files: Path, out: Path, **overrides) -> list[dict]:
         train(TrainConfig(**run_values(files, out, **overrides)))
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
-    return records(out)
+    return logged(out)
 
 
-def records(out: Path) -> list[dict]:
+def logged(out: Path) -> list[dict]:
+    """The records of ``<out>/metrics.jsonl``."""
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -85,9 +86,11 @@ def launch(processes: int, launcher_flags: list[str], program: list[str], **kwar
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), *launcher_flags, *program]  # fmt: skip
-    done = subprocess.run(command, env=cpu_env(), capture_output=True, text=True, **kwargs)
+    done = subprocess.run(command, check=False, env=cpu_env(), capture_output=True, text=True, **kwargs)
     if done.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+        )
     return done
 
 

@@ -25,6 +25,8 @@ def _nullable(parse):
 
 
 def _default(f: dataclasses.Field) -> str:
+    if "default" in f.metadata:
+        return f.metadata["default"]
     value = f.default_factory() if f.default is dataclasses.MISSING else f.default
     if value is None:
         return "null"
@@ -53,6 +55,17 @@ def parser() -> argparse.ArgumentParser:
         parse = _nullable(_PARSERS[base]) if rest == "None" else _PARSERS[base]
         train.add_argument(*flags, dest=f.name, type=parse, metavar=base.upper(), help=text)
     return top
+
+
+def keys_table() -> str:
+    """The README's table of config keys, from ``TrainConfig`` as ``--help`` shows them (a test keeps the two equal)."""
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for f in dataclasses.fields(TrainConfig):
+        meaning = f.metadata["help"].replace("|", "\\|")
+        rows.append(
+            f"| `{f.name}` | {f.type.replace(' | None', ' or null')} | {_default(f).replace('|', '/')} | {meaning} |"
+        )
+    return "\n".join(rows) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,8 @@ def _default_cache_dir() -> str:
 
 @dataclass
 class TrainConfig:
-    """Every knob of a run. ``help`` in each field's metadata becomes the CLI flag's help."""
+    """Every knob of a run. ``help`` in each field's metadata becomes the CLI flag's help and the README's
+    table of keys (``dpo_fast.trainer.cli.keys_table``); ``default`` there, where given, describes the default."""
 
     # model
     model: str = field(default="", metadata={"help": "HF model folder, hub name, or a config .json (random init)"})
@@ -69,17 +70,28 @@ class TrainConfig:
     # objective and reference
     beta: float = field(default=0.1, metadata={"help": "DPO beta"})
     loss_type: str = field(default="sigmoid", metadata={"help": f"one of {' | '.join(LOSS_TYPES)}"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO / robust label smoothing"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO / robust label smoothing; EXO's epsilon"})
     reference: str = field(default="precompute", metadata={"help": f"one of {' | '.join(REFERENCE_MODES)}"})
-    reference_cache_dir: str = field(default_factory=_default_cache_dir, metadata={"help": "precomputed log-probs"})
-    backend: str = field(default="auto", metadata={"help": f"dpo_fast backend: {' | '.join(BACKENDS)}"})
+    reference_cache_dir: str = field(
+        default_factory=_default_cache_dir,
+        metadata={
+            "help": "precomputed log-probs",
+            "default": "$XDG_CACHE_HOME or ~/.cache, then dpo_fast/reference_logps",
+        },
+    )
+    backend: str = field(
+        default="auto",
+        metadata={
+            "help": f"dpo_fast backend: {' | '.join(BACKENDS)}; auto: triton on CUDA, cpp on CPU once built, else torch"
+        },
+    )
     # optimization
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW peak learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay, of matrices only"})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers.get_scheduler name"})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "any transformers.get_scheduler name"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "pairs per micro-batch per process"})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "pairs per eval batch per process"})
@@ -87,7 +99,7 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1: num_train_epochs of the data"})
     num_train_epochs: int = field(default=1, metadata={"help": "epochs when max_steps is -1"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast (mixed precision)"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast (mixed precision) over dtype's weights"})
     seed: int = field(default=42, metadata={"help": "seed of init, data order and dropout"})
     # bookkeeping
     output_dir: str = field(default="dpo-fast-output", metadata={"help": "metrics.jsonl and checkpoints"})
@@ -125,7 +137,7 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConf
     else:
         values = json.loads(text)
     if not isinstance(values, dict):
-        raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values")
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values")  # noqa: TRY004 (user input)
     for key in PATH_KEYS:
         if isinstance(values.get(key), str) and (path.parent / values[key]).exists():
             values[key] = str((path.parent / values[key]).resolve())

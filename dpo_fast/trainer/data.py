@@ -150,7 +150,7 @@ def _check_field(value, key: str, index: int, name: str) -> None:
     elif isinstance(value, list):
         empty = not value or any(not isinstance(m, dict) or not str(m.get("content") or "").strip() for m in value)
     else:
-        raise ValueError(
+        raise ValueError(  # noqa: TRY004 (user data: every bad row is a ValueError)
             f"dataset {name!r} row {index}: field {key!r} must be text or a list of {{'role', 'content'}} "
             f"messages, got {type(value).__name__}"
         )
@@ -195,7 +195,9 @@ def _check_json_file(path: Path, key: str) -> None:
             try:
                 rows = json.loads(text)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{key} file {str(path)!r} line {error.lineno}: not valid JSON ({error.msg})") from None
+                raise ValueError(
+                    f"{key} file {str(path)!r} line {error.lineno}: not valid JSON ({error.msg})"
+                ) from None
             if not rows:
                 raise ValueError(f"{key} file {str(path)!r} has no rows")
             return

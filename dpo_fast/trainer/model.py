@@ -46,7 +46,9 @@ def load_model(cfg: TrainConfig) -> PreTrainedModel:
     dtype = _DTYPES[cfg.dtype]
     path = sources.local_path("model", cfg.model)
     if path is None:
-        model = sources.from_hub("model", cfg.model, lambda: AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype))
+        model = sources.from_hub(
+            "model", cfg.model, lambda: AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+        )
     elif path.is_file():
         model = AutoModelForCausalLM.from_config(_config_of(path), dtype=dtype)
     else:
@@ -77,7 +79,9 @@ def built_from_config(cfg: TrainConfig) -> bool:
 def _config_of(path: Path):
     """The ``transformers`` config of a model config ``.json`` file, or a ``ValueError`` saying what is wrong."""
     if path.suffix != ".json":
-        raise ValueError(f"model {str(path)!r} is a file but not a config .json: give a model folder, a hub name or a .json")
+        raise ValueError(
+            f"model {str(path)!r} is a file but not a config .json: give a model folder, a hub name or a .json"
+        )
     try:
         values = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -54,8 +54,5 @@ def from_hub(key: str, name: str, load: Callable[[], T]) -> T:
 
 def _looks_like_a_path(name: str) -> bool:
     return (
-        name.startswith(("/", ".", "~"))
-        or "\\" in name
-        or name.count("/") > 1
-        or name.lower().endswith(_FILE_SUFFIXES)
+        name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1 or name.lower().endswith(_FILE_SUFFIXES)
     )
