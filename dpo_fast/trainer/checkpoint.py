@@ -55,7 +55,10 @@ def save(accelerator: Accelerator, model, optimizer, scheduler, tokenizer, cfg: 
     )
     if accelerator.is_main_process:
         policy = accelerator.unwrap_model(model).model
-        weights = {key.removeprefix(_PREFIX): value for key, value in model_state.items()}
+        second_names = _second_names_of_tied(policy)
+        weights = {
+            name: value for key, value in model_state.items() if (name := key.removeprefix(_PREFIX)) not in second_names
+        }
         policy.save_pretrained(partial / "model", state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(partial / "model")
         if hasattr(policy, "peft_config") and built_from_config(cfg):
@@ -161,6 +164,18 @@ def _check_complete(policy, weights: dict, path: Path) -> None:
     missing = first_names - set(weights)
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} lacks weights {sorted(missing)[:5]}...; is it from another model?")
+
+
+def _second_names_of_tied(policy: torch.nn.Module) -> set[str]:
+    """The names of a parameter after its first (``lm_head.weight`` of a tied embedding): saved once.
+
+    Gathered full state dicts (FSDP) give each name its own tensor, so ``save_pretrained`` cannot see the tie.
+    """
+    first_by_id, second = {}, set()
+    for name, param in policy.named_parameters(remove_duplicate=False):
+        if first_by_id.setdefault(id(param), name) != name:
+            second.add(name)
+    return second
 
 
 def _rng_state() -> dict:

@@ -109,6 +109,12 @@ class DPOModel(torch.nn.Module):
         # FSDP's auto-wrap policy reads the decoder-layer classes from here
         self._no_split_modules = getattr(self.hf_model, "_no_split_modules", None)
 
+    def tie_weights(self, *args, **kwargs) -> None:
+        """The HF model's ``tie_weights``: accelerate's FSDP2 calls it on the module it shards (this one) after
+        moving it to the meta device and back (``cpu_ram_efficient_loading``, on by default in ``accelerate
+        launch``); without it a tied lm_head comes back as a second, separately trained copy of the embedding."""
+        self.hf_model.tie_weights(*args, **kwargs)
+
     @property
     def hf_model(self) -> PreTrainedModel:
         """The transformers model (inside the PEFT wrapper, adapters in place, when there is one)."""

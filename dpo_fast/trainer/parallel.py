@@ -15,7 +15,7 @@ import os
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch.distributed.tensor import DTensor
 
@@ -42,7 +42,8 @@ def shard_cpu_processes(state: AcceleratorState) -> None:
     """Turn a ``MULTI_CPU`` state into FSDP2 when FSDP was requested; nothing otherwise.
 
     The state is shared by every ``Accelerator`` of the process, so an Accelerator made later (a
-    ``transformers.Trainer``'s) finds FSDP too.
+    ``transformers.Trainer``'s) finds FSDP too. The process state (``PartialState``) is switched as
+    well: each new ``AcceleratorState()`` copies its fields over the accelerator state's.
     """
     if state.distributed_type != DistributedType.MULTI_CPU or not fsdp_requested():
         return
@@ -54,6 +55,7 @@ def shard_cpu_processes(state: AcceleratorState) -> None:
         )
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
+    PartialState().distributed_type = DistributedType.FSDP
     state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = plugin
 
