@@ -63,11 +63,12 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
     )  # fmt: skip
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, total_steps)
+    frozen = reference.frozen_copy(model) if cfg.reference == "model" else None
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.print(parallel.describe(accelerator, model))
 
     # the reference is taken from the initial weights, before any checkpoint is loaded
-    ref_logps = reference.build(cfg, model, accelerator, splits, tokenizer.pad_token_id)
+    ref_logps = reference.build(cfg, model, accelerator, splits, tokenizer.pad_token_id, frozen)
     start_step = 0
     if resume is not None:
         state = checkpoint.load(resume, accelerator, model, optimizer, scheduler)

@@ -32,9 +32,18 @@ from .config import TrainConfig
 RefLogps = Callable[[str, list[int], dict], torch.Tensor]
 
 
-def build(cfg: TrainConfig, model, accelerator: Accelerator, splits: dict[str, datasets.Dataset],
-          pad_id: int) -> RefLogps:  # fmt: skip
-    """The reference of ``cfg.reference`` for the prepared policy ``model`` at its initial weights."""
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A no-grad, eval-mode copy of the policy for ``reference: model``, made before ``accelerator.prepare``
+    (an FSDP-sharded module cannot be deep-copied)."""
+    return copy.deepcopy(model).requires_grad_(False).eval()
+
+
+def build(cfg: TrainConfig, model, accelerator: Accelerator, splits: dict[str, datasets.Dataset], pad_id: int,
+          frozen: torch.nn.Module | None = None) -> RefLogps:  # fmt: skip
+    """The reference of ``cfg.reference`` for the prepared policy ``model`` at its initial weights.
+
+    ``frozen`` is ``frozen_copy`` of the policy before it was prepared, for ``reference: model``.
+    """
     if cfg.reference == "none":
         return lambda split, rows, batch: torch.zeros(2 * len(rows), device=accelerator.device)
     if cfg.reference == "adapters":
@@ -50,14 +59,15 @@ def build(cfg: TrainConfig, model, accelerator: Accelerator, splits: dict[str, d
 
         return with_adapters_disabled
     if cfg.reference == "model":
-        frozen = copy.deepcopy(accelerator.unwrap_model(model)).requires_grad_(False).eval()
+        if frozen is None:
+            raise ValueError("reference='model' needs the frozen copy of the policy made before prepare")
         frozen = accelerator.prepare_model(frozen, evaluation_mode=True)
 
-        def frozen_copy(split, rows, batch):
+        def frozen_model(split, rows, batch):
             with torch.no_grad():
                 return frozen(**batch)
 
-        return frozen_copy
+        return frozen_model
     tables = {split: _cached_table(cfg, model, accelerator, rows, split, pad_id) for split, rows in splits.items()}
 
     def precomputed(split, rows, batch):
