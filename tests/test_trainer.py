@@ -1,8 +1,9 @@
 """The trainer (``dpo_fast.trainer``) on tiny random models, on CPU.
 
 Units first (rows -> tokens -> batches, bad rows, config and flags, the model's fused loss against
-the naive full-logits step), then whole runs: end to end, resume, the reference modes, LoRA, and
-two processes against one.
+the naive full-logits step), then whole runs: end to end, resume, the reference modes, LoRA.
+Elsewhere: the output folder (test_trainer_output.py), errors, help and README (test_trainer_errors.py),
+several processes (test_trainer_distributed.py).
 """
 
 from __future__ import annotations
