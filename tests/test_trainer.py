@@ -343,3 +343,13 @@ def test_lora_reference_is_the_base_model_with_adapters_disabled(files, tokenize
         base_logps = DPOModel(fresh_base, TrainConfig(model="m", dataset="d"))(**batch)
     assert not torch.allclose(trained, base_logps)
     torch.testing.assert_close(disabled, base_logps)
+
+
+def test_the_reference_cache_key_follows_the_objectives_averaging_rule(files, tokenizer, monkeypatch):
+    from dpo_fast.trainer import reference
+
+    cfg = TrainConfig(model=str(files / "model.json"), dataset="d", loss_type="sigmoid")
+    rows = rows_of(tokenizer, [{"prompt": "reverse ab:", "chosen": " ba", "rejected": " ab"}])
+    summed = reference._cache_key(cfg, rows, None)
+    monkeypatch.setattr(objectives, "default_average_log_prob", lambda loss_type: True)  # as if sigmoid averaged
+    assert reference._cache_key(cfg, rows, None) != summed
