@@ -215,6 +215,16 @@ def default_line(meta: dict) -> str:
     return line
 
 
+def rounds_rule(results: dict) -> str:
+    """How this file made a row of several rounds: the median round (rows with ``median_round``), or, in files
+    written before, per-column medians with round 0's errors."""
+    if any("median_round" in row for row in results["results"]):
+        return ("with several rounds a row's times and memory are those of its median round by step time, and its "
+                "errors the largest of every round's.")  # fmt: skip
+    return ("with several rounds (this file predates the median round) a row's times and memory are medians over "
+            "the rounds taken column by column, and its errors round 0's.")  # fmt: skip
+
+
 def markdown(results: dict) -> str:
     meta = results["meta"]
     device = meta["device"].get("gpu") or f"{meta['device']['cpu']} ({meta['device']['cpu_cores_available']} cores)"
@@ -229,9 +239,8 @@ def markdown(results: dict) -> str:
         (f"Load average (1 min): {meta['device']['load_average_1m']} at the start, "
          f"{meta['device'].get('load_average_1m_end', '–')} at the end; {meta['device']['torch_threads']} torch "
          "threads."), "",
-        (f"Settings: {json.dumps(results['settings'])}. Times are medians of the timed steps; with several rounds a "
-         "row's times and memory are those of its median round by step time, and its errors the largest of every "
-         "round's. TFLOP/s counts the mode's products on "
+        (f"Settings: {json.dumps(results['settings'])}. Times are medians of the timed steps; {rounds_rule(results)} "
+         "TFLOP/s counts the mode's products on "
          "valid tokens (2, 4 or 6 x N_valid x H x V) over the step's time; 'x GEMM line' is the time over the same "
          "products' time in this run. Max rel err: the largest ||out - ref|| / ||ref|| over loss, log-probs and "
          "gradients against a float64 reference."), "",

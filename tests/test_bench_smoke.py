@@ -342,3 +342,11 @@ def test_parse_parity_reads_each_tests_outcome_and_printed_differences():
         {"test": "test_other_loss_types_match_trl[bco_pair]", "outcome": "failure",
          "max_relative_difference": {"logs": 3.0e-04, "weight updates": 1.0e-06}},
     ]  # fmt: skip
+
+
+def test_a_results_file_from_before_says_what_it_does_not_record():
+    """The committed 2026-11-23 CPU results predate the code, the default and the median round: the report says so."""
+    text = markdown(json.loads((BENCH / "results" / "2026-11-23-cpu.json").read_text()))
+    assert "Code: not recorded" in text and "dpo_fast's default on this machine: not recorded" in text
+    assert "| cpu · dpo | time | not recorded | cce | – | <= 1.0 | not judged |" in text
+    assert "this file predates the median round" in text
