@@ -24,6 +24,8 @@ RESULTS = "benchmarks/results"
 # The code a measurement depends on: hashed into the source fingerprint, which needs no git
 SOURCE_FOLDERS = ("dpo_fast", "kernels", "csrc", "benchmarks")
 SOURCE_FILES = ("pyproject.toml", "setup.py")
+# Where git cannot tell (a copy of the tree, as on the GPU machine), a launcher may state the commit it copied
+STATED_COMMIT = "DPO_FAST_COMMIT"
 SOURCE_SUFFIXES = (".py", ".cpp", ".cu", ".cuh", ".h", ".json", ".yaml", ".jsonl", ".jinja", ".toml")
 
 # Distributions whose versions a run records (the peers' too, or "not installed").
@@ -89,13 +91,15 @@ def code_state() -> dict:
     from it (None when unknown); dirty_files: ``git status --porcelain`` lines; diff_sha256: sha256
     of ``git diff HEAD`` and of each untracked file's path and bytes, so that two runs of the same
     uncommitted change are recognisable; source_sha256: ``source_fingerprint()``. The results
-    folder is left out of all of them: a run writes there.
+    folder is left out of all of them: a run writes there. Outside a git checkout, ``stated_commit``
+    holds what the launcher put in ``$DPO_FAST_COMMIT`` (not checked here; None if unset).
     """
     state = {"commit": None, "dirty": None, "dirty_files": None, "diff_sha256": None,
              "source_sha256": source_fingerprint()}  # fmt: skip
     head = _git("rev-parse", "HEAD")
     if head is None or head.returncode != 0:
         state["git"] = "not a git checkout (or no git here): the commit is unknown; source_sha256 identifies the code"
+        state["stated_commit"] = os.environ.get(STATED_COMMIT)
         return state
     outside_results = ["--", ".", f":(exclude){RESULTS}"]
     status = _git("status", "--porcelain", "--untracked-files=all", *outside_results).stdout.decode()
@@ -116,7 +120,9 @@ def code_summary(code: dict | None) -> str:
         return "Code: not recorded (this file was written before the commit was recorded)."
     fingerprint = f"source sha256 {code['source_sha256'][:12]}"
     if code["commit"] is None:
-        return f"Code: commit unknown ({code.get('git', 'no git')}); {fingerprint}."
+        stated = code.get("stated_commit")
+        said = f" The launcher stated commit {stated} (${STATED_COMMIT}, not checked here)." if stated else ""
+        return f"Code: commit unknown ({code.get('git', 'no git')}); {fingerprint}.{said}"
     if not code["dirty"]:
         return f"Code: commit {code['commit'][:10]}, clean tree; {fingerprint}."
     files = ", ".join(line[3:] for line in code["dirty_files"][:8]) + (" ..." if len(code["dirty_files"]) > 8 else "")

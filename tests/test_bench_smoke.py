@@ -283,10 +283,15 @@ def test_outside_git_the_code_is_known_by_its_fingerprint(tmp_path, monkeypatch)
     monkeypatch.setattr(environment, "ROOT", tmp_path)
     (tmp_path / "dpo_fast").mkdir()
     (tmp_path / "dpo_fast" / "api.py").write_text("x = 1\n")
+    monkeypatch.delenv(environment.STATED_COMMIT, raising=False)
     state = environment.code_state()
     assert state["commit"] is None and state["dirty"] is None and "not a git checkout" in state["git"]
-    assert len(state["source_sha256"]) == 64
+    assert len(state["source_sha256"]) == 64 and state["stated_commit"] is None
     assert "commit unknown" in environment.code_summary(state)
+    monkeypatch.setenv(environment.STATED_COMMIT, "abc123")  # e.g. from the launcher on the GPU machine
+    stated = environment.code_state()
+    assert stated["commit"] is None and stated["stated_commit"] == "abc123"
+    assert "stated commit abc123" in environment.code_summary(stated)
 
 
 # ----------------------------------------------------------------------------------------------
