@@ -189,20 +189,21 @@ def combine_rounds(rows: list[dict]) -> dict:
     Its times and memory are one round's, measured together: the median round by step time
     (forward+backward; the forward in the forward mode), the lower middle one for an even count;
     its index is ``median_round``. Its errors are the largest of every round's (each round is
-    checked against the reference). Each round's figures are kept in ``rounds``. If a round
-    failed, the row is the first failed round's, with every round kept; rounds that were all
-    "not run" give one such row.
+    checked against the reference). Each round's figures are kept in ``rounds``; rounds "not run"
+    (a time budget spent between rounds) are kept there but take no part. If a round failed, the
+    row is the first failed round's, with every round kept; rounds all "not run" give one such row.
     """
-    if len(rows) == 1 or all((row["error"] or "").startswith("not run") for row in rows):
+    ran = [index for index, row in enumerate(rows) if not (row["error"] or "").startswith("not run")]
+    if len(rows) == 1 or not ran:
         return rows[0]
     kept = [{key: row[key] for key in ROUND_FIGURES} for row in rows]
-    failed = [row for row in rows if row["oom"] or row["error"]]
+    failed = [rows[index] for index in ran if rows[index]["oom"] or rows[index]["error"]]
     if failed:
         return {**failed[0], "rounds": kept}
-    order = sorted(range(len(rows)), key=lambda index: report.step_ms(rows[index]))
-    median = order[(len(rows) - 1) // 2]
+    order = sorted(ran, key=lambda index: report.step_ms(rows[index]))
+    median = order[(len(order) - 1) // 2]
     row = {**rows[median], "rounds": kept, "median_round": median}
-    checked = [r["errors"] for r in rows if r["errors"]]
+    checked = [rows[index]["errors"] for index in ran if rows[index]["errors"]]
     if checked:
         row["errors"] = {key: max(errors[key] for errors in checked) for key in checked[0]}
         row["max_rel_err"] = max(row["errors"].values())

@@ -164,6 +164,14 @@ def test_an_even_number_of_rounds_takes_the_lower_middle_one():
     assert row["median_round"] == 3 and row["fwd_bwd_ms"] == 20.0
 
 
+def test_rounds_not_run_take_no_part_and_are_kept():
+    not_run = {**record_for(SUITES["smoke"][0], "x", "dpo"), "error": "not run: time budget of 60 s spent"}
+    row = combine_rounds([_round(30.0, 5.0, 1e-7), _round(10.0, 9.0, 3e-7), not_run])
+    assert row["error"] is None and row["median_round"] == 1 and row["fwd_bwd_ms"] == 10.0  # lower middle of two
+    assert row["max_rel_err"] == 3e-7 and row["rounds"][2]["error"].startswith("not run")
+    assert combine_rounds([not_run, not_run])["error"] == not_run["error"]
+
+
 def test_a_failed_round_fails_the_row_and_keeps_every_round():
     failed = {**record_for(SUITES["smoke"][0], "x", "dpo"), "error": "RuntimeError: boom"}
     row = combine_rounds([_round(10.0, 1.0, 1e-7), failed, _round(12.0, 1.0, 1e-7)])
