@@ -29,7 +29,7 @@ dpo_fast's default runs on the machine. The schema is in ``benchmarks/README.md`
 
 Examples:
   python benchmarks/bench_loss.py --suite cpu
-  python benchmarks/bench_loss.py --suite cpu-sweep     # the CPU plots, about 15-20 minutes on 2 quiet cores
+  python benchmarks/bench_loss.py --suite cpu-sweep     # the CPU plots, about 20 minutes on 2 quiet cores
   python benchmarks/bench_loss.py --suite gpu --out gpu-results --time-budget 540
   python benchmarks/bench_loss.py --suite gpu --resume benchmarks/results/DATE-GPU.json   # finish a cut-short run
 """
