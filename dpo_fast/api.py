@@ -197,11 +197,12 @@ def fused_linear_dpo_loss(
     elif grads_in_forward and name == "reference":
         raise ValueError("grads_in_forward=True needs a chunked backend (torch, triton, cpp, cuda), not 'reference'")
     if grads_in_forward and wants_grad:
-        loss, seq_logps, *_ = autograd.dpo_loss_forward(
-            flat_hidden, weight, bias, flat_labels, seg, ref, pairs, beta, loss_type, label_smoothing,
-            average_log_prob, ignore_index, softcap, hidden.requires_grad, weight.requires_grad,
-            bias is not None and bias.requires_grad, name, chunking.scratch_bytes(hidden.device, scratch_mib),
-        )  # fmt: skip
+        loss, seq_logps, *_ = autograd.dpo_loss(autograd.DPOInputs(
+            flat_hidden, weight, bias, flat_labels, seg, ref, pairs,
+            chunking.Objective(beta, loss_type, label_smoothing, average_log_prob), ignore_index, softcap,
+            chunking.GradsNeeded(hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad),
+            name, chunking.scratch_bytes(hidden.device, scratch_mib),
+        ))  # fmt: skip
     else:
         logp, _ = _per_token(flat_hidden, weight, bias, flat_labels, HeadSpec(softcap), ignore_index, False, name,
                              scratch_mib)  # fmt: skip
@@ -283,10 +284,10 @@ def _per_token(hidden, weight, bias, labels, head, ignore_index, with_entropy, n
     hidden = hidden.reshape(-1, hidden.shape[-1])
     if name == "reference":
         return reference.token_logps(hidden, weight, labels, bias, head, ignore_index, with_entropy)
-    logp, entropy, _ = autograd.token_logps_forward(
-        hidden, weight, bias, labels, ignore_index, head.softcap, head.temperature, with_entropy, name,
+    logp, entropy, _ = autograd.token_logps(autograd.TokenInputs(
+        hidden, weight, bias, labels, ignore_index, head, with_entropy, name,
         chunking.scratch_bytes(hidden.device, scratch_mib),
-    )  # fmt: skip
+    ))  # fmt: skip
     return logp, (entropy if with_entropy else None)
 
 

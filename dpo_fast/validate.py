@@ -11,9 +11,9 @@ import math
 
 import torch
 
+from .backends import NAMES as BACKENDS
 from .objectives import LOSS_TYPES
 
-BACKENDS = ("auto", "reference", "torch", "triton", "cpp", "cuda")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 

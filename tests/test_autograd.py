@@ -6,6 +6,7 @@ from helpers import BACKENDS, DEVICE, Case, leaves, rel_err
 
 import dpo_fast
 from dpo_fast import autograd, chunking
+from dpo_fast.backends import HeadSpec
 
 SMALL = Case(pairs=2, length=4, hidden_dim=5, vocab=7, dtype=torch.float64, bias=True, softcap=None, packed=False,
              seed=3)  # fmt: skip
@@ -178,24 +179,45 @@ def test_custom_ops_pass_opcheck(backend):
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).clone().requires_grad_(True)
     weight = weight.clone().requires_grad_(True)
     scratch = chunking.scratch_bytes(flat_hidden.device, None)
-    torch.library.opcheck(
-        autograd.token_logps_forward, (flat_hidden, weight, bias, labels, -100, 2.0, 0.9, True, backend, scratch)
-    )
-    logp, entropy, normalizer = autograd.token_logps_forward(
-        flat_hidden.detach(), weight.detach(), bias, labels, -100, None, 1.0, True, backend, scratch
-    )
-    torch.library.opcheck(
-        autograd.token_logps_backward,
-        (torch.randn_like(logp), torch.randn_like(logp), flat_hidden.detach(), weight.detach(), bias, labels,
-         normalizer, entropy, -100, None, 1.0, True, True, True, backend, scratch),
+    head = HeadSpec(2.0, 0.9)
+    token_inputs = autograd.TokenInputs(flat_hidden, weight, bias, labels, -100, head, True, backend, scratch)
+    torch.library.opcheck(autograd.token_logps_forward, autograd.flatten(token_inputs))
+    logp, entropy, normalizer = autograd.token_logps(
+        autograd.TokenInputs(flat_hidden.detach(), weight.detach(), bias, labels, -100, HeadSpec(), True, backend,
+                             scratch)
     )  # fmt: skip
+    grad_inputs = autograd.TokenGradInputs(
+        torch.randn_like(logp), torch.randn_like(logp), flat_hidden.detach(), weight.detach(), bias, labels,
+        normalizer, entropy, -100, HeadSpec(), chunking.GradsNeeded(True, True, True), backend, scratch,
+    )  # fmt: skip
+    torch.library.opcheck(autograd.token_logps_backward, autograd.flatten(grad_inputs))
     segment_ids = torch.arange(4, device=DEVICE).repeat_interleave(4)
     ref = torch.randn(4, dtype=torch.float64, device=DEVICE)
-    torch.library.opcheck(
-        autograd.dpo_loss_forward,
-        (flat_hidden.detach(), weight.detach(), bias, labels, segment_ids, ref, 2, 0.1, "sigmoid", 0.0, False,
-         -100, None, True, True, True, backend, scratch),
+    dpo_inputs = autograd.DPOInputs(
+        flat_hidden.detach(), weight.detach(), bias, labels, segment_ids, ref, 2,
+        chunking.Objective(0.1, "sigmoid", 0.0, False), -100, None, chunking.GradsNeeded(True, True, True), backend,
+        scratch,
     )  # fmt: skip
+    torch.library.opcheck(autograd.dpo_loss_forward, autograd.flatten(dpo_inputs))
+
+
+def test_op_arguments_derive_from_the_dataclasses():
+    """Schema, flat arguments and their inverse come from one dataclass per op: they cannot drift apart."""
+    inputs = autograd.DPOInputs(
+        *(torch.zeros(1) for _ in range(6)), 3, chunking.Objective(0.5, "ipo", 0.1, True), -7, 2.5,
+        chunking.GradsNeeded(True, False, True), "torch", 1024,
+    )  # fmt: skip
+    flat = autograd.flatten(inputs)
+    schema = autograd.dpo_loss_forward._opoverload._schema
+    assert [argument.name for argument in schema.arguments] == [
+        "hidden", "weight", "bias", "labels", "segment_ids", "ref_logps", "num_pairs", "objective_beta",
+        "objective_loss_type", "objective_label_smoothing", "objective_average_log_prob", "ignore_index", "softcap",
+        "needs_hidden", "needs_weight", "needs_bias", "backend", "scratch_bytes",
+    ]  # fmt: skip
+    assert flat[6:] == (3, 0.5, "ipo", 0.1, True, -7, 2.5, True, False, True, "torch", 1024)
+    assert autograd._unflatten(autograd.DPOInputs, flat) == inputs
+    grads = autograd._input_grads(autograd.DPOInputs, hidden="h", bias="b")
+    assert grads == ("h", None, "b") + (None,) * (len(flat) - 3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

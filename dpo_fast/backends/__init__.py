@@ -17,7 +17,7 @@ import torch
 
 from .contract import ChunkStats, HeadSpec, accumulate_dtype
 
-__all__ = ["CHUNKED_BACKENDS", "ChunkStats", "HeadSpec", "accumulate_dtype", "get", "resolve"]
+__all__ = ["CHUNKED_BACKENDS", "NAMES", "ChunkStats", "HeadSpec", "accumulate_dtype", "get", "resolve"]
 
 CHUNKED_BACKENDS = {
     "torch": "dpo_fast.backends.torch_chunked",
@@ -25,6 +25,8 @@ CHUNKED_BACKENDS = {
     "cpp": "dpo_fast.backends.cpp",
     "cuda": "dpo_fast.backends.cuda",
 }
+# every value the public ``backend=`` argument takes
+NAMES = ("auto", "reference", *CHUNKED_BACKENDS)
 
 
 def get(name: str) -> ModuleType:
@@ -51,10 +53,7 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
     if name == "reference":
         return name
     if name not in CHUNKED_BACKENDS:
-        raise ValueError(
-            f"backend={name!r} is not built into this version of dpo_fast; available: "
-            f"{('auto', 'reference', *CHUNKED_BACKENDS)}"
-        )
+        raise ValueError(f"backend={name!r} is not built into this version of dpo_fast; available: {NAMES}")
     reason = get(name).unavailable_reason(device, dtype)
     if reason is not None:
         raise ValueError(f"backend={name!r} cannot run here: {reason}")
