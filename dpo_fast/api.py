@@ -22,6 +22,27 @@ from .backends import HeadSpec, reference
 
 
 @dataclass
+class TokenMetrics:
+    """Per-token statistics of the policy's logits ``z`` (after softcap), from the pass that forms the log-probs.
+
+    Each has labels' shape, holds 0 (False) at ignored tokens, and is detached. TRL's logged metrics
+    are means of these over the valid tokens (``labels != ignore_index``): ``entropy`` over all of
+    them, ``logits/chosen`` and ``logits/rejected`` of ``mean_logit`` over the chosen and rejected
+    sequences' tokens, ``mean_token_accuracy`` of ``is_top1``.
+
+    Attributes:
+        entropy: float32 (float64 for float64 inputs) ``-sum_v p_v log p_v`` of ``p = softmax(z)``.
+        mean_logit: float32 (float64 for float64 inputs) ``mean_v z_v``.
+        is_top1: bool, the target's logit is the largest (TRL's ``argmax == label``; an exact tie with
+            another entry counts as top-1).
+    """
+
+    entropy: torch.Tensor
+    mean_logit: torch.Tensor
+    is_top1: torch.Tensor
+
+
+@dataclass
 class DPOOutput:
     """What ``fused_linear_dpo_loss`` returns. Float32 tensors; P is the number of pairs.
 
@@ -32,6 +53,8 @@ class DPOOutput:
         chosen_rewards, rejected_rewards: (P,) ``beta * (logps - ref_logps)``, detached.
         reward_accuracy: () fraction of pairs whose chosen reward beats the rejected one, detached.
         reward_margin: () mean of ``chosen_rewards - rejected_rewards``, detached.
+        token_metrics: with ``return_token_metrics=True``, the policy's ``TokenMetrics`` (labels'
+            shape) from the same pass as the log-probs; None otherwise.
     """
 
     loss: torch.Tensor
@@ -41,6 +64,7 @@ class DPOOutput:
     rejected_rewards: torch.Tensor
     reward_accuracy: torch.Tensor
     reward_margin: torch.Tensor
+    token_metrics: TokenMetrics | None = None
 
 
 def token_logps(
@@ -80,9 +104,9 @@ def token_logps(
         hidden, weight, labels, bias, softcap, temperature, ignore_index, backend
     )
     head = HeadSpec(softcap, temperature)
-    logp, entropy = _per_token(hidden, weight, bias, labels, head, ignore_index, return_entropy, name, scratch_mib)
+    logp, metrics = _per_token(hidden, weight, bias, labels, head, ignore_index, return_entropy, name, scratch_mib)
     if return_entropy:
-        return logp.view(labels.shape), entropy.view(labels.shape)
+        return logp.view(labels.shape), metrics[0].view(labels.shape)
     return logp.view(labels.shape)
 
 
@@ -145,6 +169,7 @@ def fused_linear_dpo_loss(
     backend: str = "auto",
     scratch_mib: int | None = None,
     grads_in_forward: bool | None = None,
+    return_token_metrics: bool = False,
 ) -> DPOOutput:
     """The DPO loss straight from the last hidden states and the lm_head weight.
 
@@ -167,6 +192,9 @@ def fused_linear_dpo_loss(
             (``6*N*H*V`` FLOPs; ``backward`` only scales them by ``grad_output``). False: the
             recompute path (``8*N*H*V``: log-probs now, logits recomputed in ``backward``).
             None (default): True for the chunked backends.
+        return_token_metrics: also return the policy's per-token entropy, mean logit and top-1 flag
+            (``DPOOutput.token_metrics``), formed in the row pass that forms the log-probs: no extra
+            product, no second pass over the vocabulary.
     Returns:
         ``DPOOutput``. Gradients come back in the inputs' dtypes; ``dL/dW`` accumulates in float32
         within a chunk of tokens and is rounded to the weight's dtype once per chunk.
@@ -197,22 +225,25 @@ def fused_linear_dpo_loss(
     elif grads_in_forward and name == "reference":
         raise ValueError("grads_in_forward=True needs a chunked backend (torch, triton, cpp, cuda), not 'reference'")
     if grads_in_forward and wants_grad:
-        loss, seq_logps, *_ = autograd.dpo_loss(autograd.DPOInputs(
+        loss, seq_logps, _normalizer, *metrics, _, _, _ = autograd.dpo_loss(autograd.DPOInputs(
             flat_hidden, weight, bias, flat_labels, seg, ref, pairs,
             chunking.Objective(beta, loss_type, label_smoothing, average_log_prob), ignore_index, softcap,
             chunking.GradsNeeded(hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad),
-            name, chunking.scratch_bytes(hidden.device, scratch_mib),
+            return_token_metrics, name, chunking.scratch_bytes(hidden.device, scratch_mib),
         ))  # fmt: skip
     else:
-        logp, _ = _per_token(flat_hidden, weight, bias, flat_labels, HeadSpec(softcap), ignore_index, False, name,
-                             scratch_mib)  # fmt: skip
+        logp, metrics = _per_token(flat_hidden, weight, bias, flat_labels, HeadSpec(softcap), ignore_index,
+                                   return_token_metrics, name, scratch_mib)  # fmt: skip
         sums = _segment_sum(logp, seg, num_seq, padded=segment_ids is None)
         seq_logps = sums * chunking.sequence_scale(flat_labels, seg, num_seq, ignore_index, average_log_prob, acc)
         logratios = seq_logps if ref is None else seq_logps - ref
         loss = objectives.pair_losses(
             *logratios.chunk(2), beta=beta, loss_type=loss_type, label_smoothing=label_smoothing
         ).mean()
-    return _dpo_output(loss, seq_logps, ref, beta)
+    token_metrics = None
+    if return_token_metrics:
+        token_metrics = TokenMetrics(*(metric.detach().view(labels.shape) for metric in metrics))
+    return _dpo_output(loss, seq_logps, ref, beta, token_metrics)
 
 
 class FusedLinearDPOLoss(torch.nn.Module):
@@ -234,6 +265,7 @@ class FusedLinearDPOLoss(torch.nn.Module):
         backend: str = "auto",
         scratch_mib: int | None = None,
         grads_in_forward: bool | None = None,
+        return_token_metrics: bool = False,
     ):
         super().__init__()
         validate.check_objective(beta, loss_type, label_smoothing)
@@ -241,7 +273,7 @@ class FusedLinearDPOLoss(torch.nn.Module):
         self.options = dict(
             beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reference_free=reference_free,
             average_log_prob=average_log_prob, softcap=softcap, ignore_index=ignore_index, backend=backend,
-            scratch_mib=scratch_mib, grads_in_forward=grads_in_forward,
+            scratch_mib=scratch_mib, grads_in_forward=grads_in_forward, return_token_metrics=return_token_metrics,
         )  # fmt: skip
 
     def forward(
@@ -278,17 +310,20 @@ def _prepare_head(hidden, weight, labels, bias, softcap, temperature, ignore_ind
     return hidden, weight, bias, name
 
 
-def _per_token(hidden, weight, bias, labels, head, ignore_index, with_entropy, name, scratch_mib):
-    """(N, H) hidden and (N,) labels -> (N,) logp and (N,) entropy or None."""
+def _per_token(hidden, weight, bias, labels, head, ignore_index, with_metrics, name, scratch_mib):
+    """(N, H) hidden and (N,) labels -> (N,) logp, and the (N,) metrics (entropy, mean_logit, is_top1) or None.
+
+    The entropy is differentiable, the other two metrics are not.
+    """
     labels = labels.reshape(-1).long()
     hidden = hidden.reshape(-1, hidden.shape[-1])
     if name == "reference":
-        return reference.token_logps(hidden, weight, labels, bias, head, ignore_index, with_entropy)
-    logp, entropy, _ = autograd.token_logps(autograd.TokenInputs(
-        hidden, weight, bias, labels, ignore_index, head, with_entropy, name,
+        return reference.token_logps(hidden, weight, labels, bias, head, ignore_index, with_metrics)
+    logp, *metrics, _normalizer = autograd.token_logps(autograd.TokenInputs(
+        hidden, weight, bias, labels, ignore_index, head, with_metrics, name,
         chunking.scratch_bytes(hidden.device, scratch_mib),
     ))  # fmt: skip
-    return logp, (entropy if with_entropy else None)
+    return logp, (tuple(metrics) if with_metrics else None)
 
 
 def _segments(hidden, labels, segment_ids, num_segments):
@@ -331,7 +366,7 @@ def _packed_num_pairs(ref_chosen_logps, reference_free, num_pairs):
     )
 
 
-def _dpo_output(loss, seq_logps, ref, beta):
+def _dpo_output(loss, seq_logps, ref, beta, token_metrics):
     chosen_logps, rejected_logps = seq_logps.chunk(2)
     logratios = seq_logps.detach() if ref is None else seq_logps.detach() - ref
     chosen_rewards, rejected_rewards = (beta * logratios).chunk(2)
@@ -343,4 +378,5 @@ def _dpo_output(loss, seq_logps, ref, beta):
         rejected_rewards=rejected_rewards,
         reward_accuracy=(chosen_rewards > rejected_rewards).float().mean(),
         reward_margin=(chosen_rewards - rejected_rewards).mean(),
+        token_metrics=token_metrics,
     )

@@ -4,11 +4,12 @@ Each op is a ``torch.library.custom_op`` with a fake (meta) function, so a ``tor
 calls dpo_fast without a graph break and ``torch.library.opcheck`` can test it:
 
 - ``dpo_fast::token_logps_forward`` / ``dpo_fast::token_logps_backward``: per-token log-probs (and
-  entropies) with gradients for any per-token upstream gradient; the backward recomputes each
-  chunk's logits from the saved logsumexp.
-- ``dpo_fast::dpo_loss_forward``: the DPO loss with its gradients formed in the forward pass; its
-  backward scales them by ``grad_output`` (and recomputes only for a gradient that reaches the
-  returned log-probs by another path, such as an NLL term on the chosen log-probs).
+  the token metrics: entropy, mean logit, top-1) with gradients for any per-token upstream
+  gradient of the log-probs and entropies; the backward recomputes each chunk's logits from the
+  saved logsumexp.
+- ``dpo_fast::dpo_loss_forward``: the DPO loss (and the token metrics) with its gradients formed in
+  the forward pass; its backward scales them by ``grad_output`` (and recomputes only for a gradient
+  that reaches the returned log-probs by another path, such as an NLL term on the chosen log-probs).
 
 Each op's arguments are one dataclass (``TokenInputs``, ``TokenGradInputs``, ``DPOInputs``) whose
 fields are the op's schema in order; the contract's dataclasses among them (``HeadSpec``,
@@ -49,7 +50,7 @@ class TokenInputs:
     labels: Tensor
     ignore_index: int
     head: HeadSpec
-    with_entropy: bool
+    with_metrics: bool
     backend: str
     scratch_bytes: int
 
@@ -88,6 +89,7 @@ class DPOInputs:
     ignore_index: int
     softcap: float | None
     needs: GradsNeeded
+    with_metrics: bool
     backend: str
     scratch_bytes: int
 
@@ -153,20 +155,26 @@ def _input_grads(cls: type, **grads: Tensor | None) -> tuple:
 # Per-token log-probs
 
 
-@torch.library.custom_op(
-    "dpo_fast::token_logps_forward", mutates_args=(), schema=_schema(TokenInputs, "(Tensor, Tensor, Tensor)")
-)
-def token_logps_forward(*flat) -> tuple[Tensor, Tensor, Tensor]:
-    """``TokenInputs`` -> logp (N,), entropy (N,) or (0,), normalizer (2, N).
+# the token metrics an op returns: entropy, mean_logit, is_top1, each (N,), or (0,) when not asked for
+_METRICS = "Tensor, Tensor, Tensor"
 
-    Float32 (float64 for float64 inputs). The normalizer holds each token's max logit and
-    ``log sum exp(z - max)`` (``dpo_fast.backends.ChunkStats``), saved for the backward.
+
+@torch.library.custom_op(
+    "dpo_fast::token_logps_forward", mutates_args=(), schema=_schema(TokenInputs, f"(Tensor, {_METRICS}, Tensor)")
+)
+def token_logps_forward(*flat) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``TokenInputs`` -> logp (N,), entropy, mean_logit, is_top1 (N,) or (0,), normalizer (2, N).
+
+    Float32 (float64 for float64 inputs), ``is_top1`` bool; the metrics are (0,) unless
+    ``with_metrics``. The normalizer holds each token's max logit and ``log sum exp(z - max)``
+    (``dpo_fast.backends.ChunkStats``), saved for the backward. Differentiable: logp and entropy.
     """
     x = _unflatten(TokenInputs, flat)
-    return chunking.token_forward(
-        backends.get(x.backend), x.hidden, x.weight, x.bias, x.labels, x.head, x.ignore_index, x.with_entropy,
+    logp, normalizer, metrics = chunking.token_forward(
+        backends.get(x.backend), x.hidden, x.weight, x.bias, x.labels, x.head, x.ignore_index, x.with_metrics,
         x.scratch_bytes,
     )  # fmt: skip
+    return (logp, *metrics, normalizer)
 
 
 @token_logps_forward.register_fake
@@ -175,8 +183,17 @@ def _(*flat):
     num_tokens, acc = x.labels.shape[0], accumulate_dtype(x.hidden.dtype)
     return (
         x.hidden.new_empty(num_tokens, dtype=acc),
-        x.hidden.new_empty(num_tokens if x.with_entropy else 0, dtype=acc),
+        *_fake_metrics(x.hidden, num_tokens, x.with_metrics),
         x.hidden.new_empty((2, num_tokens), dtype=acc),
+    )
+
+
+def _fake_metrics(hidden: Tensor, num_tokens: int, with_metrics: bool) -> tuple[Tensor, Tensor, Tensor]:
+    size, acc = (num_tokens if with_metrics else 0), accumulate_dtype(hidden.dtype)
+    return (
+        hidden.new_empty(size, dtype=acc),
+        hidden.new_empty(size, dtype=acc),
+        hidden.new_empty(size, dtype=torch.bool),
     )
 
 
@@ -215,16 +232,18 @@ def _needs(ctx, cls: type) -> GradsNeeded:
 
 def _token_setup_context(ctx, inputs, output):
     x = _unflatten(TokenInputs, inputs)
-    _logp, entropy, normalizer = output
-    ctx.mark_non_differentiable(normalizer)
+    _logp, entropy, mean_logit, is_top1, normalizer = output
+    ctx.mark_non_differentiable(mean_logit, is_top1, normalizer)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x.hidden, x.weight, x.bias, x.labels, normalizer, entropy if x.with_entropy else None)
+    ctx.save_for_backward(x.hidden, x.weight, x.bias, x.labels, normalizer, entropy if x.with_metrics else None)
     ctx.inputs = x
 
 
-def _token_backward(ctx, grad_logp, grad_entropy, _grad_normalizer):
+def _token_backward(ctx, grad_logp, grad_entropy, *_grads_of_nondifferentiable):
     hidden, weight, bias, labels, normalizer, entropy = ctx.saved_tensors
     needs = _needs(ctx, TokenInputs)
+    if entropy is None:  # the (0,) placeholder of metrics not asked for carries no gradient
+        grad_entropy = None
     if (grad_logp is None and grad_entropy is None) or not any((needs.hidden, needs.weight, needs.bias)):
         return _input_grads(TokenInputs)
     x = ctx.inputs
@@ -245,7 +264,7 @@ def _token_backward(ctx, grad_logp, grad_entropy, _grad_normalizer):
 token_logps_forward.register_autograd(_token_backward, setup_context=_token_setup_context)
 
 
-def token_logps(inputs: TokenInputs) -> tuple[Tensor, Tensor, Tensor]:
+def token_logps(inputs: TokenInputs) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Call ``dpo_fast::token_logps_forward`` with ``inputs``."""
     return token_logps_forward(*flatten(inputs))
 
@@ -256,17 +275,20 @@ def token_logps(inputs: TokenInputs) -> tuple[Tensor, Tensor, Tensor]:
 
 @torch.library.custom_op(
     "dpo_fast::dpo_loss_forward", mutates_args=(),
-    schema=_schema(DPOInputs, "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"),
+    schema=_schema(DPOInputs, f"(Tensor, Tensor, Tensor, {_METRICS}, Tensor, Tensor, Tensor)"),
 )  # fmt: skip
 def dpo_loss_forward(*flat) -> tuple[Tensor, ...]:
-    """``DPOInputs`` -> loss (), seq_logps (2P,), normalizer (2, N), and dL/dhidden, dL/dweight, dL/dbias
-    for a unit grad_output ((0,) where not needed)."""
+    """``DPOInputs`` -> loss (), seq_logps (2P,), normalizer (2, N), the metrics as ``token_logps_forward``'s,
+    and dL/dhidden, dL/dweight, dL/dbias for a unit grad_output ((0,) where not needed).
+
+    Differentiable: loss and seq_logps.
+    """
     x = _unflatten(DPOInputs, flat)
-    loss, seq_logps, normalizer, grads = chunking.dpo_forward_with_grads(
+    loss, seq_logps, normalizer, metrics, grads = chunking.dpo_forward_with_grads(
         backends.get(x.backend), x.hidden, x.weight, x.bias, x.labels, x.segment_ids, x.num_pairs, x.ref_logps,
-        x.objective, HeadSpec(x.softcap), x.ignore_index, x.needs, x.scratch_bytes,
+        x.objective, HeadSpec(x.softcap), x.ignore_index, x.needs, x.with_metrics, x.scratch_bytes,
     )  # fmt: skip
-    return (loss, seq_logps, normalizer, *(x.hidden.new_empty(_EMPTY) if g is None else g for g in grads))
+    return (loss, seq_logps, normalizer, *metrics, *(x.hidden.new_empty(_EMPTY) if g is None else g for g in grads))
 
 
 @dpo_loss_forward.register_fake
@@ -277,14 +299,15 @@ def _(*flat):
         x.hidden.new_empty((), dtype=acc),
         x.hidden.new_empty(2 * x.num_pairs, dtype=acc),
         x.hidden.new_empty((2, x.labels.shape[0]), dtype=acc),
+        *_fake_metrics(x.hidden, x.labels.shape[0], x.with_metrics),
         *_fake_grads(x.hidden, x.weight, x.bias, x.needs),
     )
 
 
 def _dpo_setup_context(ctx, inputs, output):
     x = _unflatten(DPOInputs, inputs)
-    _loss, _seq_logps, normalizer, grad_hidden, grad_weight, grad_bias = output
-    ctx.mark_non_differentiable(normalizer, grad_hidden, grad_weight, grad_bias)
+    _loss, _seq_logps, normalizer, *metrics, grad_hidden, grad_weight, grad_bias = output
+    ctx.mark_non_differentiable(normalizer, *metrics, grad_hidden, grad_weight, grad_bias)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(
         x.hidden, x.weight, x.bias, x.labels, x.segment_ids, normalizer, grad_hidden, grad_weight, grad_bias

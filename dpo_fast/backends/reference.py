@@ -19,15 +19,17 @@ def token_logps(
     bias: torch.Tensor | None,
     head: HeadSpec,
     ignore_index: int,
-    with_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-probs (and entropies) with the full logits in memory.
+    with_metrics: bool,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    """Per-token log-probs (and token metrics) with the full logits in memory.
 
     Args:
         hidden: (..., H); weight: (V, H); labels: (...) int64; bias: (V,) or None.
     Returns:
         logp: labels' shape, float32 (float64 for float64 inputs), 0 at ignored tokens;
-        entropy: the same shape, or None when not asked for.
+        metrics: None unless asked for, else (entropy, mean_logit, is_top1) of labels' shape, 0 (False)
+        at ignored tokens, with the definitions of ``ChunkStats`` (``is_top1``: the target's logit
+        is the largest).
     """
     logits = hidden @ weight.t()
     if bias is not None:
@@ -38,9 +40,12 @@ def token_logps(
     logits = logits / head.temperature
     logprobs = torch.log_softmax(logits, dim=-1)
     valid = labels != ignore_index
-    targets = torch.where(valid, labels, 0).long()
-    logp = torch.where(valid, logprobs.gather(-1, targets[..., None]).squeeze(-1), 0.0)
-    if not with_entropy:
+    targets = torch.where(valid, labels, 0).long()[..., None]
+    logp = torch.where(valid, logprobs.gather(-1, targets).squeeze(-1), 0.0)
+    if not with_metrics:
         return logp, None
     entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return logp, torch.where(valid, entropy, 0.0)
+    with torch.no_grad():
+        mean_logit = logits.mean(-1)
+        is_top1 = logits.gather(-1, targets).squeeze(-1) == logits.max(-1).values
+    return logp, (torch.where(valid, entropy, 0.0), torch.where(valid, mean_logit, 0.0), is_top1 & valid)
