@@ -97,13 +97,13 @@ def token_logps(
     Returns:
         logp with labels' shape, float32 (float64 for float64 inputs), 0 at ignored tokens; and with
         ``return_entropy`` the entropies, same shape. Both differentiable w.r.t. hidden, weight and
-        bias for any upstream gradient. ``dL/dW`` accumulates in float32 within a chunk and is
-        rounded to the weight's dtype once per chunk.
+        bias for any upstream gradient. ``dL/dW`` accumulates in float32 and is rounded to the
+        weight's dtype once (``dpo_fast.chunking``).
     """
-    hidden, weight, bias, name = _prepare_head(
-        hidden, weight, labels, bias, softcap, temperature, ignore_index, backend
+    validate.check_flag("return_entropy", return_entropy)
+    weight, bias, head, name = _prepare_head(
+        hidden, weight, labels, bias, softcap, temperature, ignore_index, backend, scratch_mib
     )
-    head = HeadSpec(softcap, temperature)
     logp, metrics = _per_token(hidden, weight, bias, labels, head, ignore_index, return_entropy, name, scratch_mib)
     if return_entropy:
         return logp.view(labels.shape), metrics[0].view(labels.shape)
@@ -137,14 +137,16 @@ def sequence_logps(
     Returns:
         (R,) float32 (float64 for float64 inputs), differentiable w.r.t. hidden, weight and bias.
     """
-    hidden, weight, bias, name = _prepare_head(
-        hidden, weight, labels, bias, softcap, temperature, ignore_index, backend
+    validate.check_flag("average_log_prob", average_log_prob)
+    weight, bias, head, name = _prepare_head(
+        hidden, weight, labels, bias, softcap, temperature, ignore_index, backend, scratch_mib
     )
-    flat_labels, seg, num_seq = _segments(hidden, labels, segment_ids, num_segments)
+    if num_segments is not None:
+        validate.check_num_segments(num_segments)
+    flat_labels, seg, num_seq = _segments(hidden, labels, segment_ids, num_segments, weight.shape[0])
     logp, _ = _per_token(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_labels, HeadSpec(softcap, temperature),
-        ignore_index, False, name, scratch_mib,
-    )  # fmt: skip
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_labels, head, ignore_index, False, name, scratch_mib
+    )
     sums = _segment_sum(logp, seg, num_seq, padded=segment_ids is None)
     return sums * chunking.sequence_scale(flat_labels, seg, num_seq, ignore_index, average_log_prob, sums.dtype)
 
@@ -181,8 +183,8 @@ def fused_linear_dpo_loss(
         ref_chosen_logps, ref_rejected_logps: (P,) the reference model's log-probs, in the same
             units as the policy's (averaged too when ``average_log_prob``); treated as constants.
             Not needed with ``reference_free=True`` (reference log-probs 0).
-        beta, loss_type ("sigmoid" | "robust" | "hinge" | "ipo"), label_smoothing: the objective,
-            as in TRL (see ``dpo_fast.objectives``).
+        beta, loss_type (one of ``dpo_fast.LOSS_TYPES``), label_smoothing: the objective, as in TRL
+            (see ``dpo_fast.objectives``).
         average_log_prob: length-average each sequence's log-prob; None means True for "ipo" only.
         softcap: ``final_logit_softcapping`` of the model, or None.
         num_pairs: P for the packed layout when there are no reference log-probs to tell it.
@@ -197,15 +199,33 @@ def fused_linear_dpo_loss(
             product, no second pass over the vocabulary.
     Returns:
         ``DPOOutput``. Gradients come back in the inputs' dtypes; ``dL/dW`` accumulates in float32
-        within a chunk of tokens and is rounded to the weight's dtype once per chunk.
+        and is rounded to the weight's dtype once (``dpo_fast.chunking``).
+
+    Bad input: a ``ValueError`` naming the argument, the value and what is expected. ``-inf`` logits
+    (a masked vocabulary entry) take no probability and give the exact finite loss, metrics and
+    gradients; ``+inf``/NaN logits give NaN. Under ``torch.compile`` the value checks cannot raise:
+    an out-of-range label or segment id then gives a NaN loss (see ``dpo_fast.validate``).
+    Gradients are first-order only: a backward with ``create_graph=True`` raises on the chunked
+    backends (``backend="reference"`` differentiates twice).
     """
     validate.check_objective(beta, loss_type, label_smoothing)
-    hidden, weight, bias, name = _prepare_head(hidden, weight, labels, bias, softcap, 1.0, ignore_index, backend)
+    for flag, value, optional in (
+        ("reference_free", reference_free, False), ("average_log_prob", average_log_prob, True),
+        ("grads_in_forward", grads_in_forward, True), ("return_token_metrics", return_token_metrics, False),
+    ):  # fmt: skip
+        validate.check_flag(flag, value, optional=optional)
+    weight, bias, head, name = _prepare_head(hidden, weight, labels, bias, softcap, 1.0, ignore_index, backend,
+                                             scratch_mib)  # fmt: skip
     if segment_ids is None:
         if hidden.dim() != 3 or hidden.shape[0] % 2 or hidden.shape[0] == 0:
             raise ValueError(
                 f"hidden must be (2P, T, H) with chosen rows first and P >= 1, got {tuple(hidden.shape)}; "
                 "for packed input pass (N, H) with segment_ids"
+            )
+        if num_pairs is not None:
+            raise ValueError(
+                f"num_pairs is for packed input (with segment_ids); padded input has P = hidden.shape[0] // 2 = "
+                f"{hidden.shape[0] // 2} pairs, got num_pairs={num_pairs!r}"
             )
         pairs = hidden.shape[0] // 2
     else:
@@ -214,7 +234,7 @@ def fused_linear_dpo_loss(
     if average_log_prob is None:
         average_log_prob = objectives.default_average_log_prob(loss_type)
 
-    flat_labels, seg, num_seq = _segments(hidden, labels, segment_ids, 2 * pairs)
+    flat_labels, seg, num_seq = _segments(hidden, labels, segment_ids, 2 * pairs, weight.shape[0])
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     acc = backends.accumulate_dtype(hidden.dtype)
     ref = None if reference_free else torch.cat([ref_chosen_logps, ref_rejected_logps]).detach().to(acc)
@@ -227,13 +247,14 @@ def fused_linear_dpo_loss(
     if grads_in_forward and wants_grad:
         loss, seq_logps, _normalizer, *metrics, _, _, _ = autograd.dpo_loss(autograd.DPOInputs(
             flat_hidden, weight, bias, flat_labels, seg, ref, pairs,
-            chunking.Objective(beta, loss_type, label_smoothing, average_log_prob), ignore_index, softcap,
+            chunking.Objective(float(beta), loss_type, float(label_smoothing), average_log_prob), int(ignore_index),
+            head.softcap,
             chunking.GradsNeeded(hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad),
             return_token_metrics, name, chunking.scratch_bytes(hidden.device, scratch_mib),
         ))  # fmt: skip
     else:
-        logp, metrics = _per_token(flat_hidden, weight, bias, flat_labels, HeadSpec(softcap), ignore_index,
-                                   return_token_metrics, name, scratch_mib)  # fmt: skip
+        logp, metrics = _per_token(flat_hidden, weight, bias, flat_labels, head, ignore_index, return_token_metrics,
+                                   name, scratch_mib)  # fmt: skip
         sums = _segment_sum(logp, seg, num_seq, padded=segment_ids is None)
         seq_logps = sums * chunking.sequence_scale(flat_labels, seg, num_seq, ignore_index, average_log_prob, acc)
         logratios = seq_logps if ref is None else seq_logps - ref
@@ -299,15 +320,17 @@ class FusedLinearDPOLoss(torch.nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def _prepare_head(hidden, weight, labels, bias, softcap, temperature, ignore_index, backend):
-    """Validate, cast weight and bias to hidden's dtype (differentiably), resolve the backend."""
+def _prepare_head(hidden, weight, labels, bias, softcap, temperature, ignore_index, backend, scratch_mib):
+    """Validate; weight and bias cast to hidden's dtype (differentiably), the ``HeadSpec``, the resolved backend."""
     validate.check_backend(backend)
-    validate.check_head(hidden, weight, labels, bias, softcap, temperature)
+    validate.check_head(hidden, weight, labels, bias, softcap, temperature, ignore_index)
+    validate.check_scratch_mib(scratch_mib)
     validate.check_label_values(labels, weight.shape[0], ignore_index)
     name = backends.resolve(backend, hidden.device, hidden.dtype)
     weight = weight.to(hidden.dtype)
     bias = None if bias is None else bias.to(hidden.dtype)
-    return hidden, weight, bias, name
+    head = HeadSpec(None if softcap is None else float(softcap), float(temperature))
+    return weight, bias, head, name
 
 
 def _per_token(hidden, weight, bias, labels, head, ignore_index, with_metrics, name, scratch_mib):
@@ -320,13 +343,13 @@ def _per_token(hidden, weight, bias, labels, head, ignore_index, with_metrics, n
     if name == "reference":
         return reference.token_logps(hidden, weight, labels, bias, head, ignore_index, with_metrics)
     logp, *metrics, _normalizer = autograd.token_logps(autograd.TokenInputs(
-        hidden, weight, bias, labels, ignore_index, head, with_metrics, name,
+        hidden, weight, bias, labels, int(ignore_index), head, with_metrics, name,
         chunking.scratch_bytes(hidden.device, scratch_mib),
     ))  # fmt: skip
     return logp, (tuple(metrics) if with_metrics else None)
 
 
-def _segments(hidden, labels, segment_ids, num_segments):
+def _segments(hidden, labels, segment_ids, num_segments, vocab):
     """Flat labels (N,), segment id per token (N,) int64, and the number of segments R."""
     if segment_ids is None:
         if hidden.dim() != 3:
@@ -339,10 +362,13 @@ def _segments(hidden, labels, segment_ids, num_segments):
         return labels.reshape(-1).long(), seg, rows
     if hidden.dim() != 2:
         raise ValueError(f"with segment_ids, hidden must be packed as (N, H), got {tuple(hidden.shape)}")
+    validate.check_segment_ids(segment_ids, labels.shape[0], hidden.device)
     if num_segments is None:
+        if torch.compiler.is_compiling():
+            raise ValueError("under torch.compile, pass num_segments with segment_ids (it cannot be read from them)")
         num_segments = int(segment_ids.max()) + 1 if segment_ids.numel() else 0
-    validate.check_segment_ids(segment_ids, labels.shape[0], num_segments, hidden.device)
-    return labels.long(), segment_ids.long(), num_segments
+    labels, segment_ids = validate.segment_values(labels.long(), segment_ids.long(), num_segments, vocab)
+    return labels, segment_ids, num_segments
 
 
 def _segment_sum(values, seg, num_segments, padded):
@@ -355,7 +381,7 @@ def _segment_sum(values, seg, num_segments, padded):
 
 def _packed_num_pairs(ref_chosen_logps, reference_free, num_pairs):
     if num_pairs is not None:
-        if not isinstance(num_pairs, int) or num_pairs < 1:
+        if not isinstance(num_pairs, int) or isinstance(num_pairs, bool) or num_pairs < 1:
             raise ValueError(f"num_pairs must be a positive int, got {num_pairs!r}")
         return num_pairs
     if not reference_free and isinstance(ref_chosen_logps, torch.Tensor) and ref_chosen_logps.dim() == 1:

@@ -18,7 +18,9 @@ flat argument list, its unpacking in the autograd formulas and the ``None`` grad
 non-tensor arguments are all derived from those dataclasses: adding an argument is one edit.
 
 Under ``torch.no_grad()``, or when no input requires grad, the ops run forward only and save nothing.
-Gradients that no input needs are not computed: a frozen ``weight`` costs no ``dL/dW`` work.
+Gradients that no input needs are not computed: a frozen ``weight`` costs no ``dL/dW`` work. The
+gradients are not differentiable themselves: a double backward (``create_graph=True``, e.g. a
+gradient penalty) raises an error rather than silently dropping the second-order terms.
 """
 
 from __future__ import annotations
@@ -151,6 +153,16 @@ def _input_grads(cls: type, **grads: Tensor | None) -> tuple:
     return tuple(grads.get(name) for name, _, _ in _LEAVES[cls])
 
 
+def _check_not_double_backward(*tensors: Tensor | None) -> None:
+    """Refuse a backward with ``create_graph=True``: the gradients formed here are constants to autograd."""
+    if torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in tensors):
+        raise RuntimeError(
+            "dpo_fast's chunked backends form gradients that are not differentiable themselves: a backward with "
+            "create_graph=True (a gradient penalty, a Hessian-vector product, double backward) would silently "
+            "drop the second-order terms. Use backend='reference' for higher-order gradients."
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # Per-token log-probs
 
@@ -246,6 +258,7 @@ def _token_backward(ctx, grad_logp, grad_entropy, *_grads_of_nondifferentiable):
         grad_entropy = None
     if (grad_logp is None and grad_entropy is None) or not any((needs.hidden, needs.weight, needs.bias)):
         return _input_grads(TokenInputs)
+    _check_not_double_backward(hidden, weight, bias, grad_logp, grad_entropy)
     x = ctx.inputs
     if grad_logp is None:
         grad_logp = torch.zeros_like(normalizer[0])
@@ -318,6 +331,7 @@ def _dpo_setup_context(ctx, inputs, output):
 def _dpo_backward(ctx, grad_loss, grad_seq_logps, *_grads_of_nondifferentiable):
     hidden, weight, bias, labels, segment_ids, normalizer, *saved_grads = ctx.saved_tensors
     needs = _needs(ctx, DPOInputs)
+    _check_not_double_backward(hidden, weight, bias, grad_loss, grad_seq_logps)
     # With the usual grad_output of 1 the saved gradients are returned as they are (one scalar sync
     # to know it, skipped while torch.compile traces): autograd then hands them to .grad without a
     # (V, H) copy. They are never modified here, so a retained graph can run backward again.

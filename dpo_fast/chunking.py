@@ -24,7 +24,10 @@ The token metrics are by-products of the row pass that forms the log-softmax (``
 
 Gradient precision: each chunk's ``dL/dz`` is rounded to the compute dtype (bf16 for bf16 inputs)
 and the two products accumulate in float32 inside the matmul; ``dL/dh`` rows are written once, and
-``dL/dW`` is accumulated in the weight's dtype, rounded once per chunk.
+``dL/dW`` is rounded to the weight's dtype once: a pass of several chunks sums a 16-bit weight's
+gradient in a float32 ``(V, H)`` buffer (``4*V*H`` bytes more for the pass, as TRL's fused head
+does), since a 16-bit running sum rounded once per chunk would grow its error with the number of
+chunks (measured in tests/test_bf16_accuracy.py).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from types import ModuleType
 import torch
 
 from . import objectives
-from .backends import ChunkStats, HeadSpec, accumulate_dtype
+from .backends import ChunkStats, HeadSpec, accumulate_dtype, torch_chunked
 
 # Default scratch budget for one chunk, by device type. On CPU, 64 MiB keeps the float32 logits of
 # a pair of 256-token completions at V = 32000 between the passes of the fused DPO loss (a third
@@ -46,11 +49,10 @@ _FALLBACK_SCRATCH_MIB = 256
 
 
 def scratch_bytes(device: torch.device, scratch_mib: float | None) -> int:
-    """The chunk scratch budget in bytes: ``scratch_mib`` or the device's default."""
+    """The chunk scratch budget in bytes: ``scratch_mib`` (checked by ``validate.check_scratch_mib``) or the
+    device's default."""
     if scratch_mib is None:
         scratch_mib = DEFAULT_SCRATCH_MIB.get(device.type, _FALLBACK_SCRATCH_MIB)
-    elif not scratch_mib > 0:
-        raise ValueError(f"scratch_mib must be a positive number of MiB, got {scratch_mib!r}")
     return int(scratch_mib * 2**20)
 
 
@@ -151,30 +153,40 @@ def _saved_stats(normalizer: torch.Tensor, rows: torch.Tensor) -> ChunkStats:
 
 
 class _GradAccumulator:
-    """Owns ``dL/dh``, ``dL/dW``, ``dL/db`` and adds one chunk's ``dL/dx`` products to them."""
+    """Owns ``dL/dh``, ``dL/dW``, ``dL/db`` and adds one chunk's ``dL/dx`` products to them.
 
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: GradsNeeded):
+    ``dL/db`` is summed in the accumulate dtype, and so is ``dL/dW`` when the pass has more than
+    one chunk (``one_chunk=False``); both are rounded to their parameter's dtype once, in ``results``.
+    """
+
+    def __init__(
+        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: GradsNeeded,
+        one_chunk: bool,
+    ):  # fmt: skip
         self.hidden, self.weight = hidden, weight
+        acc = accumulate_dtype(hidden.dtype)
         self.grad_hidden = torch.zeros_like(hidden) if needs.hidden else None
-        self.grad_weight = torch.zeros_like(weight) if needs.weight else None
-        self.grad_bias = (
-            torch.zeros(weight.shape[0], dtype=accumulate_dtype(hidden.dtype), device=hidden.device)
-            if needs.bias
-            else None
-        )
+        weight_sum_dtype = weight.dtype if one_chunk else acc
+        self.grad_weight = torch.zeros_like(weight, dtype=weight_sum_dtype) if needs.weight else None
+        self.grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=hidden.device) if needs.bias else None
 
     def add(self, rows: torch.Tensor, grad_logits: torch.Tensor) -> None:
         """``grad_logits``: (C, V) ``dL/dx`` for the tokens ``rows``, in the compute dtype."""
         if self.grad_hidden is not None:
             self.grad_hidden.index_copy_(0, rows, grad_logits @ self.weight)
         if self.grad_weight is not None:
-            self.grad_weight.addmm_(grad_logits.t(), self.hidden.index_select(0, rows))
+            hidden_rows = self.hidden.index_select(0, rows)
+            if self.grad_weight.dtype == grad_logits.dtype:
+                self.grad_weight.addmm_(grad_logits.t(), hidden_rows)
+            else:
+                torch_chunked.addmm_wide(self.grad_weight, grad_logits.t(), hidden_rows)
         if self.grad_bias is not None:
             self.grad_bias += grad_logits.sum(0, dtype=self.grad_bias.dtype)
 
     def results(self, bias: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        grad_weight = None if self.grad_weight is None else self.grad_weight.to(self.weight.dtype)
         grad_bias = None if self.grad_bias is None else self.grad_bias.to(bias.dtype)
-        return self.grad_hidden, self.grad_weight, grad_bias
+        return self.grad_hidden, grad_weight, grad_bias
 
 
 def token_backward(
@@ -200,10 +212,10 @@ def token_backward(
         (dL/dhidden (N, H), dL/dweight (V, H), dL/dbias (V,)), each None when not needed.
     """
     rows, targets = _valid_rows(labels, ignore_index)
-    grads = _GradAccumulator(hidden, weight, bias, needs)
     acc = normalizer.dtype
     mean_shifted = None if grad_entropy is None else normalizer[1] - entropy
     step = _rows_per_chunk(backend, weight.shape[0], hidden.dtype, False, budget)
+    grads = _GradAccumulator(hidden, weight, bias, needs, one_chunk=rows.shape[0] <= step)
     for start in range(0, rows.shape[0], step):
         chunk_rows, chunk_targets = rows[start : start + step], targets[start : start + step]
         stats = _saved_stats(normalizer, chunk_rows)
@@ -285,9 +297,10 @@ def dpo_forward_with_grads(
     sums = hidden.new_zeros(num_seq, dtype=torch.float64)
     normalizer = hidden.new_zeros((2, labels.shape[0]), dtype=acc)
     metrics = _TokenMetrics(labels.shape[0], hidden, with_metrics)
-    grads = _GradAccumulator(hidden, weight, bias, needs)
     keep_cap = _rows_per_chunk(backend, vocab, hidden.dtype, True, budget)
     step = _rows_per_chunk(backend, vocab, hidden.dtype, False, budget)
+    # all valid tokens within keep_cap: one group of one chunk
+    grads = _GradAccumulator(hidden, weight, bias, needs, one_chunk=rows.shape[0] <= keep_cap)
 
     for pair_start, pair_end, token_start, token_end in _pair_groups(tokens_per_pair, keep_cap):
         # the group's last ``keep_cap`` tokens keep their logits for the gradient pass; a pair too

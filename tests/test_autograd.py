@@ -71,9 +71,9 @@ class _WorkSpy:
         spy = self
         original_init, original_add = chunking._GradAccumulator.__init__, chunking._GradAccumulator.add
 
-        def init(self, hidden, weight, bias, needs):
+        def init(self, hidden, weight, bias, needs, **options):
             spy.needs.append(needs)
-            original_init(self, hidden, weight, bias, needs)
+            original_init(self, hidden, weight, bias, needs, **options)
 
         def add(self, rows, grad_logits):
             spy.weight_products += self.grad_weight is not None
