@@ -30,6 +30,7 @@ import typing
 from dataclasses import dataclass, fields, is_dataclass
 
 import torch
+import torch.utils._python_dispatch
 from torch import Tensor
 
 from . import backends, chunking
@@ -151,6 +152,20 @@ def _unflatten(cls: type, flat: tuple):
 def _input_grads(cls: type, **grads: Tensor | None) -> tuple:
     """The op's gradients in schema order: ``grads`` by argument name, None for every other argument."""
     return tuple(grads.get(name) for name, _, _ in _LEAVES[cls])
+
+
+def _holds_values(tensor: Tensor) -> bool:
+    """Whether ``tensor``'s value can be read here: not while torch.compile, export or make_fx trace it.
+
+    ``torch.compiler.is_compiling()`` alone does not tell: AOTAutograd traces a custom op's backward
+    with FunctionalTensors over FakeTensors under its dispatch modes, and on torch 2.11 with that
+    flag unset (reading the value then fails with ``GuardOnDataDependentSymNode``).
+    """
+    return (
+        not torch.compiler.is_compiling()
+        and type(tensor) is Tensor
+        and not torch.utils._python_dispatch.is_in_torch_dispatch_mode()
+    )
 
 
 def _check_not_double_backward(*tensors: Tensor | None) -> None:
@@ -333,9 +348,9 @@ def _dpo_backward(ctx, grad_loss, grad_seq_logps, *_grads_of_nondifferentiable):
     needs = _needs(ctx, DPOInputs)
     _check_not_double_backward(hidden, weight, bias, grad_loss, grad_seq_logps)
     # With the usual grad_output of 1 the saved gradients are returned as they are (one scalar sync
-    # to know it, skipped while torch.compile traces): autograd then hands them to .grad without a
+    # to know it, skipped while a graph is traced): autograd then hands them to .grad without a
     # (V, H) copy. They are never modified here, so a retained graph can run backward again.
-    unit = grad_loss is not None and not torch.compiler.is_compiling() and bool(grad_loss == 1)
+    unit = grad_loss is not None and _holds_values(grad_loss) and bool(grad_loss == 1)
     grads = []
     for needed, saved in zip((needs.hidden, needs.weight, needs.bias), saved_grads):
         if not needed:

@@ -196,8 +196,9 @@ def test_custom_ops_pass_opcheck(backend):
     torch.library.opcheck(autograd.token_logps_backward, autograd.flatten(grad_inputs))
     segment_ids = torch.arange(4, device=DEVICE).repeat_interleave(4)
     ref = torch.randn(4, dtype=torch.float64, device=DEVICE)
+    # inputs that require grad: opcheck then traces the op's autograd formula too (test_aot_dispatch_dynamic)
     dpo_inputs = autograd.DPOInputs(
-        flat_hidden.detach(), weight.detach(), bias, labels, segment_ids, ref, 2,
+        flat_hidden, weight, bias.clone().requires_grad_(True), labels, segment_ids, ref, 2,
         chunking.Objective(0.1, "sigmoid", 0.0, False), -100, None, chunking.GradsNeeded(True, True, True), metrics,
         backend, scratch,
     )  # fmt: skip
@@ -239,3 +240,15 @@ def test_frozen_weight_fast_path_equals_general_path(backend):
         results.append((out.loss.detach(), out.chosen_logps.detach(), hidden.grad))
     for fast, general in zip(*results):
         assert rel_err(fast, general) < 1e-5
+
+
+def test_unit_grad_output_returns_the_saved_gradients_in_eager(monkeypatch):
+    """Eager backward with grad_output 1 reads it (no (V, H) copy); traced graphs never read it."""
+    seen = []
+    original = autograd._holds_values
+    monkeypatch.setattr(autograd, "_holds_values", lambda tensor: seen.append(original(tensor)) or seen[-1])
+    batch = Case(**{**SMALL.__dict__, "dtype": torch.float32}).build("cpu")
+    weight = batch["weight"].clone().requires_grad_(True)
+    dpo_fast.fused_linear_dpo_loss(batch["hidden"], weight, batch["labels"], reference_free=True,
+                                   backend="torch").loss.backward()  # fmt: skip
+    assert seen == [True]
