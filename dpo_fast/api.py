@@ -90,8 +90,10 @@ def token_logps(
         labels: (...) int64 targets, ``ignore_index`` where there is none.
         bias: optional (V,) lm_head bias.
         return_entropy: also return each token's entropy of ``softmax(z)``.
-        backend: "auto" | "reference" | "torch" | "triton" | "cpp" | "cuda". ``auto`` takes triton on
-            CUDA tensors, cpp on CPU tensors once its extension is built, torch otherwise.
+        backend: "auto" | "reference" | "torch" | "triton" | "cpp" | "cuda". ``auto`` takes, on CUDA,
+            triton for 16-bit inputs and for float32 with TF32 allowed, the cuBLAS products (cuda once
+            built, else torch) for exact float32; on CPU cpp once its extension is built; else torch
+            (``dpo_fast.backends.resolve``).
         scratch_mib: memory budget of one chunk of tokens, in MiB (default by device: see
             ``dpo_fast.chunking.DEFAULT_SCRATCH_MIB``).
     Returns:
