@@ -71,8 +71,8 @@ def _trl_dpo(inputs, chunk_size=128, beta=0.1):
 
 # Triton's CPU interpreter truncates float32 to bfloat16 where the GPU rounds to nearest: its bf16
 # dL/dz is 3.0e-3 from float64 where the same float32 values rounded to nearest are 2.1e-3 (measured).
-INTERPRETED_TRITON = pytest.mark.xfail(
-    torch.device(DEVICE).type == "cpu", reason="the Triton interpreter truncates float32 -> bf16", strict=False
+INTERPRETED_TRITON = pytest.mark.skipif(
+    torch.device(DEVICE).type == "cpu", reason="the Triton interpreter truncates float32 -> bf16 (the GPU rounds)"
 )
 
 
