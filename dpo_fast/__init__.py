@@ -8,7 +8,7 @@ See ``dpo_fast.api`` for the functions, ``dpo_fast.objectives`` for the loss fam
 ``dpo_fast.backends`` for the implementations.
 """
 
-from .api import DPOOutput, FusedLinearDPOLoss, fused_linear_dpo_loss, sequence_logps, token_logps
+from .api import DPOOutput, FusedLinearDPOLoss, TokenMetrics, fused_linear_dpo_loss, sequence_logps, token_logps
 from .objectives import LOSS_TYPES
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __all__ = [
     "DPOOutput",
     "FusedLinearDPOLoss",
     "LOSS_TYPES",
+    "TokenMetrics",
     "fused_linear_dpo_loss",
     "sequence_logps",
     "token_logps",

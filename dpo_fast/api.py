@@ -22,6 +22,27 @@ from .backends import HeadSpec, reference
 
 
 @dataclass
+class TokenMetrics:
+    """Per-token statistics of the policy's logits ``z`` (after softcap), from the pass that forms the log-probs.
+
+    Each has labels' shape, holds 0 (False) at ignored tokens, and is detached. TRL's logged metrics
+    are means of these over the valid tokens (``labels != ignore_index``): ``entropy`` over all of
+    them, ``logits/chosen`` and ``logits/rejected`` of ``mean_logit`` over the chosen and rejected
+    sequences' tokens, ``mean_token_accuracy`` of ``is_top1``.
+
+    Attributes:
+        entropy: float32 (float64 for float64 inputs) ``-sum_v p_v log p_v`` of ``p = softmax(z)``.
+        mean_logit: float32 (float64 for float64 inputs) ``mean_v z_v``.
+        is_top1: bool, the target's logit is the largest (TRL's ``argmax == label``; an exact tie with
+            another entry counts as top-1).
+    """
+
+    entropy: torch.Tensor
+    mean_logit: torch.Tensor
+    is_top1: torch.Tensor
+
+
+@dataclass
 class DPOOutput:
     """What ``fused_linear_dpo_loss`` returns. Float32 tensors; P is the number of pairs.
 
@@ -32,6 +53,8 @@ class DPOOutput:
         chosen_rewards, rejected_rewards: (P,) ``beta * (logps - ref_logps)``, detached.
         reward_accuracy: () fraction of pairs whose chosen reward beats the rejected one, detached.
         reward_margin: () mean of ``chosen_rewards - rejected_rewards``, detached.
+        token_metrics: with ``return_token_metrics=True``, the policy's ``TokenMetrics`` (labels'
+            shape) from the same pass as the log-probs; None otherwise.
     """
 
     loss: torch.Tensor
@@ -41,6 +64,7 @@ class DPOOutput:
     rejected_rewards: torch.Tensor
     reward_accuracy: torch.Tensor
     reward_margin: torch.Tensor
+    token_metrics: TokenMetrics | None = None
 
 
 def token_logps(
@@ -66,23 +90,25 @@ def token_logps(
         labels: (...) int64 targets, ``ignore_index`` where there is none.
         bias: optional (V,) lm_head bias.
         return_entropy: also return each token's entropy of ``softmax(z)``.
-        backend: "auto" | "reference" | "torch" | "triton" | "cpp" | "cuda". ``auto`` takes triton on
-            CUDA tensors, cpp on CPU tensors once its extension is built, torch otherwise.
+        backend: "auto" | "reference" | "torch" | "triton" | "cpp" | "cuda". ``auto`` takes, on CUDA,
+            triton for 16-bit inputs and for float32 with TF32 allowed, the cuBLAS products (cuda once
+            built, else torch) for exact float32; on CPU cpp once its extension is built; else torch
+            (``dpo_fast.backends.resolve``).
         scratch_mib: memory budget of one chunk of tokens, in MiB (default by device: see
             ``dpo_fast.chunking.DEFAULT_SCRATCH_MIB``).
     Returns:
         logp with labels' shape, float32 (float64 for float64 inputs), 0 at ignored tokens; and with
         ``return_entropy`` the entropies, same shape. Both differentiable w.r.t. hidden, weight and
-        bias for any upstream gradient. ``dL/dW`` accumulates in float32 within a chunk and is
-        rounded to the weight's dtype once per chunk.
+        bias for any upstream gradient. ``dL/dW`` accumulates in float32 and is rounded to the
+        weight's dtype once (``dpo_fast.chunking``).
     """
-    hidden, weight, bias, name = _prepare_head(
-        hidden, weight, labels, bias, softcap, temperature, ignore_index, backend
+    validate.check_flag("return_entropy", return_entropy)
+    weight, bias, head, name = _prepare_head(
+        hidden, weight, labels, bias, softcap, temperature, ignore_index, backend, scratch_mib
     )
-    head = HeadSpec(softcap, temperature)
-    logp, entropy = _per_token(hidden, weight, bias, labels, head, ignore_index, return_entropy, name, scratch_mib)
+    logp, metrics = _per_token(hidden, weight, bias, labels, head, ignore_index, return_entropy, name, scratch_mib)
     if return_entropy:
-        return logp.view(labels.shape), entropy.view(labels.shape)
+        return logp.view(labels.shape), metrics[0].view(labels.shape)
     return logp.view(labels.shape)
 
 
@@ -113,14 +139,16 @@ def sequence_logps(
     Returns:
         (R,) float32 (float64 for float64 inputs), differentiable w.r.t. hidden, weight and bias.
     """
-    hidden, weight, bias, name = _prepare_head(
-        hidden, weight, labels, bias, softcap, temperature, ignore_index, backend
+    validate.check_flag("average_log_prob", average_log_prob)
+    weight, bias, head, name = _prepare_head(
+        hidden, weight, labels, bias, softcap, temperature, ignore_index, backend, scratch_mib
     )
-    flat_labels, seg, num_seq = _segments(hidden, labels, segment_ids, num_segments)
+    if num_segments is not None:
+        validate.check_num_segments(num_segments)
+    flat_labels, seg, num_seq = _segments(hidden, labels, segment_ids, num_segments, weight.shape[0])
     logp, _ = _per_token(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_labels, HeadSpec(softcap, temperature),
-        ignore_index, False, name, scratch_mib,
-    )  # fmt: skip
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_labels, head, ignore_index, False, name, scratch_mib
+    )
     sums = _segment_sum(logp, seg, num_seq, padded=segment_ids is None)
     return sums * chunking.sequence_scale(flat_labels, seg, num_seq, ignore_index, average_log_prob, sums.dtype)
 
@@ -145,6 +173,7 @@ def fused_linear_dpo_loss(
     backend: str = "auto",
     scratch_mib: int | None = None,
     grads_in_forward: bool | None = None,
+    return_token_metrics: bool = False,
 ) -> DPOOutput:
     """The DPO loss straight from the last hidden states and the lm_head weight.
 
@@ -156,8 +185,8 @@ def fused_linear_dpo_loss(
         ref_chosen_logps, ref_rejected_logps: (P,) the reference model's log-probs, in the same
             units as the policy's (averaged too when ``average_log_prob``); treated as constants.
             Not needed with ``reference_free=True`` (reference log-probs 0).
-        beta, loss_type ("sigmoid" | "robust" | "hinge" | "ipo"), label_smoothing: the objective,
-            as in TRL (see ``dpo_fast.objectives``).
+        beta, loss_type (one of ``dpo_fast.LOSS_TYPES``), label_smoothing: the objective, as in TRL
+            (see ``dpo_fast.objectives``).
         average_log_prob: length-average each sequence's log-prob; None means True for "ipo" only.
         softcap: ``final_logit_softcapping`` of the model, or None.
         num_pairs: P for the packed layout when there are no reference log-probs to tell it.
@@ -167,17 +196,38 @@ def fused_linear_dpo_loss(
             (``6*N*H*V`` FLOPs; ``backward`` only scales them by ``grad_output``). False: the
             recompute path (``8*N*H*V``: log-probs now, logits recomputed in ``backward``).
             None (default): True for the chunked backends.
+        return_token_metrics: also return the policy's per-token entropy, mean logit and top-1 flag
+            (``DPOOutput.token_metrics``), formed in the row pass that forms the log-probs: no extra
+            product, no second pass over the vocabulary.
     Returns:
         ``DPOOutput``. Gradients come back in the inputs' dtypes; ``dL/dW`` accumulates in float32
-        within a chunk of tokens and is rounded to the weight's dtype once per chunk.
+        and is rounded to the weight's dtype once (``dpo_fast.chunking``).
+
+    Bad input: a ``ValueError`` naming the argument, the value and what is expected. ``-inf`` logits
+    (a masked vocabulary entry) take no probability and give the exact finite loss, metrics and
+    gradients; ``+inf``/NaN logits give NaN. Under ``torch.compile`` the value checks cannot raise:
+    an out-of-range label or segment id then gives a NaN loss (see ``dpo_fast.validate``).
+    Gradients are first-order only: a backward with ``create_graph=True`` raises on the chunked
+    backends (``backend="reference"`` differentiates twice).
     """
     validate.check_objective(beta, loss_type, label_smoothing)
-    hidden, weight, bias, name = _prepare_head(hidden, weight, labels, bias, softcap, 1.0, ignore_index, backend)
+    for flag, value, optional in (
+        ("reference_free", reference_free, False), ("average_log_prob", average_log_prob, True),
+        ("grads_in_forward", grads_in_forward, True), ("return_token_metrics", return_token_metrics, False),
+    ):  # fmt: skip
+        validate.check_flag(flag, value, optional=optional)
+    weight, bias, head, name = _prepare_head(hidden, weight, labels, bias, softcap, 1.0, ignore_index, backend,
+                                             scratch_mib)  # fmt: skip
     if segment_ids is None:
         if hidden.dim() != 3 or hidden.shape[0] % 2 or hidden.shape[0] == 0:
             raise ValueError(
                 f"hidden must be (2P, T, H) with chosen rows first and P >= 1, got {tuple(hidden.shape)}; "
                 "for packed input pass (N, H) with segment_ids"
+            )
+        if num_pairs is not None:
+            raise ValueError(
+                f"num_pairs is for packed input (with segment_ids); padded input has P = hidden.shape[0] // 2 = "
+                f"{hidden.shape[0] // 2} pairs, got num_pairs={num_pairs!r}"
             )
         pairs = hidden.shape[0] // 2
     else:
@@ -186,7 +236,7 @@ def fused_linear_dpo_loss(
     if average_log_prob is None:
         average_log_prob = objectives.default_average_log_prob(loss_type)
 
-    flat_labels, seg, num_seq = _segments(hidden, labels, segment_ids, 2 * pairs)
+    flat_labels, seg, num_seq = _segments(hidden, labels, segment_ids, 2 * pairs, weight.shape[0])
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     acc = backends.accumulate_dtype(hidden.dtype)
     ref = None if reference_free else torch.cat([ref_chosen_logps, ref_rejected_logps]).detach().to(acc)
@@ -197,21 +247,26 @@ def fused_linear_dpo_loss(
     elif grads_in_forward and name == "reference":
         raise ValueError("grads_in_forward=True needs a chunked backend (torch, triton, cpp, cuda), not 'reference'")
     if grads_in_forward and wants_grad:
-        loss, seq_logps, *_ = autograd.dpo_loss_forward(
-            flat_hidden, weight, bias, flat_labels, seg, ref, pairs, beta, loss_type, label_smoothing,
-            average_log_prob, ignore_index, softcap, hidden.requires_grad, weight.requires_grad,
-            bias is not None and bias.requires_grad, name, chunking.scratch_bytes(hidden.device, scratch_mib),
-        )  # fmt: skip
+        loss, seq_logps, _normalizer, *metrics, _, _, _ = autograd.dpo_loss(autograd.DPOInputs(
+            flat_hidden, weight, bias, flat_labels, seg, ref, pairs,
+            chunking.Objective(float(beta), loss_type, float(label_smoothing), average_log_prob), int(ignore_index),
+            head.softcap,
+            chunking.GradsNeeded(hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad),
+            return_token_metrics, name, chunking.scratch_bytes(hidden.device, scratch_mib),
+        ))  # fmt: skip
     else:
-        logp, _ = _per_token(flat_hidden, weight, bias, flat_labels, HeadSpec(softcap), ignore_index, False, name,
-                             scratch_mib)  # fmt: skip
+        logp, metrics = _per_token(flat_hidden, weight, bias, flat_labels, head, ignore_index, return_token_metrics,
+                                   name, scratch_mib)  # fmt: skip
         sums = _segment_sum(logp, seg, num_seq, padded=segment_ids is None)
         seq_logps = sums * chunking.sequence_scale(flat_labels, seg, num_seq, ignore_index, average_log_prob, acc)
         logratios = seq_logps if ref is None else seq_logps - ref
         loss = objectives.pair_losses(
             *logratios.chunk(2), beta=beta, loss_type=loss_type, label_smoothing=label_smoothing
         ).mean()
-    return _dpo_output(loss, seq_logps, ref, beta)
+    token_metrics = None
+    if return_token_metrics:
+        token_metrics = TokenMetrics(*(metric.detach().view(labels.shape) for metric in metrics))
+    return _dpo_output(loss, seq_logps, ref, beta, token_metrics)
 
 
 class FusedLinearDPOLoss(torch.nn.Module):
@@ -233,6 +288,7 @@ class FusedLinearDPOLoss(torch.nn.Module):
         backend: str = "auto",
         scratch_mib: int | None = None,
         grads_in_forward: bool | None = None,
+        return_token_metrics: bool = False,
     ):
         super().__init__()
         validate.check_objective(beta, loss_type, label_smoothing)
@@ -240,7 +296,7 @@ class FusedLinearDPOLoss(torch.nn.Module):
         self.options = dict(
             beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reference_free=reference_free,
             average_log_prob=average_log_prob, softcap=softcap, ignore_index=ignore_index, backend=backend,
-            scratch_mib=scratch_mib, grads_in_forward=grads_in_forward,
+            scratch_mib=scratch_mib, grads_in_forward=grads_in_forward, return_token_metrics=return_token_metrics,
         )  # fmt: skip
 
     def forward(
@@ -266,31 +322,36 @@ class FusedLinearDPOLoss(torch.nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def _prepare_head(hidden, weight, labels, bias, softcap, temperature, ignore_index, backend):
-    """Validate, cast weight and bias to hidden's dtype (differentiably), resolve the backend."""
+def _prepare_head(hidden, weight, labels, bias, softcap, temperature, ignore_index, backend, scratch_mib):
+    """Validate; weight and bias cast to hidden's dtype (differentiably), the ``HeadSpec``, the resolved backend."""
     validate.check_backend(backend)
-    validate.check_head(hidden, weight, labels, bias, softcap, temperature)
+    validate.check_head(hidden, weight, labels, bias, softcap, temperature, ignore_index)
+    validate.check_scratch_mib(scratch_mib)
     validate.check_label_values(labels, weight.shape[0], ignore_index)
     name = backends.resolve(backend, hidden.device, hidden.dtype)
     weight = weight.to(hidden.dtype)
     bias = None if bias is None else bias.to(hidden.dtype)
-    return hidden, weight, bias, name
+    head = HeadSpec(None if softcap is None else float(softcap), float(temperature))
+    return weight, bias, head, name
 
 
-def _per_token(hidden, weight, bias, labels, head, ignore_index, with_entropy, name, scratch_mib):
-    """(N, H) hidden and (N,) labels -> (N,) logp and (N,) entropy or None."""
+def _per_token(hidden, weight, bias, labels, head, ignore_index, with_metrics, name, scratch_mib):
+    """(N, H) hidden and (N,) labels -> (N,) logp, and the (N,) metrics (entropy, mean_logit, is_top1) or None.
+
+    The entropy is differentiable, the other two metrics are not.
+    """
     labels = labels.reshape(-1).long()
     hidden = hidden.reshape(-1, hidden.shape[-1])
     if name == "reference":
-        return reference.token_logps(hidden, weight, labels, bias, head, ignore_index, with_entropy)
-    logp, entropy, _ = autograd.token_logps_forward(
-        hidden, weight, bias, labels, ignore_index, head.softcap, head.temperature, with_entropy, name,
+        return reference.token_logps(hidden, weight, labels, bias, head, ignore_index, with_metrics)
+    logp, *metrics, _normalizer = autograd.token_logps(autograd.TokenInputs(
+        hidden, weight, bias, labels, int(ignore_index), head, with_metrics, name,
         chunking.scratch_bytes(hidden.device, scratch_mib),
-    )  # fmt: skip
-    return logp, (entropy if with_entropy else None)
+    ))  # fmt: skip
+    return logp, (tuple(metrics) if with_metrics else None)
 
 
-def _segments(hidden, labels, segment_ids, num_segments):
+def _segments(hidden, labels, segment_ids, num_segments, vocab):
     """Flat labels (N,), segment id per token (N,) int64, and the number of segments R."""
     if segment_ids is None:
         if hidden.dim() != 3:
@@ -303,10 +364,13 @@ def _segments(hidden, labels, segment_ids, num_segments):
         return labels.reshape(-1).long(), seg, rows
     if hidden.dim() != 2:
         raise ValueError(f"with segment_ids, hidden must be packed as (N, H), got {tuple(hidden.shape)}")
+    validate.check_segment_ids(segment_ids, labels.shape[0], hidden.device)
     if num_segments is None:
+        if torch.compiler.is_compiling():
+            raise ValueError("under torch.compile, pass num_segments with segment_ids (it cannot be read from them)")
         num_segments = int(segment_ids.max()) + 1 if segment_ids.numel() else 0
-    validate.check_segment_ids(segment_ids, labels.shape[0], num_segments, hidden.device)
-    return labels.long(), segment_ids.long(), num_segments
+    labels, segment_ids = validate.segment_values(labels.long(), segment_ids.long(), num_segments, vocab)
+    return labels, segment_ids, num_segments
 
 
 def _segment_sum(values, seg, num_segments, padded):
@@ -319,7 +383,7 @@ def _segment_sum(values, seg, num_segments, padded):
 
 def _packed_num_pairs(ref_chosen_logps, reference_free, num_pairs):
     if num_pairs is not None:
-        if not isinstance(num_pairs, int) or num_pairs < 1:
+        if not isinstance(num_pairs, int) or isinstance(num_pairs, bool) or num_pairs < 1:
             raise ValueError(f"num_pairs must be a positive int, got {num_pairs!r}")
         return num_pairs
     if not reference_free and isinstance(ref_chosen_logps, torch.Tensor) and ref_chosen_logps.dim() == 1:
@@ -330,7 +394,7 @@ def _packed_num_pairs(ref_chosen_logps, reference_free, num_pairs):
     )
 
 
-def _dpo_output(loss, seq_logps, ref, beta):
+def _dpo_output(loss, seq_logps, ref, beta, token_metrics):
     chosen_logps, rejected_logps = seq_logps.chunk(2)
     logratios = seq_logps.detach() if ref is None else seq_logps.detach() - ref
     chosen_rewards, rejected_rewards = (beta * logratios).chunk(2)
@@ -342,4 +406,5 @@ def _dpo_output(loss, seq_logps, ref, beta):
         rejected_rewards=rejected_rewards,
         reward_accuracy=(chosen_rewards > rejected_rewards).float().mean(),
         reward_margin=(chosen_rewards - rejected_rewards).mean(),
+        token_metrics=token_metrics,
     )

@@ -4,233 +4,384 @@ Each op is a ``torch.library.custom_op`` with a fake (meta) function, so a ``tor
 calls dpo_fast without a graph break and ``torch.library.opcheck`` can test it:
 
 - ``dpo_fast::token_logps_forward`` / ``dpo_fast::token_logps_backward``: per-token log-probs (and
-  entropies) with gradients for any per-token upstream gradient; the backward recomputes each
-  chunk's logits from the saved logsumexp.
-- ``dpo_fast::dpo_loss_forward``: the DPO loss with its gradients formed in the forward pass;
-  its backward scales them by ``grad_output`` (and recomputes only for a gradient that reaches
-  the returned log-probs by another path, such as an NLL term on the chosen log-probs).
+  the token metrics: entropy, mean logit, top-1) with gradients for any per-token upstream
+  gradient of the log-probs and entropies; the backward recomputes each chunk's logits from the
+  saved logsumexp.
+- ``dpo_fast::dpo_loss_forward``: the DPO loss (and the token metrics) with its gradients formed in
+  the forward pass; its backward scales them by ``grad_output`` (and recomputes only for a gradient
+  that reaches the returned log-probs by another path, such as an NLL term on the chosen log-probs).
+
+Each op's arguments are one dataclass (``TokenInputs``, ``TokenGradInputs``, ``DPOInputs``) whose
+fields are the op's schema in order; the contract's dataclasses among them (``HeadSpec``,
+``Objective``, ``GradsNeeded``) expand to their fields (``head_softcap``, ...). The schema, the
+flat argument list, its unpacking in the autograd formulas and the ``None`` gradients of the
+non-tensor arguments are all derived from those dataclasses: adding an argument is one edit.
 
 Under ``torch.no_grad()``, or when no input requires grad, the ops run forward only and save nothing.
-Gradients that no input needs are not computed: a frozen ``weight`` costs no ``dL/dW`` work.
+Gradients that no input needs are not computed: a frozen ``weight`` costs no ``dL/dW`` work. The
+gradients are not differentiable themselves: a double backward (``create_graph=True``, e.g. a
+gradient penalty) raises an error rather than silently dropping the second-order terms.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import typing
+from dataclasses import dataclass, fields, is_dataclass
 
 import torch
+import torch.utils._python_dispatch
 from torch import Tensor
 
 from . import backends, chunking
 from .backends import HeadSpec, accumulate_dtype
+from .chunking import GradsNeeded, Objective
 
 _EMPTY = (0,)
 
+# ----------------------------------------------------------------------------------------------
+# The ops' arguments: one dataclass each, flattened into the op's schema
 
-def _head(softcap: Optional[float], temperature: float) -> HeadSpec:
-    return HeadSpec(softcap=softcap, temperature=temperature)
+
+@dataclass(frozen=True)
+class TokenInputs:
+    """``token_logps_forward``: hidden (N, H), weight (V, H), bias (V,)?, labels (N,) int64."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    labels: Tensor
+    ignore_index: int
+    head: HeadSpec
+    with_metrics: bool
+    backend: str
+    scratch_bytes: int
+
+
+@dataclass(frozen=True)
+class TokenGradInputs:
+    """``token_logps_backward``: upstream gradients (N,), the forward's inputs and saved statistics."""
+
+    grad_logp: Tensor
+    grad_entropy: Tensor | None
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    labels: Tensor
+    normalizer: Tensor
+    entropy: Tensor | None
+    ignore_index: int
+    head: HeadSpec
+    needs: GradsNeeded
+    backend: str
+    scratch_bytes: int
+
+
+@dataclass(frozen=True)
+class DPOInputs:
+    """``dpo_loss_forward``: hidden (N, H), labels and segment_ids (N,), ref_logps (2P,) or None."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    labels: Tensor
+    segment_ids: Tensor
+    ref_logps: Tensor | None
+    num_pairs: int
+    objective: Objective
+    ignore_index: int
+    softcap: float | None
+    needs: GradsNeeded
+    with_metrics: bool
+    backend: str
+    scratch_bytes: int
+
+
+_SCHEMA_TYPES = {Tensor: "Tensor", int: "SymInt", float: "float", bool: "bool", str: "str"}
+
+
+@functools.cache
+def _field_types(cls: type) -> tuple[tuple[str, object], ...]:
+    """(name, resolved type) of each field of a dataclass."""
+    hints = typing.get_type_hints(cls)
+    return tuple((field.name, hints[field.name]) for field in fields(cls))
+
+
+def _leaves(cls: type) -> tuple[tuple[str, tuple[str, ...], str], ...]:
+    """(schema name, attribute path, schema type) of each op argument; nested dataclasses expand."""
+    leaves = []
+    for name, hint in _field_types(cls):
+        if is_dataclass(hint):
+            leaves += [(f"{name}_{leaf}", (name, *path), kind) for leaf, path, kind in _leaves(hint)]
+            continue
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next(arg for arg in args if arg is not type(None)) if optional else hint
+        leaves.append((name, (name,), _SCHEMA_TYPES[base] + ("?" if optional else "")))
+    return tuple(leaves)
+
+
+_LEAVES = {cls: _leaves(cls) for cls in (TokenInputs, TokenGradInputs, DPOInputs)}
+
+
+def _schema(cls: type, returns: str) -> str:
+    return "(" + ", ".join(f"{kind} {name}" for name, _, kind in _LEAVES[cls]) + ") -> " + returns
+
+
+def flatten(inputs: TokenInputs | TokenGradInputs | DPOInputs) -> tuple:
+    """The op's positional arguments, in schema order."""
+    flat = []
+    for _, path, _ in _LEAVES[type(inputs)]:
+        value = inputs
+        for name in path:
+            value = getattr(value, name)
+        flat.append(value)
+    return tuple(flat)
+
+
+def _unflatten(cls: type, flat: tuple):
+    """``cls`` rebuilt from the op's positional arguments (the inverse of ``flatten``)."""
+    values = iter(flat)
+
+    def build(kind: type):
+        return kind(**{name: build(hint) if is_dataclass(hint) else next(values) for name, hint in _field_types(kind)})
+
+    return build(cls)
+
+
+def _input_grads(cls: type, **grads: Tensor | None) -> tuple:
+    """The op's gradients in schema order: ``grads`` by argument name, None for every other argument."""
+    return tuple(grads.get(name) for name, _, _ in _LEAVES[cls])
+
+
+def _holds_values(tensor: Tensor) -> bool:
+    """Whether ``tensor``'s value can be read here: not while torch.compile, export or make_fx trace it.
+
+    ``torch.compiler.is_compiling()`` alone does not tell: AOTAutograd traces a custom op's backward
+    with FunctionalTensors over FakeTensors under its dispatch modes, and on torch 2.11 with that
+    flag unset (reading the value then fails with ``GuardOnDataDependentSymNode``).
+    """
+    return (
+        not torch.compiler.is_compiling()
+        and type(tensor) is Tensor
+        and not torch.utils._python_dispatch.is_in_torch_dispatch_mode()
+    )
+
+
+def _check_not_double_backward(*tensors: Tensor | None) -> None:
+    """Refuse a backward with ``create_graph=True``: the gradients formed here are constants to autograd."""
+    if torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in tensors):
+        raise RuntimeError(
+            "dpo_fast's chunked backends form gradients that are not differentiable themselves: a backward with "
+            "create_graph=True (a gradient penalty, a Hessian-vector product, double backward) would silently "
+            "drop the second-order terms. Use backend='reference' for higher-order gradients."
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # Per-token log-probs
 
 
-@torch.library.custom_op("dpo_fast::token_logps_forward", mutates_args=())
-def token_logps_forward(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    labels: Tensor,
-    ignore_index: int,
-    softcap: Optional[float],
-    temperature: float,
-    with_entropy: bool,
-    backend: str,
-    scratch_bytes: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(N, H), (V, H), (V,)?, (N,) -> logp (N,), entropy (N,) or (0,), normalizer (2, N).
+# the token metrics an op returns: entropy, mean_logit, is_top1, each (N,), or (0,) when not asked for
+_METRICS = "Tensor, Tensor, Tensor"
 
-    Float32 (float64 for float64 inputs). The normalizer holds each token's max logit and
-    ``log sum exp(z - max)`` (``dpo_fast.backends.ChunkStats``), saved for the backward.
+
+@torch.library.custom_op(
+    "dpo_fast::token_logps_forward", mutates_args=(), schema=_schema(TokenInputs, f"(Tensor, {_METRICS}, Tensor)")
+)
+def token_logps_forward(*flat) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``TokenInputs`` -> logp (N,), entropy, mean_logit, is_top1 (N,) or (0,), normalizer (2, N).
+
+    Float32 (float64 for float64 inputs), ``is_top1`` bool; the metrics are (0,) unless
+    ``with_metrics``. The normalizer holds each token's max logit and ``log sum exp(z - max)``
+    (``dpo_fast.backends.ChunkStats``), saved for the backward. Differentiable: logp and entropy.
     """
-    return chunking.token_forward(
-        backends.get(backend), hidden, weight, bias, labels, _head(softcap, temperature), ignore_index,
-        with_entropy, scratch_bytes,
+    x = _unflatten(TokenInputs, flat)
+    logp, normalizer, metrics = chunking.token_forward(
+        backends.get(x.backend), x.hidden, x.weight, x.bias, x.labels, x.head, x.ignore_index, x.with_metrics,
+        x.scratch_bytes,
     )  # fmt: skip
+    return (logp, *metrics, normalizer)
 
 
 @token_logps_forward.register_fake
-def _(hidden, weight, bias, labels, ignore_index, softcap, temperature, with_entropy, backend, scratch_bytes):
-    num_tokens, acc = labels.shape[0], accumulate_dtype(hidden.dtype)
+def _(*flat):
+    x = _unflatten(TokenInputs, flat)
+    num_tokens, acc = x.labels.shape[0], accumulate_dtype(x.hidden.dtype)
     return (
-        hidden.new_empty(num_tokens, dtype=acc),
-        hidden.new_empty(num_tokens if with_entropy else 0, dtype=acc),
-        hidden.new_empty((2, num_tokens), dtype=acc),
+        x.hidden.new_empty(num_tokens, dtype=acc),
+        *_fake_metrics(x.hidden, num_tokens, x.with_metrics),
+        x.hidden.new_empty((2, num_tokens), dtype=acc),
     )
 
 
-@torch.library.custom_op("dpo_fast::token_logps_backward", mutates_args=())
-def token_logps_backward(
-    grad_logp: Tensor,
-    grad_entropy: Optional[Tensor],
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    labels: Tensor,
-    normalizer: Tensor,
-    entropy: Optional[Tensor],
-    ignore_index: int,
-    softcap: Optional[float],
-    temperature: float,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-    backend: str,
-    scratch_bytes: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """-> dL/dhidden (N, H), dL/dweight (V, H), dL/dbias (V,); each empty (0,) when not needed."""
+def _fake_metrics(hidden: Tensor, num_tokens: int, with_metrics: bool) -> tuple[Tensor, Tensor, Tensor]:
+    size, acc = (num_tokens if with_metrics else 0), accumulate_dtype(hidden.dtype)
+    return (
+        hidden.new_empty(size, dtype=acc),
+        hidden.new_empty(size, dtype=acc),
+        hidden.new_empty(size, dtype=torch.bool),
+    )
+
+
+@torch.library.custom_op(
+    "dpo_fast::token_logps_backward", mutates_args=(), schema=_schema(TokenGradInputs, "(Tensor, Tensor, Tensor)")
+)
+def token_logps_backward(*flat) -> tuple[Tensor, Tensor, Tensor]:
+    """``TokenGradInputs`` -> dL/dhidden (N, H), dL/dweight (V, H), dL/dbias (V,); each (0,) when not needed."""
+    x = _unflatten(TokenGradInputs, flat)
     grads = chunking.token_backward(
-        backends.get(backend), hidden, weight, bias, labels, normalizer, entropy, grad_logp, grad_entropy,
-        _head(softcap, temperature), ignore_index, chunking.GradsNeeded(need_hidden, need_weight, need_bias),
-        scratch_bytes,
+        backends.get(x.backend), x.hidden, x.weight, x.bias, x.labels, x.normalizer, x.entropy, x.grad_logp,
+        x.grad_entropy, x.head, x.ignore_index, x.needs, x.scratch_bytes,
     )  # fmt: skip
-    return tuple(hidden.new_empty(_EMPTY) if grad is None else grad for grad in grads)
+    return tuple(x.hidden.new_empty(_EMPTY) if grad is None else grad for grad in grads)
 
 
 @token_logps_backward.register_fake
-def _(grad_logp, grad_entropy, hidden, weight, bias, labels, normalizer, entropy, ignore_index, softcap, temperature,
-      need_hidden, need_weight, need_bias, backend, scratch_bytes):  # fmt: skip
-    return _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
+def _(*flat):
+    x = _unflatten(TokenGradInputs, flat)
+    return _fake_grads(x.hidden, x.weight, x.bias, x.needs)
 
 
-def _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
+def _fake_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: GradsNeeded) -> tuple[Tensor, ...]:
     return (
-        torch.empty_like(hidden) if need_hidden else hidden.new_empty(_EMPTY),
-        torch.empty_like(weight) if need_weight else hidden.new_empty(_EMPTY),
-        torch.empty_like(bias) if need_bias else hidden.new_empty(_EMPTY),
+        torch.empty_like(hidden) if needs.hidden else hidden.new_empty(_EMPTY),
+        torch.empty_like(weight) if needs.weight else hidden.new_empty(_EMPTY),
+        torch.empty_like(bias) if needs.bias else hidden.new_empty(_EMPTY),
     )
 
 
+def _needs(ctx, cls: type) -> GradsNeeded:
+    """Which of the op's arguments hidden, weight and bias need a gradient."""
+    names = [name for name, _, _ in _LEAVES[cls]]
+    return GradsNeeded(*(ctx.needs_input_grad[names.index(name)] for name in ("hidden", "weight", "bias")))
+
+
 def _token_setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, ignore_index, softcap, temperature, with_entropy, backend, scratch_bytes = inputs
-    _, entropy, normalizer = output
-    ctx.mark_non_differentiable(normalizer)
+    x = _unflatten(TokenInputs, inputs)
+    _logp, entropy, mean_logit, is_top1, normalizer = output
+    ctx.mark_non_differentiable(mean_logit, is_top1, normalizer)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(hidden, weight, bias, labels, normalizer, entropy if with_entropy else None)
-    ctx.options = (ignore_index, softcap, temperature, backend, scratch_bytes)
+    ctx.save_for_backward(x.hidden, x.weight, x.bias, x.labels, normalizer, entropy if x.with_metrics else None)
+    ctx.inputs = x
 
 
-def _token_backward(ctx, grad_logp, grad_entropy, _grad_normalizer):
+def _token_backward(ctx, grad_logp, grad_entropy, *_grads_of_nondifferentiable):
     hidden, weight, bias, labels, normalizer, entropy = ctx.saved_tensors
-    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-    if (grad_logp is None and grad_entropy is None) or not (need_hidden or need_weight or need_bias):
-        return (None,) * 10
-    ignore_index, softcap, temperature, backend, scratch_bytes = ctx.options
+    needs = _needs(ctx, TokenInputs)
+    if entropy is None:  # the (0,) placeholder of metrics not asked for carries no gradient
+        grad_entropy = None
+    if (grad_logp is None and grad_entropy is None) or not any((needs.hidden, needs.weight, needs.bias)):
+        return _input_grads(TokenInputs)
+    _check_not_double_backward(hidden, weight, bias, grad_logp, grad_entropy)
+    x = ctx.inputs
     if grad_logp is None:
         grad_logp = torch.zeros_like(normalizer[0])
-    grad_hidden, grad_weight, grad_bias = token_logps_backward(
-        grad_logp, grad_entropy, hidden, weight, bias, labels, normalizer, entropy, ignore_index, softcap, temperature,
-        need_hidden, need_weight, need_bias, backend, scratch_bytes,
-    )  # fmt: skip
-    return (
-        grad_hidden if need_hidden else None,
-        grad_weight if need_weight else None,
-        grad_bias if need_bias else None,
-    ) + (None,) * 7
+    grad_hidden, grad_weight, grad_bias = token_logps_backward(*flatten(TokenGradInputs(
+        grad_logp, grad_entropy, hidden, weight, bias, labels, normalizer, entropy, x.ignore_index, x.head, needs,
+        x.backend, x.scratch_bytes,
+    )))  # fmt: skip
+    return _input_grads(
+        TokenInputs,
+        hidden=grad_hidden if needs.hidden else None,
+        weight=grad_weight if needs.weight else None,
+        bias=grad_bias if needs.bias else None,
+    )
 
 
 token_logps_forward.register_autograd(_token_backward, setup_context=_token_setup_context)
+
+
+def token_logps(inputs: TokenInputs) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Call ``dpo_fast::token_logps_forward`` with ``inputs``."""
+    return token_logps_forward(*flatten(inputs))
 
 
 # ----------------------------------------------------------------------------------------------
 # The fused DPO loss, gradients formed in the forward pass
 
 
-@torch.library.custom_op("dpo_fast::dpo_loss_forward", mutates_args=())
-def dpo_loss_forward(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    labels: Tensor,
-    segment_ids: Tensor,
-    ref_logps: Optional[Tensor],
-    num_pairs: int,
-    beta: float,
-    loss_type: str,
-    label_smoothing: float,
-    average_log_prob: bool,
-    ignore_index: int,
-    softcap: Optional[float],
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-    backend: str,
-    scratch_bytes: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> loss (), seq_logps (2P,), normalizer (2, N), and dL/dhidden, dL/dweight, dL/dbias for a unit grad_output."""
-    loss, seq_logps, normalizer, grads = chunking.dpo_forward_with_grads(
-        backends.get(backend), hidden, weight, bias, labels, segment_ids, num_pairs, ref_logps,
-        chunking.Objective(beta, loss_type, label_smoothing, average_log_prob), _head(softcap, 1.0), ignore_index,
-        chunking.GradsNeeded(need_hidden, need_weight, need_bias), scratch_bytes,
+@torch.library.custom_op(
+    "dpo_fast::dpo_loss_forward", mutates_args=(),
+    schema=_schema(DPOInputs, f"(Tensor, Tensor, Tensor, {_METRICS}, Tensor, Tensor, Tensor)"),
+)  # fmt: skip
+def dpo_loss_forward(*flat) -> tuple[Tensor, ...]:
+    """``DPOInputs`` -> loss (), seq_logps (2P,), normalizer (2, N), the metrics as ``token_logps_forward``'s,
+    and dL/dhidden, dL/dweight, dL/dbias for a unit grad_output ((0,) where not needed).
+
+    Differentiable: loss and seq_logps.
+    """
+    x = _unflatten(DPOInputs, flat)
+    loss, seq_logps, normalizer, metrics, grads = chunking.dpo_forward_with_grads(
+        backends.get(x.backend), x.hidden, x.weight, x.bias, x.labels, x.segment_ids, x.num_pairs, x.ref_logps,
+        x.objective, HeadSpec(x.softcap), x.ignore_index, x.needs, x.with_metrics, x.scratch_bytes,
     )  # fmt: skip
-    return (loss, seq_logps, normalizer) + tuple(hidden.new_empty(_EMPTY) if grad is None else grad for grad in grads)
+    return (loss, seq_logps, normalizer, *metrics, *(x.hidden.new_empty(_EMPTY) if g is None else g for g in grads))
 
 
 @dpo_loss_forward.register_fake
-def _(hidden, weight, bias, labels, segment_ids, ref_logps, num_pairs, beta, loss_type, label_smoothing,
-      average_log_prob, ignore_index, softcap, need_hidden, need_weight, need_bias, backend, scratch_bytes):  # fmt: skip
-    acc = accumulate_dtype(hidden.dtype)
+def _(*flat):
+    x = _unflatten(DPOInputs, flat)
+    acc = accumulate_dtype(x.hidden.dtype)
     return (
-        hidden.new_empty((), dtype=acc),
-        hidden.new_empty(2 * num_pairs, dtype=acc),
-        hidden.new_empty((2, labels.shape[0]), dtype=acc),
-    ) + _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
+        x.hidden.new_empty((), dtype=acc),
+        x.hidden.new_empty(2 * x.num_pairs, dtype=acc),
+        x.hidden.new_empty((2, x.labels.shape[0]), dtype=acc),
+        *_fake_metrics(x.hidden, x.labels.shape[0], x.with_metrics),
+        *_fake_grads(x.hidden, x.weight, x.bias, x.needs),
+    )
 
 
 def _dpo_setup_context(ctx, inputs, output):
-    (hidden, weight, bias, labels, segment_ids, _ref, num_pairs, _beta, _loss_type, _ls, average_log_prob,
-     ignore_index, softcap, _nh, _nw, _nb, backend, scratch_bytes) = inputs  # fmt: skip
-    _loss, _seq_logps, normalizer, grad_hidden, grad_weight, grad_bias = output
-    ctx.mark_non_differentiable(normalizer, grad_hidden, grad_weight, grad_bias)
+    x = _unflatten(DPOInputs, inputs)
+    _loss, _seq_logps, normalizer, *metrics, grad_hidden, grad_weight, grad_bias = output
+    ctx.mark_non_differentiable(normalizer, *metrics, grad_hidden, grad_weight, grad_bias)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(hidden, weight, bias, labels, segment_ids, normalizer, grad_hidden, grad_weight, grad_bias)
-    ctx.options = (num_pairs, average_log_prob, ignore_index, softcap, backend, scratch_bytes)
+    ctx.save_for_backward(
+        x.hidden, x.weight, x.bias, x.labels, x.segment_ids, normalizer, grad_hidden, grad_weight, grad_bias
+    )
+    ctx.inputs = x
 
 
 def _dpo_backward(ctx, grad_loss, grad_seq_logps, *_grads_of_nondifferentiable):
     hidden, weight, bias, labels, segment_ids, normalizer, *saved_grads = ctx.saved_tensors
-    need = ctx.needs_input_grad[:3]
+    needs = _needs(ctx, DPOInputs)
+    _check_not_double_backward(hidden, weight, bias, grad_loss, grad_seq_logps)
     # With the usual grad_output of 1 the saved gradients are returned as they are (one scalar sync
-    # to know it, skipped while torch.compile traces): autograd then hands them to .grad without a
+    # to know it, skipped while a graph is traced): autograd then hands them to .grad without a
     # (V, H) copy. They are never modified here, so a retained graph can run backward again.
-    unit = grad_loss is not None and not torch.compiler.is_compiling() and bool(grad_loss == 1)
+    unit = grad_loss is not None and _holds_values(grad_loss) and bool(grad_loss == 1)
     grads = []
-    for needed, saved in zip(need, saved_grads):
+    for needed, saved in zip((needs.hidden, needs.weight, needs.bias), saved_grads):
         if not needed:
             grads.append(None)
         elif grad_loss is None:
             grads.append(torch.zeros_like(saved))
         else:
             grads.append(saved if unit else saved * grad_loss.to(saved.dtype))
-    if grad_seq_logps is not None and any(need):
-        grads = _add_sequence_logps_grads(
-            ctx, grads, grad_seq_logps, hidden, weight, bias, labels, segment_ids, normalizer
-        )
-    return tuple(grads) + (None,) * 15
+    if grad_seq_logps is not None and any((needs.hidden, needs.weight, needs.bias)):
+        grads = _add_sequence_logps_grads(ctx.inputs, needs, grads, grad_seq_logps, hidden, weight, bias, labels,
+                                          segment_ids, normalizer)  # fmt: skip
+    return _input_grads(DPOInputs, hidden=grads[0], weight=grads[1], bias=grads[2])
 
 
-def _add_sequence_logps_grads(ctx, grads, grad_seq_logps, hidden, weight, bias, labels, segment_ids, normalizer):
+def _add_sequence_logps_grads(x, needs, grads, grad_seq_logps, hidden, weight, bias, labels, segment_ids, normalizer):
     """A gradient that reaches the returned log-probs by another path: recompute, per token."""
-    num_pairs, average_log_prob, ignore_index, softcap, backend, scratch_bytes = ctx.options
     acc = normalizer.dtype
-    scale = chunking.sequence_scale(labels, segment_ids, 2 * num_pairs, ignore_index, average_log_prob, acc)
+    scale = chunking.sequence_scale(
+        labels, segment_ids, 2 * x.num_pairs, x.ignore_index, x.objective.average_log_prob, acc
+    )
     grad_logp = (grad_seq_logps.to(acc) * scale).index_select(0, segment_ids)
-    need = ctx.needs_input_grad[:3]
-    extra = token_logps_backward(
-        grad_logp, None, hidden, weight, bias, labels, normalizer, None, ignore_index, softcap, 1.0, *need, backend,
-        scratch_bytes,
-    )  # fmt: skip
+    extra = token_logps_backward(*flatten(TokenGradInputs(
+        grad_logp, None, hidden, weight, bias, labels, normalizer, None, x.ignore_index, HeadSpec(x.softcap), needs,
+        x.backend, x.scratch_bytes,
+    )))  # fmt: skip
     return [grad if grad is None else grad + more for grad, more in zip(grads, extra)]
 
 
 dpo_loss_forward.register_autograd(_dpo_backward, setup_context=_dpo_setup_context)
+
+
+def dpo_loss(inputs: DPOInputs) -> tuple[Tensor, ...]:
+    """Call ``dpo_fast::dpo_loss_forward`` with ``inputs``."""
+    return dpo_loss_forward(*flatten(inputs))

@@ -7,7 +7,8 @@ memory budget; the budget, not ``N``, bounds the extra memory.
 
 Three passes are built here from a backend's ``logits_stats`` / ``logits_grad``:
 
-- ``token_forward``: per-token log-prob, logsumexp and entropy (``2*N*H*V`` FLOPs, nothing kept).
+- ``token_forward``: per-token log-prob, logsumexp and the token metrics (entropy, mean logit,
+  top-1) (``2*N*H*V`` FLOPs, nothing kept).
 - ``token_backward``: recomputes each chunk's logits from the saved logsumexp and forms
   ``dL/dh``, ``dL/dW``, ``dL/db`` for any per-token upstream gradient (``6*N*H*V``, or
   ``4*N*H*V`` with a frozen weight).
@@ -16,11 +17,17 @@ Three passes are built here from a backend's ``logits_stats`` / ``logits_grad``:
   whole pairs; a group that fits the budget keeps its logits between the log-prob pass and the
   gradient pass (``6*N*H*V`` in all, ``4*N*H*V`` with a frozen weight); a pair too long for the
   budget keeps the logits of as many of its last tokens as fit and recomputes the chunks before
-  them (between ``6`` and ``8*N*H*V``).
+  them (between ``6`` and ``8*N*H*V``). The token metrics come from its log-prob pass.
+
+The token metrics are by-products of the row pass that forms the log-softmax (``ChunkStats``'s
+``with_metrics`` fields): asking for them adds no product and no pass over the vocabulary.
 
 Gradient precision: each chunk's ``dL/dz`` is rounded to the compute dtype (bf16 for bf16 inputs)
 and the two products accumulate in float32 inside the matmul; ``dL/dh`` rows are written once, and
-``dL/dW`` is accumulated in the weight's dtype, rounded once per chunk.
+``dL/dW`` is rounded to the weight's dtype once: a pass of several chunks sums a 16-bit weight's
+gradient in a float32 ``(V, H)`` buffer (``4*V*H`` bytes more for the pass, as TRL's fused head
+does), since a 16-bit running sum rounded once per chunk would grow its error with the number of
+chunks (measured in tests/test_bf16_accuracy.py).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from types import ModuleType
 import torch
 
 from . import objectives
-from .backends import ChunkStats, HeadSpec, accumulate_dtype
+from .backends import ChunkStats, HeadSpec, accumulate_dtype, torch_chunked
 
 # Default scratch budget for one chunk, by device type. On CPU, 64 MiB keeps the float32 logits of
 # a pair of 256-token completions at V = 32000 between the passes of the fused DPO loss (a third
@@ -42,11 +49,10 @@ _FALLBACK_SCRATCH_MIB = 256
 
 
 def scratch_bytes(device: torch.device, scratch_mib: float | None) -> int:
-    """The chunk scratch budget in bytes: ``scratch_mib`` or the device's default."""
+    """The chunk scratch budget in bytes: ``scratch_mib`` (checked by ``validate.check_scratch_mib``) or the
+    device's default."""
     if scratch_mib is None:
         scratch_mib = DEFAULT_SCRATCH_MIB.get(device.type, _FALLBACK_SCRATCH_MIB)
-    elif not scratch_mib > 0:
-        raise ValueError(f"scratch_mib must be a positive number of MiB, got {scratch_mib!r}")
     return int(scratch_mib * 2**20)
 
 
@@ -74,6 +80,32 @@ def _valid_rows(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, 
     return rows, labels.index_select(0, rows)
 
 
+class _TokenMetrics:
+    """Per-token entropy, mean logit and top-1 flag (``ChunkStats``'s metrics), filled chunk by chunk.
+
+    ``entropy``, ``mean_logit``: (N,) in the accumulate dtype; ``is_top1``: (N,) bool; 0 (False) at
+    ignored tokens; each (0,) when the metrics were not asked for.
+    """
+
+    def __init__(self, num_tokens: int, hidden: torch.Tensor, wanted: bool):
+        size, acc = (num_tokens if wanted else 0), accumulate_dtype(hidden.dtype)
+        self.wanted = wanted
+        self.entropy = hidden.new_zeros(size, dtype=acc)
+        self.mean_logit = hidden.new_zeros(size, dtype=acc)
+        self.is_top1 = hidden.new_zeros(size, dtype=torch.bool)
+
+    def store(self, rows: torch.Tensor, stats: ChunkStats) -> None:
+        if self.wanted:
+            self.entropy.index_copy_(0, rows, stats.entropy)
+            # NaN, never a plausible 0, from a backend not yet on the contract's mean_logit field
+            mean_logit = torch.full_like(stats.entropy, float("nan")) if stats.mean_logit is None else stats.mean_logit
+            self.mean_logit.index_copy_(0, rows, mean_logit)
+            self.is_top1.index_copy_(0, rows, stats.is_top1)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.entropy, self.mean_logit, self.is_top1
+
+
 def token_forward(
     backend: ModuleType,
     hidden: torch.Tensor,
@@ -82,32 +114,31 @@ def token_forward(
     labels: torch.Tensor,
     head: HeadSpec,
     ignore_index: int,
-    with_entropy: bool,
+    with_metrics: bool,
     budget: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token log-probs, entropies and logsumexps.
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per-token log-probs, logsumexps and token metrics.
 
     Args:
         hidden: (N, H); weight: (V, H); bias: (V,) or None; labels: (N,) int64.
     Returns:
-        logp (N,), entropy (N,) (empty when not asked for), and the normalizer (2, N): each token's
-        ``max_logit`` and ``log_sum_exp`` (see ``ChunkStats``); float32 (float64 for float64
-        inputs), 0 at ignored tokens.
+        logp (N,); the normalizer (2, N): each token's ``max_logit`` and ``log_sum_exp`` (see
+        ``ChunkStats``); and the metrics (entropy, mean_logit, is_top1), each (N,) when asked for,
+        (0,) otherwise. Float32 (float64 for float64 inputs), 0 at ignored tokens.
     """
     num_tokens, vocab = labels.shape[0], weight.shape[0]
     acc = accumulate_dtype(hidden.dtype)
     rows, targets = _valid_rows(labels, ignore_index)
     logp = hidden.new_zeros(num_tokens, dtype=acc)
     normalizer = hidden.new_zeros((2, num_tokens), dtype=acc)
-    entropy = hidden.new_zeros(num_tokens if with_entropy else 0, dtype=acc)
+    metrics = _TokenMetrics(num_tokens, hidden, with_metrics)
     step = _rows_per_chunk(backend, vocab, hidden.dtype, False, budget)
     for start in range(0, rows.shape[0], step):
         chunk_rows, chunk_targets = rows[start : start + step], targets[start : start + step]
-        stats = backend.logits_stats(hidden, weight, bias, chunk_rows, chunk_targets, head, with_entropy, False)
+        stats = backend.logits_stats(hidden, weight, bias, chunk_rows, chunk_targets, head, with_metrics, False)
         _store(logp, normalizer, chunk_rows, stats)
-        if with_entropy:
-            entropy.index_copy_(0, chunk_rows, stats.entropy)
-    return logp, entropy, normalizer
+        metrics.store(chunk_rows, stats)
+    return logp, normalizer, metrics.tensors()
 
 
 def _store(logp: torch.Tensor | None, normalizer: torch.Tensor, rows: torch.Tensor, stats: ChunkStats) -> None:
@@ -122,30 +153,40 @@ def _saved_stats(normalizer: torch.Tensor, rows: torch.Tensor) -> ChunkStats:
 
 
 class _GradAccumulator:
-    """Owns ``dL/dh``, ``dL/dW``, ``dL/db`` and adds one chunk's ``dL/dx`` products to them."""
+    """Owns ``dL/dh``, ``dL/dW``, ``dL/db`` and adds one chunk's ``dL/dx`` products to them.
 
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: GradsNeeded):
+    ``dL/db`` is summed in the accumulate dtype, and so is ``dL/dW`` when the pass has more than
+    one chunk (``one_chunk=False``); both are rounded to their parameter's dtype once, in ``results``.
+    """
+
+    def __init__(
+        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: GradsNeeded,
+        one_chunk: bool,
+    ):  # fmt: skip
         self.hidden, self.weight = hidden, weight
+        acc = accumulate_dtype(hidden.dtype)
         self.grad_hidden = torch.zeros_like(hidden) if needs.hidden else None
-        self.grad_weight = torch.zeros_like(weight) if needs.weight else None
-        self.grad_bias = (
-            torch.zeros(weight.shape[0], dtype=accumulate_dtype(hidden.dtype), device=hidden.device)
-            if needs.bias
-            else None
-        )
+        weight_sum_dtype = weight.dtype if one_chunk else acc
+        self.grad_weight = torch.zeros_like(weight, dtype=weight_sum_dtype) if needs.weight else None
+        self.grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=hidden.device) if needs.bias else None
 
     def add(self, rows: torch.Tensor, grad_logits: torch.Tensor) -> None:
         """``grad_logits``: (C, V) ``dL/dx`` for the tokens ``rows``, in the compute dtype."""
         if self.grad_hidden is not None:
             self.grad_hidden.index_copy_(0, rows, grad_logits @ self.weight)
         if self.grad_weight is not None:
-            self.grad_weight.addmm_(grad_logits.t(), self.hidden.index_select(0, rows))
+            hidden_rows = self.hidden.index_select(0, rows)
+            if self.grad_weight.dtype == grad_logits.dtype:
+                self.grad_weight.addmm_(grad_logits.t(), hidden_rows)
+            else:
+                torch_chunked.addmm_wide(self.grad_weight, grad_logits.t(), hidden_rows)
         if self.grad_bias is not None:
             self.grad_bias += grad_logits.sum(0, dtype=self.grad_bias.dtype)
 
     def results(self, bias: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        grad_weight = None if self.grad_weight is None else self.grad_weight.to(self.weight.dtype)
         grad_bias = None if self.grad_bias is None else self.grad_bias.to(bias.dtype)
-        return self.grad_hidden, self.grad_weight, grad_bias
+        return self.grad_hidden, grad_weight, grad_bias
 
 
 def token_backward(
@@ -171,10 +212,10 @@ def token_backward(
         (dL/dhidden (N, H), dL/dweight (V, H), dL/dbias (V,)), each None when not needed.
     """
     rows, targets = _valid_rows(labels, ignore_index)
-    grads = _GradAccumulator(hidden, weight, bias, needs)
     acc = normalizer.dtype
     mean_shifted = None if grad_entropy is None else normalizer[1] - entropy
     step = _rows_per_chunk(backend, weight.shape[0], hidden.dtype, False, budget)
+    grads = _GradAccumulator(hidden, weight, bias, needs, one_chunk=rows.shape[0] <= step)
     for start in range(0, rows.shape[0], step):
         chunk_rows, chunk_targets = rows[start : start + step], targets[start : start + step]
         stats = _saved_stats(normalizer, chunk_rows)
@@ -228,15 +269,17 @@ def dpo_forward_with_grads(
     head: HeadSpec,
     ignore_index: int,
     needs: GradsNeeded,
+    with_metrics: bool,
     budget: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
     """The DPO loss and, in the same pass, its gradients for hidden, weight and bias.
 
     Args:
         hidden: (N, H); labels: (N,); segment_ids: (N,) in [0, 2P): rows [0, P) chosen, [P, 2P) rejected.
         ref_logps: (2P,) reference log-probs (already averaged when ``average_log_prob``), or None for 0.
+        with_metrics: also form the token metrics, in the log-prob pass.
     Returns:
-        loss: () mean over pairs; seq_logps: (2P,); normalizer: (2, N) as ``token_forward``'s;
+        loss: () mean over pairs; seq_logps: (2P,); normalizer: (2, N) and metrics as ``token_forward``'s;
         grads: (dL/dhidden, dL/dweight, dL/dbias) for a unit upstream gradient, None where not needed.
     """
     num_seq, vocab = 2 * num_pairs, weight.shape[0]
@@ -253,9 +296,11 @@ def dpo_forward_with_grads(
     ref = hidden.new_zeros(num_seq, dtype=torch.float64) if ref_logps is None else ref_logps.double()
     sums = hidden.new_zeros(num_seq, dtype=torch.float64)
     normalizer = hidden.new_zeros((2, labels.shape[0]), dtype=acc)
-    grads = _GradAccumulator(hidden, weight, bias, needs)
+    metrics = _TokenMetrics(labels.shape[0], hidden, with_metrics)
     keep_cap = _rows_per_chunk(backend, vocab, hidden.dtype, True, budget)
     step = _rows_per_chunk(backend, vocab, hidden.dtype, False, budget)
+    # all valid tokens within keep_cap: one group of one chunk
+    grads = _GradAccumulator(hidden, weight, bias, needs, one_chunk=rows.shape[0] <= keep_cap)
 
     for pair_start, pair_end, token_start, token_end in _pair_groups(tokens_per_pair, keep_cap):
         # the group's last ``keep_cap`` tokens keep their logits for the gradient pass; a pair too
@@ -267,10 +312,11 @@ def dpo_forward_with_grads(
         for start, end in chunks:
             keep_logits = end == token_end
             stats = backend.logits_stats(
-                hidden, weight, bias, rows[start:end], targets[start:end], head, False, keep_logits
+                hidden, weight, bias, rows[start:end], targets[start:end], head, with_metrics, keep_logits
             )
             sums.index_add_(0, seq_of_row[start:end], stats.logp.double())
             _store(None, normalizer, rows[start:end], stats)
+            metrics.store(rows[start:end], stats)
             chunk_stats.append(ChunkStats(stats.max_logit, stats.log_sum_exp, logits=stats.logits))
         del stats  # the kept logits are held by chunk_stats alone, and go as soon as they are used
 
@@ -300,4 +346,4 @@ def dpo_forward_with_grads(
         chosen_logratios, rejected_logratios, beta=objective.beta, loss_type=objective.loss_type,
         label_smoothing=objective.label_smoothing,
     ).mean()  # fmt: skip
-    return loss.to(acc), seq_logps.to(acc), normalizer, grads.results(bias)
+    return loss.to(acc), seq_logps.to(acc), normalizer, metrics.tensors(), grads.results(bias)

@@ -164,3 +164,59 @@ def test_small_scratch_budgets_split_work_without_changing_results(backend, case
     _assert_close("loss", tiny.loss, generous.loss, 1e-5)
     _assert_close("chosen_logps", tiny.chosen_logps, generous.chosen_logps, 1e-5)
     _assert_grads_close(tiny_grads, generous_grads, 1e-5)
+
+
+CUDA = torch.device("cuda")
+
+
+def _runs_16_and_32_bit(device, dtype):
+    return None if dtype in (torch.float32, torch.bfloat16, torch.float16) else f"not {dtype}"
+
+
+@pytest.mark.parametrize(
+    "dtype, precision, triton, cuda_built, expected",
+    [
+        (torch.bfloat16, "ieee", True, True, "triton"),
+        (torch.float16, "ieee", True, False, "triton"),
+        (torch.float32, "tf32", True, True, "triton"),
+        (torch.float32, "ieee", True, True, "cuda"),
+        (torch.float32, "ieee", True, False, "torch"),
+        (torch.bfloat16, "ieee", False, True, "cuda"),
+        (torch.bfloat16, "ieee", False, False, "torch"),
+        (torch.float32, "tf32", False, True, "cuda"),
+        (torch.float64, "tf32", True, True, "torch"),
+    ],
+)  # fmt: skip
+def test_auto_on_cuda_picks_by_precision(monkeypatch, dtype, precision, triton, cuda_built, expected):
+    """Tensor-core precisions take the fused Triton kernels; exact float32 the cuBLAS products."""
+    from dpo_fast import _build, backends
+
+    triton_reason = _runs_16_and_32_bit if triton else (lambda device, dtype: "Triton is not installed")
+    monkeypatch.setattr(backends.get("triton"), "unavailable_reason", triton_reason)
+    monkeypatch.setattr(backends.get("cuda"), "unavailable_reason", _runs_16_and_32_bit)
+    monkeypatch.setattr(_build, "is_built", lambda name: name == "cuda" and cuda_built)
+    monkeypatch.setattr(backends, "float32_matmul_precision", lambda: precision)
+    assert backends.resolve("auto", CUDA, dtype) == expected
+
+
+def test_float32_matmul_precision_reads_both_of_torchs_apis():
+    from dpo_fast.backends import float32_matmul_precision
+
+    matmul = torch.backends.cuda.matmul
+    saved, saved_new = torch.get_float32_matmul_precision(), getattr(matmul, "fp32_precision", None)
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert float32_matmul_precision() == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert float32_matmul_precision() == "tf32"
+        matmul.allow_tf32 = False
+        assert float32_matmul_precision() == "ieee"
+        if hasattr(matmul, "fp32_precision"):  # torch >= 2.9: reading allow_tf32 now raises; the helper does not
+            matmul.fp32_precision = "tf32"
+            assert float32_matmul_precision() == "tf32"
+            matmul.fp32_precision = "ieee"
+            assert float32_matmul_precision() == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(saved)
+        if saved_new is not None:
+            matmul.fp32_precision = saved_new

@@ -11,12 +11,13 @@ import subprocess
 
 import pytest
 import torch
-from helpers import DEVICE
+from helpers import device_of
 
 from dpo_fast import _build
 from dpo_fast.backends import HeadSpec, torch_chunked
 
-EXTENSION = "cuda" if DEVICE == "cuda" else "cpp"
+EXTENSION = "cuda" if torch.cuda.is_available() else "cpp"
+DEVICE = device_of(EXTENSION)
 VOCAB, HIDDEN, TOKENS = 50, 8, 4
 NVCC = shutil.which("nvcc")
 
@@ -54,8 +55,8 @@ BAD_PER_ROW = {
     "too long": lambda value: torch.cat([value, value]),
     "2-d": lambda value: value[:, None],
     "integer": lambda value: value.to(torch.int32),
-    "on the CPU" if DEVICE == "cuda" else "on the meta device": lambda value: value.to(
-        "cpu" if DEVICE == "cuda" else "meta"
+    "on the CPU" if DEVICE.type == "cuda" else "on the meta device": lambda value: value.to(
+        "cpu" if DEVICE.type == "cuda" else "meta"
     ),
 }
 

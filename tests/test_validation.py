@@ -1,5 +1,7 @@
 """Bad input gets a ValueError naming the argument; empty sequences give 0, never NaN."""
 
+import math
+
 import pytest
 import torch
 from helpers import BACKENDS, Case, device_of
@@ -55,6 +57,83 @@ def _call(**overrides):
 def test_bad_input_names_the_argument(overrides, match):
     with pytest.raises(ValueError, match=match):
         _call(**overrides)
+
+
+PACKED = dict(hidden=BATCH["hidden"].reshape(-1, 6), labels=BATCH["labels"].reshape(-1),
+              segment_ids=torch.arange(4).repeat_interleave(5))  # fmt: skip
+
+
+# Each: a ValueError that names the argument, shows the value and says what is expected.
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(beta=None), r"beta must be a positive number, got None"),
+        (dict(beta="0.1"), r"beta must be a positive number, got '0.1'"),
+        (dict(beta=torch.tensor(0.1)), r"beta must be a positive number, got tensor"),
+        (dict(softcap="30"), r"softcap must be a positive number or None, got '30'"),
+        (dict(softcap=math.inf), r"softcap must be a positive number or None, got inf"),
+        (dict(ignore_index=2**70), r"ignore_index must be an int in the int64 range .*got 1180591620717411303424"),
+        (dict(ignore_index=-100.0), r"ignore_index must be an int .*got -100.0"),
+        (dict(ignore_index=True), r"ignore_index must be an int .*got True"),
+        (dict(scratch_mib=math.inf), r"scratch_mib must be a positive number of MiB up to 2\*\*40 or None, got inf"),
+        (dict(scratch_mib=1e13), r"scratch_mib must be a positive number of MiB up to 2\*\*40 or None, got 10000000000000.0"),
+        (dict(scratch_mib="64"), r"scratch_mib must be a positive number of MiB up to 2\*\*40 or None, got '64'"),
+        (dict(scratch_mib=-1), r"scratch_mib must be .* got -1"),
+        (dict(bias=[0.0] * 11), r"bias must be a \(11,\) floating-point tensor or None, got list \[0.0"),
+        (dict(PACKED, segment_ids=list(range(20))), r"segment_ids must be an int64 \(or int32\) tensor, got list"),
+        (dict(average_log_prob="yes"), r"average_log_prob must be True or False or None, got 'yes'"),
+        (dict(reference_free=1), r"reference_free must be True or False, got 1"),
+        (dict(grads_in_forward="no"), r"grads_in_forward must be True or False or None, got 'no'"),
+        (dict(return_token_metrics=None), r"return_token_metrics must be True or False, got None"),
+        (dict(num_pairs=2), r"num_pairs is for packed input .* P = hidden.shape\[0\] // 2 = 2 pairs, got num_pairs=2"),
+        (dict(label_smoothing=0.6), r"label_smoothing must lie in \[0, 0.5\] for loss_type='sigmoid'.*got 0.6"),
+        (dict(label_smoothing="0.1"), r"label_smoothing must be a number in \[0, 1\], got '0.1'"),
+        (dict(loss_type=None), r"loss_type must be one of .* got None"),
+        (dict(backend=None), r"backend must be one of .* got None"),
+    ],
+)  # fmt: skip
+def test_unhelpful_inputs_get_a_value_error_naming_argument_value_and_expectation(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _call(**overrides)
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_scratch_mib_is_checked_on_every_backend(backend):
+    for bad in (0, math.inf, "64"):
+        with pytest.raises(ValueError, match="scratch_mib must be"):
+            _call(backend=backend, scratch_mib=bad)
+
+
+@pytest.mark.parametrize(
+    "entry, overrides, match",
+    [
+        ("token", dict(temperature=None), r"temperature must be a positive number, got None"),
+        ("token", dict(temperature="1"), r"temperature must be a positive number, got '1'"),
+        ("token", dict(return_entropy="yes"), r"return_entropy must be True or False, got 'yes'"),
+        ("token", dict(ignore_index=-100.0), r"ignore_index must be an int"),
+        ("sequence", dict(average_log_prob="yes"), r"average_log_prob must be True or False, got 'yes'"),
+        ("sequence", dict(segment_ids=torch.arange(4).repeat_interleave(5), num_segments=-1),
+         r"num_segments must be a positive int .* got -1"),
+        ("sequence", dict(segment_ids=torch.arange(4).repeat_interleave(5), num_segments=2.0),
+         r"num_segments must be a positive int .* got 2.0"),
+        ("sequence", dict(segment_ids=[0] * 20), r"segment_ids must be an int64 \(or int32\) tensor, got list"),
+        ("sequence", dict(temperature=0), r"temperature must be a positive number, got 0"),
+    ],
+)  # fmt: skip
+def test_token_and_sequence_entry_points_name_the_argument(entry, overrides, match):
+    packed = "segment_ids" in overrides
+    hidden = BATCH["hidden"].reshape(-1, 6) if packed else BATCH["hidden"]
+    labels = BATCH["labels"].reshape(-1) if packed else BATCH["labels"]
+    fn = dpo_fast.token_logps if entry == "token" else dpo_fast.sequence_logps
+    with pytest.raises(ValueError, match=match):
+        fn(hidden, BATCH["weight"], labels, backend="torch", **overrides)
+
+
+def test_numpy_and_integer_numbers_are_accepted():
+    np = pytest.importorskip("numpy")
+    out = _call(beta=np.float32(0.5), softcap=np.float64(30.0), ignore_index=np.int64(-100), scratch_mib=1,
+                label_smoothing=np.float32(0.1))  # fmt: skip
+    assert torch.isfinite(out.loss)
 
 
 def test_unbuilt_or_unavailable_backends_say_why():

@@ -26,6 +26,17 @@ def scratch_bytes_per_logit(keep_logits: bool, dtype: torch.dtype) -> int:
     return 3 * accumulate + dtype.itemsize
 
 
+def addmm_wide(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for a float32 ``acc`` and 16-bit ``a``, ``b``: the product is never rounded to 16 bits.
+
+    On CUDA one cuBLAS call with a float32 output; elsewhere the operands are upcast first.
+    """
+    if acc.is_cuda and _MM_HAS_OUT_DTYPE:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
 def logits(hidden_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: HeadSpec) -> torch.Tensor:
     """``z = softcap(h W^T + b) / temperature`` for a chunk: (C, H) x (V, H) -> (C, V) float32/float64."""
     acc = accumulate_dtype(hidden_rows.dtype)
