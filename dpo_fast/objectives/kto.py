@@ -80,7 +80,7 @@ class KTOObjective:
         x = sign * self.beta * (logratios - kl)
         values = 1 - torch.sigmoid(x)
         slopes = -sign * self.beta * sigmoid_slope(x)
-        weights = torch.where(desirable, self.desirable_weight, self.undesirable_weight).to(logps)
+        weights = torch.where(desirable, torch.full_like(logps, self.desirable_weight), self.undesirable_weight)
         return ObjectiveValue(
             loss=(weights * values).sum() / batch.num_units, grad_logps=weights * slopes / batch.num_units
         )
