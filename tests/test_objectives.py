@@ -15,8 +15,15 @@ from hypothesis import strategies as st
 
 import dpo_fast
 from dpo_fast import objectives
-from dpo_fast.objectives import BatchConstants, CPOObjective, DPOObjective, KTOObjective, ORPOObjective, PairTerm
-from dpo_fast.objectives import elementwise
+from dpo_fast.objectives import (
+    BatchConstants,
+    CPOObjective,
+    DPOObjective,
+    KTOObjective,
+    ORPOObjective,
+    PairTerm,
+    elementwise,
+)
 
 
 def _trl_formula(c: torch.Tensor, r: torch.Tensor, beta: float, loss_type: str, ls: float) -> torch.Tensor:
@@ -47,13 +54,13 @@ def _trl_formula(c: torch.Tensor, r: torch.Tensor, beta: float, loss_type: str, 
 
 
 logratios = st.lists(st.floats(-30, 30), min_size=1, max_size=8)
-objective_options = dict(
-    chosen=logratios,
-    shift=st.floats(-10, 10),
-    beta=st.floats(0.01, 5),
-    loss_type=st.sampled_from(objectives.LOSS_TYPES),
-    label_smoothing=st.sampled_from([0.0, 0.1, 0.3]),
-)
+objective_options = {
+    "chosen": logratios,
+    "shift": st.floats(-10, 10),
+    "beta": st.floats(0.01, 5),
+    "loss_type": st.sampled_from(objectives.LOSS_TYPES),
+    "label_smoothing": st.sampled_from([0.0, 0.1, 0.3]),
+}
 
 
 @given(**objective_options)
@@ -65,7 +72,7 @@ def test_pair_losses_and_grads_follow_the_formulas(chosen, shift, beta, loss_typ
         assume(bool((1 - beta * (chosen_t - rejected_t)).abs().min() > 1e-6))
     want = _trl_formula(chosen_t, rejected_t, beta, loss_type, label_smoothing)
     want.sum().backward()
-    options = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    options = {"beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing}
     got = objectives.pair_losses(chosen_t.detach(), rejected_t.detach(), **options)
     torch.testing.assert_close(got, want.detach(), rtol=1e-9, atol=1e-12)
     grad_chosen, grad_rejected = objectives.pair_loss_grads(chosen_t.detach(), rejected_t.detach(), **options)
@@ -243,16 +250,18 @@ def test_aot_is_not_pair_local():
     assert not objective.local
 
 
-@pytest.mark.parametrize("objective", LOCAL_OBJECTIVES + [DPOObjective(terms=(PairTerm("aot_unpaired"),))],
-                         ids=lambda o: type(o).__name__)  # fmt: skip
+@pytest.mark.parametrize(
+    "objective", LOCAL_OBJECTIVES + [DPOObjective(terms=(PairTerm("aot_unpaired"),))], ids=lambda o: type(o).__name__
+)
 def test_objective_loss_gradient_is_evaluate_and_matches_finite_differences(objective):
     seqs = _random_units(objective, 4, seed=5)
     batch = BatchConstants(num_units=4, nll_tokens=17.0, kl=0.2)
     value = objective.evaluate(seqs, batch)
     logps = seqs.logps.clone().requires_grad_(True)
     nll_logps = seqs.nll_logps.clone().requires_grad_(True)
-    loss = objectives.objective_loss(objective, objectives.SequenceInputs(
-        **{**vars(seqs), "logps": logps, "nll_logps": nll_logps}), batch)  # fmt: skip
+    loss = objectives.objective_loss(
+        objective, objectives.SequenceInputs(**{**vars(seqs), "logps": logps, "nll_logps": nll_logps}), batch
+    )
     loss.backward()
     torch.testing.assert_close(loss.detach(), value.loss)
     torch.testing.assert_close(logps.grad, value.grad_logps)
@@ -266,8 +275,7 @@ def test_objective_loss_gradient_is_evaluate_and_matches_finite_differences(obje
                 tensor[i] += sign * step
                 moved.append(objective.evaluate(objectives.SequenceInputs(**{**vars(seqs), name: tensor}), batch).loss)
             difference = (moved[0] - moved[1]) / (2 * step)
-            torch.testing.assert_close(0.0 if grad is None else grad[i].item(), difference.item(), rtol=1e-6,
-                                       atol=1e-9)  # fmt: skip
+            torch.testing.assert_close(0.0 if grad is None else grad[i].item(), difference.item(), rtol=1e-6, atol=1e-9)
 
 
 def test_sums_and_token_grads_are_the_contract():
@@ -282,8 +290,9 @@ def test_sums_and_token_grads_are_the_contract():
     torch.testing.assert_close(weights.logps, torch.tensor([0, 1, 1, 1, 0.5, 1, 1, 0.5, 0, 1], dtype=torch.float64))
     torch.testing.assert_close(weights.nll, torch.tensor([0, 1, 1, 1, 1, 0, 0, 0, 0, 0], dtype=torch.float64))
     token_logps.requires_grad_(True)
-    seqs = objectives.sequence_inputs(token_logps, segment_ids, 4, weights, ref_logps=torch.zeros(4),
-                                      log_sum_sq_probs=log_sum_sq_probs)  # fmt: skip
+    seqs = objectives.sequence_inputs(
+        token_logps, segment_ids, 4, weights, ref_logps=torch.zeros(4), log_sum_sq_probs=log_sum_sq_probs
+    )
     torch.testing.assert_close(seqs.token_counts, torch.tensor([2.0, 2.0, 3.0, 1.0], dtype=torch.float64))
     torch.testing.assert_close(seqs.wpo_logps[2], (token_logps - log_sum_sq_probs)[5:8].sum().detach())
     batch = BatchConstants(num_units=2, nll_tokens=4)
@@ -293,8 +302,11 @@ def test_sums_and_token_grads_are_the_contract():
     assert (grads[~completion] == 0).all()
 
 
-@pytest.mark.parametrize("objective", [LOCAL_OBJECTIVES[1], DPOObjective(terms=(PairTerm("aot"),)), LOCAL_OBJECTIVES[5]],
-                         ids=["dpo", "aot", "kto"])  # fmt: skip
+@pytest.mark.parametrize(
+    "objective",
+    [LOCAL_OBJECTIVES[1], DPOObjective(terms=(PairTerm("aot"),)), LOCAL_OBJECTIVES[5]],
+    ids=["dpo", "aot", "kto"],
+)
 def test_evaluate_compiles_without_graph_breaks(objective):
     seqs = _random_units(objective, 3, seed=7)
     batch = BatchConstants(num_units=3, nll_tokens=torch.tensor(9.0), kl=torch.tensor(0.1))

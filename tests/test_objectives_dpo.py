@@ -20,9 +20,22 @@ from dpo_fast import objectives
 from dpo_fast.objectives import BatchConstants, DPOObjective, PairTerm, trl_dpo_objective
 
 TRL_LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-)  # fmt: skip
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
 F_DIVERGENCE_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 
@@ -63,18 +76,21 @@ def _batch(seed: int, pairs: int, length: int) -> dict:
     completion_mask = torch.zeros(2 * pairs, length, dtype=torch.long)
     for row in range(2 * pairs):
         prompt = int(torch.randint(1, 3, (), generator=gen))  # a non-empty prompt: TRL's counts then agree
-        end = int(torch.randint(prompt, length + 1, (), generator=gen))  # completions of 0 .. T-prompt tokens
+        # completions of 0 .. T-prompt tokens; the first has one at least: TRL's sft is NaN without a chosen token
+        end = int(torch.randint(prompt + (row == 0), length + 1, (), generator=gen))
         completion_mask[row, prompt:end] = 1
     completion = completion_mask[:, 1:].bool()
     token_logps = torch.where(completion, -4 * torch.rand(completion.shape, generator=gen, dtype=torch.float64), 0.0)
-    log_sum_sq_probs = torch.where(completion, -2 * torch.rand(completion.shape, generator=gen, dtype=torch.float64), 0.0)
-    return dict(
-        completion_mask=completion_mask,
-        completion=completion,
-        token_logps=token_logps,
-        log_sum_sq_probs=log_sum_sq_probs,
-        ref_logps=token_logps.sum(1) + 3 * torch.randn(2 * pairs, generator=gen, dtype=torch.float64),
+    log_sum_sq_probs = torch.where(
+        completion, -2 * torch.rand(completion.shape, generator=gen, dtype=torch.float64), 0.0
     )
+    return {
+        "completion_mask": completion_mask,
+        "completion": completion,
+        "token_logps": token_logps,
+        "log_sum_sq_probs": log_sum_sq_probs,
+        "ref_logps": token_logps.sum(1) + 3 * torch.randn(2 * pairs, generator=gen, dtype=torch.float64),
+    }
 
 
 def trl_loss_and_token_grads(
@@ -118,9 +134,13 @@ def ours_loss_and_token_grads(objective: DPOObjective, batch: dict) -> tuple[tor
     segment_ids = torch.arange(rows).repeat_interleave(length)
     weights = objectives.token_weights(objective, completion.reshape(-1), segment_ids, rows)
     seqs = objectives.sequence_inputs(
-        batch["token_logps"].reshape(-1), segment_ids, rows, weights, ref_logps=batch["ref_logps"],
+        batch["token_logps"].reshape(-1),
+        segment_ids,
+        rows,
+        weights,
+        ref_logps=batch["ref_logps"],
         log_sum_sq_probs=batch["log_sum_sq_probs"].reshape(-1) if objective.use_weighting else None,
-    )  # fmt: skip
+    )
     chosen_tokens = completion[: rows // 2].sum()
     value = objective.evaluate(seqs, BatchConstants(num_units=rows // 2, nll_tokens=chosen_tokens))
     return value.loss, objectives.token_grads(value, segment_ids, weights).view(rows, length)
@@ -128,22 +148,24 @@ def ours_loss_and_token_grads(objective: DPOObjective, batch: dict) -> tuple[tor
 
 @st.composite
 def trl_options(draw):
-    f_divergence_type = draw(st.sampled_from(["reverse_kl", "reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]))
+    f_divergence_type = draw(
+        st.sampled_from(["reverse_kl", "reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
+    )
     allowed = TRL_LOSS_TYPES if f_divergence_type == "reverse_kl" else F_DIVERGENCE_TYPES
     loss_type = draw(st.lists(st.sampled_from(allowed), min_size=1, max_size=3))
     # WPO: TRL refuses aot, fails on sft, and its backward fails on hinge (test_wpo_hinge_...)
     use_weighting = draw(st.booleans()) and not set(loss_type) & {"aot", "aot_unpaired", "sft", "hinge"}
-    return dict(
-        loss_type=loss_type,
-        loss_weights=draw(st.lists(st.floats(0.1, 2.0), min_size=len(loss_type), max_size=len(loss_type))),
-        beta=draw(st.floats(0.05, 2.0)),
-        label_smoothing=draw(st.sampled_from([0.05, 0.2, 0.4])),
-        f_divergence_type=f_divergence_type,
-        f_alpha_divergence_coef=draw(st.sampled_from([-1.0, 0.3, 0.5, 1.0, 2.5])),
-        discopop_tau=draw(st.floats(0.02, 1.0)),
-        ld_alpha=draw(st.one_of(st.none(), st.floats(0.0, 1.0))),
-        use_weighting=use_weighting,
-    )
+    return {
+        "loss_type": loss_type,
+        "loss_weights": draw(st.lists(st.floats(0.1, 2.0), min_size=len(loss_type), max_size=len(loss_type))),
+        "beta": draw(st.floats(0.05, 2.0)),
+        "label_smoothing": draw(st.sampled_from([0.05, 0.2, 0.4])),
+        "f_divergence_type": f_divergence_type,
+        "f_alpha_divergence_coef": draw(st.sampled_from([-1.0, 0.3, 0.5, 1.0, 2.5])),
+        "discopop_tau": draw(st.floats(0.02, 1.0)),
+        "ld_alpha": draw(st.one_of(st.none(), st.floats(0.0, 1.0))),
+        "use_weighting": use_weighting,
+    }
 
 
 @given(options=trl_options(), seed=st.integers(0, 2**16), pairs=st.integers(1, 4))
@@ -153,17 +175,24 @@ def test_dpo_objective_equals_trl_compute_loss(options, seed, pairs):
     alpha = options["f_divergence_type"] == "alpha_divergence" and options["f_alpha_divergence_coef"] != 1.0
     trl_loss, trl_grads = trl_loss_and_token_grads(options, batch, torch.float32 if alpha else torch.float64)
     loss, grads = ours_loss_and_token_grads(trl_dpo_objective(**options), batch)
-    tolerance = dict(rtol=2e-5, atol=1e-6) if alpha else dict(rtol=1e-9, atol=1e-12)
+    tolerance = {"rtol": 2e-5, "atol": 1e-6} if alpha else {"rtol": 1e-9, "atol": 1e-12}
     torch.testing.assert_close(loss, trl_loss, **tolerance)
     torch.testing.assert_close(grads, trl_grads, **tolerance)
 
 
 @pytest.mark.parametrize("loss_type", ["aot", "aot_unpaired"])
 def test_sorted_losses_match_trl_and_are_not_pair_local(loss_type):
-    options = dict(
-        loss_type=[loss_type], loss_weights=[1.0], beta=0.5, label_smoothing=0.1, f_divergence_type="reverse_kl",
-        f_alpha_divergence_coef=0.5, discopop_tau=0.05, ld_alpha=None, use_weighting=False,
-    )  # fmt: skip
+    options = {
+        "loss_type": [loss_type],
+        "loss_weights": [1.0],
+        "beta": 0.5,
+        "label_smoothing": 0.1,
+        "f_divergence_type": "reverse_kl",
+        "f_alpha_divergence_coef": 0.5,
+        "discopop_tau": 0.05,
+        "ld_alpha": None,
+        "use_weighting": False,
+    }
     batch = _batch(seed=3, pairs=6, length=8)
     objective = trl_dpo_objective(**options)
     loss, grads = ours_loss_and_token_grads(objective, batch)
@@ -183,6 +212,22 @@ def test_ld_alpha_weights_the_tokens_past_the_shared_length():
     assert weights.nll is None
 
 
+def test_sft_without_chosen_tokens_is_zero_where_trl_gives_nan():
+    """A batch whose chosen completions are all empty: TRL's mean over no tokens is NaN; dpo_fast's NLL is 0."""
+    batch = _batch(seed=1, pairs=2, length=6)
+    batch["completion_mask"][:2] = 0
+    batch["completion"][:2] = False
+    batch["token_logps"][:2] = 0
+    options = {
+        "loss_type": ["sft"], "loss_weights": [1.0], "beta": 0.1, "label_smoothing": 0.0,
+        "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05, "ld_alpha": None,
+        "use_weighting": False,
+    }  # fmt: skip
+    assert trl_loss_and_token_grads(options, batch)[0].isnan()
+    loss, grads = ours_loss_and_token_grads(trl_dpo_objective("sft"), batch)
+    assert loss == 0 and (grads == 0).all()
+
+
 def test_sft_alone_is_the_mean_nll_of_the_chosen_tokens():
     batch = _batch(seed=1, pairs=3, length=8)
     loss, _ = ours_loss_and_token_grads(trl_dpo_objective("sft"), batch)
@@ -192,11 +237,17 @@ def test_sft_alone_is_the_mean_nll_of_the_chosen_tokens():
 
 
 def test_wpo_with_sft_is_refused_as_trl_itself_fails_on_it():
-    options = dict(
-        loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0], beta=0.1, label_smoothing=0.0,
-        f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05, ld_alpha=None,
-        use_weighting=True,
-    )  # fmt: skip
+    options = {
+        "loss_type": ["sigmoid", "sft"],
+        "loss_weights": [1.0, 1.0],
+        "beta": 0.1,
+        "label_smoothing": 0.0,
+        "f_divergence_type": "reverse_kl",
+        "f_alpha_divergence_coef": 0.5,
+        "discopop_tau": 0.05,
+        "ld_alpha": None,
+        "use_weighting": True,
+    }
     with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
         trl_loss_and_token_grads(options, _batch(seed=0, pairs=2, length=6))
     with pytest.raises(ValueError, match="use_weighting=True"):
@@ -206,16 +257,16 @@ def test_wpo_with_sft_is_refused_as_trl_itself_fails_on_it():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(terms=(PairTerm("kto"),)), "loss_type must be one of"),
-        (dict(terms=()), "terms must hold"),
-        (dict(beta=0.0), "beta must be a positive number"),
-        (dict(terms=(PairTerm("robust", label_smoothing=0.5),)), r"\[0, 0.5\) for loss_type='robust'"),
-        (dict(terms=(PairTerm("exo_pair"),)), r"\(0, 1\) for loss_type='exo_pair'"),
-        (dict(f_divergence_type="kl"), "f_divergence_type must be one of"),
-        (dict(f_divergence_type="js_divergence", terms=(PairTerm("nca_pair"),)), "applies only to the loss types"),
-        (dict(use_weighting=True, terms=(PairTerm("aot"),)), "use_weighting=True"),
-        (dict(ld_alpha=1.5), "ld_alpha must lie in"),
-        (dict(discopop_tau=0.0), "discopop_tau must be a positive number"),
+        ({"terms": (PairTerm("kto"),)}, "loss_type must be one of"),
+        ({"terms": ()}, "terms must hold"),
+        ({"beta": 0.0}, "beta must be a positive number"),
+        ({"terms": (PairTerm("robust", label_smoothing=0.5),)}, r"\[0, 0.5\) for loss_type='robust'"),
+        ({"terms": (PairTerm("exo_pair"),)}, r"\(0, 1\) for loss_type='exo_pair'"),
+        ({"f_divergence_type": "kl"}, "f_divergence_type must be one of"),
+        ({"f_divergence_type": "js_divergence", "terms": (PairTerm("nca_pair"),)}, "applies only to the loss types"),
+        ({"use_weighting": True, "terms": (PairTerm("aot"),)}, "use_weighting=True"),
+        ({"ld_alpha": 1.5}, "ld_alpha must lie in"),
+        ({"discopop_tau": 0.0}, "discopop_tau must be a positive number"),
     ],
 )
 def test_invalid_options_are_refused_by_name(kwargs, match):
@@ -236,10 +287,17 @@ def test_trl_applies_label_smoothing_where_trl_does():
 def test_wpo_hinge_matches_trl_forward_and_its_finite_differences():
     """TRL 1.16's backward fails on hinge with WPO (an in-place product on relu's saved output); its forward
     runs, so the gradient is checked against central differences of TRL's own loss."""
-    options = dict(
-        loss_type=["hinge"], loss_weights=[1.0], beta=0.3, label_smoothing=0.0, f_divergence_type="reverse_kl",
-        f_alpha_divergence_coef=0.5, discopop_tau=0.05, ld_alpha=None, use_weighting=True,
-    )  # fmt: skip
+    options = {
+        "loss_type": ["hinge"],
+        "loss_weights": [1.0],
+        "beta": 0.3,
+        "label_smoothing": 0.0,
+        "f_divergence_type": "reverse_kl",
+        "f_alpha_divergence_coef": 0.5,
+        "discopop_tau": 0.05,
+        "ld_alpha": None,
+        "use_weighting": True,
+    }
     batch = _batch(seed=5, pairs=3, length=7)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         trl_loss_and_token_grads(options, batch)

@@ -39,23 +39,25 @@ def _kto_batch(seed: int, size: int, length: int, desirable: list[bool]) -> dict
         return mask
 
     def token_logps(mask):
-        return torch.where(mask[:, 1:].bool(), -4 * torch.rand(size, length - 1, generator=gen, dtype=torch.float64), 0.0)
+        return torch.where(
+            mask[:, 1:].bool(), -4 * torch.rand(size, length - 1, generator=gen, dtype=torch.float64), 0.0
+        )
 
     mask, kl_mask = completion_mask(), completion_mask()
     logps, kl_logps = token_logps(mask), token_logps(kl_mask)
-    return dict(
-        input_ids=torch.zeros(size, length, dtype=torch.long),
-        attention_mask=torch.ones(size, length, dtype=torch.long),
-        completion_mask=mask,
-        KL_input_ids=torch.zeros(size, length, dtype=torch.long),
-        KL_attention_mask=torch.ones(size, length, dtype=torch.long),
-        KL_completion_mask=kl_mask,
-        label=torch.tensor(desirable),
-        ref_logps=logps.sum(1) + 2 * torch.randn(size, generator=gen, dtype=torch.float64),
-        ref_KL_logps=kl_logps.sum(1) - 2 * torch.rand(size, generator=gen, dtype=torch.float64),
-        token_logps=logps,
-        kl_token_logps=kl_logps,
-    )
+    return {
+        "input_ids": torch.zeros(size, length, dtype=torch.long),
+        "attention_mask": torch.ones(size, length, dtype=torch.long),
+        "completion_mask": mask,
+        "KL_input_ids": torch.zeros(size, length, dtype=torch.long),
+        "KL_attention_mask": torch.ones(size, length, dtype=torch.long),
+        "KL_completion_mask": kl_mask,
+        "label": torch.tensor(desirable),
+        "ref_logps": logps.sum(1) + 2 * torch.randn(size, generator=gen, dtype=torch.float64),
+        "ref_KL_logps": kl_logps.sum(1) - 2 * torch.rand(size, generator=gen, dtype=torch.float64),
+        "token_logps": logps,
+        "kl_token_logps": kl_logps,
+    }
 
 
 def trl_loss_and_token_grads(options: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,10 +71,16 @@ def trl_loss_and_token_grads(options: dict, batch: dict) -> tuple[torch.Tensor, 
         )
 
     trainer = types.SimpleNamespace(
-        model=types.SimpleNamespace(training=True), accelerator=_Accelerator(), calculate_KL=options["loss_type"] == "kto",
-        aux_loss_enabled=False, precompute_ref_logps=True, _metrics={"train": defaultdict(list)},
-        _total_train_tokens=0, _tp_size=1, **options,
-    )  # fmt: skip
+        model=types.SimpleNamespace(training=True),
+        accelerator=_Accelerator(),
+        calculate_KL=options["loss_type"] == "kto",
+        aux_loss_enabled=False,
+        precompute_ref_logps=True,
+        _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+        **options,
+    )
     trainer._compute_kl_logps = functools.partial(KTOTrainer._compute_kl_logps, trainer)
     loss = KTOTrainer._compute_loss(trainer, model, trl_batch, False)
     loss.backward()
@@ -86,9 +94,13 @@ def ours_loss_and_token_grads(objective: KTOObjective, batch: dict) -> tuple[tor
     segment_ids = torch.arange(size).repeat_interleave(length)
     weights = objectives.token_weights(objective, completion.reshape(-1), segment_ids, size)
     seqs = objectives.sequence_inputs(
-        batch["token_logps"].reshape(-1), segment_ids, size, weights, ref_logps=batch["ref_logps"],
+        batch["token_logps"].reshape(-1),
+        segment_ids,
+        size,
+        weights,
+        ref_logps=batch["ref_logps"],
         desirable=batch["label"],
-    )  # fmt: skip
+    )
     kl = kto_kl_estimate(batch["kl_token_logps"].sum(1), batch["ref_KL_logps"])
     value = objective.evaluate(seqs, BatchConstants(num_units=size, kl=kl))
     return value.loss, objectives.token_grads(value, segment_ids, weights).view(size, length)
@@ -104,8 +116,12 @@ def ours_loss_and_token_grads(objective: KTOObjective, batch: dict) -> tuple[tor
 )
 def test_kto_objective_equals_trl_compute_loss(seed, desirable, loss_type, beta, desirable_weight, undesirable_weight):
     batch = _kto_batch(seed, len(desirable), length=8, desirable=desirable)
-    options = dict(loss_type=loss_type, beta=beta, desirable_weight=desirable_weight,
-                   undesirable_weight=undesirable_weight)  # fmt: skip
+    options = {
+        "loss_type": loss_type,
+        "beta": beta,
+        "desirable_weight": desirable_weight,
+        "undesirable_weight": undesirable_weight,
+    }
     trl_loss, trl_grads = trl_loss_and_token_grads(options, batch)
     loss, grads = ours_loss_and_token_grads(KTOObjective(**options), batch)
     torch.testing.assert_close(loss, trl_loss, rtol=1e-9, atol=1e-12)
@@ -135,9 +151,21 @@ def test_kto_equals_liger_fused_kto(kl):
 
     liger_hidden, liger_weight = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     liger_loss, _ = LigerFusedLinearKTOFunction.apply(
-        liger_hidden, liger_weight, target, desirable, None, ref_hidden, weight, None, torch.tensor(kl), -100, beta,
-        False, True, False,
-    )  # fmt: skip
+        liger_hidden,
+        liger_weight,
+        target,
+        desirable,
+        None,
+        ref_hidden,
+        weight,
+        None,
+        torch.tensor(kl),
+        -100,
+        beta,
+        False,
+        True,
+        False,
+    )
     liger_loss.backward()
 
     our_hidden, our_weight = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
@@ -157,7 +185,7 @@ def test_kto_equals_liger_fused_kto(kl):
     )
     loss = objectives.objective_loss(objective, seqs, BatchConstants(num_units=size, kl=kl))
     loss.backward()
-    float32 = dict(rtol=2e-5, atol=2e-6)
+    float32 = {"rtol": 2e-5, "atol": 2e-6}
     torch.testing.assert_close(loss, liger_loss.double(), **float32)
     torch.testing.assert_close(our_hidden.grad, liger_hidden.grad.double(), **float32)
     torch.testing.assert_close(our_weight.grad, liger_weight.grad.double(), **float32)

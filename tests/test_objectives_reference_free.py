@@ -9,7 +9,6 @@ dpo_fast's side: per-token log-probs (float64 autograd), then ``token_weights``,
 """
 
 import functools
-import os
 import types
 
 import pytest
@@ -17,16 +16,14 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # CPO and ORPO are experimental in TRL 1.16, as the doc says
-from trl.experimental.cpo import CPOTrainer  # noqa: E402
-from trl.experimental.orpo import ORPOTrainer  # noqa: E402
+from liger_kernel.chunked_loss.cpo_loss import LigerFusedLinearCPOFunction
+from liger_kernel.chunked_loss.orpo_loss import LigerFusedLinearORPOFunction
+from liger_kernel.chunked_loss.simpo_loss import LigerFusedLinearSimPOFunction
+from trl.experimental.cpo import CPOTrainer
+from trl.experimental.orpo import ORPOTrainer
 
 from dpo_fast import objectives
 from dpo_fast.objectives import BatchConstants, CPOObjective, ORPOObjective
-
-from liger_kernel.chunked_loss.cpo_loss import LigerFusedLinearCPOFunction  # noqa: E402
-from liger_kernel.chunked_loss.orpo_loss import LigerFusedLinearORPOFunction  # noqa: E402
-from liger_kernel.chunked_loss.simpo_loss import LigerFusedLinearSimPOFunction  # noqa: E402
 
 VOCAB, HIDDEN = 11, 6
 
@@ -51,13 +48,13 @@ def _pair_batch(seed: int, pairs: int, length: int) -> dict:
         attention_mask[row, :end] = 1
         labels[row, prompt:end] = input_ids[row, prompt:end]
     input_ids = input_ids.masked_fill(attention_mask == 0, 0)
-    return dict(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        labels=labels,
-        hidden=torch.randn(rows, length, HIDDEN, generator=gen, dtype=torch.float64),
-        weight=torch.randn(VOCAB, HIDDEN, generator=gen, dtype=torch.float64) * 0.7,
-    )
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "hidden": torch.randn(rows, length, HIDDEN, generator=gen, dtype=torch.float64),
+        "weight": torch.randn(VOCAB, HIDDEN, generator=gen, dtype=torch.float64) * 0.7,
+    }
 
 
 def _trl_batch(batch: dict) -> dict:
@@ -74,10 +71,15 @@ def trl_loss_and_grad(trainer_class, options: dict, batch: dict) -> tuple[torch.
     """TRL's loss and dL/dhidden, from its own ``get_batch_loss_metrics``."""
     hidden = batch["hidden"].clone().requires_grad_(True)
     trainer = types.SimpleNamespace(
-        accelerator=_Accelerator(), is_encoder_decoder=False, aux_loss_enabled=False, pad_token_id=0,
-        padding_value=0, concatenated_inputs=trainer_class.concatenated_inputs,
-        get_batch_logps=trainer_class.get_batch_logps, **options,
-    )  # fmt: skip
+        accelerator=_Accelerator(),
+        is_encoder_decoder=False,
+        aux_loss_enabled=False,
+        pad_token_id=0,
+        padding_value=0,
+        concatenated_inputs=trainer_class.concatenated_inputs,
+        get_batch_logps=trainer_class.get_batch_logps,
+        **options,
+    )
     for method in ("concatenated_forward", "cpo_loss", "odds_ratio_loss"):
         if hasattr(trainer_class, method):
             setattr(trainer, method, functools.partial(getattr(trainer_class, method), trainer))
@@ -111,27 +113,40 @@ def ours_loss_and_grads(objective, batch: dict, nll_from_prompt: bool = False):
     return loss.detach(), seqs, grad_hidden, weight.grad
 
 
-cpo_options = dict(
-    loss_type=st.sampled_from(["sigmoid", "hinge", "ipo", "simpo"]),
-    beta=st.floats(0.05, 3.0),
-    label_smoothing=st.sampled_from([0.0, 0.2]),
-    cpo_alpha=st.sampled_from([0.0, 1.0, 0.4]),
-    simpo_gamma=st.floats(0.0, 2.0),
-    alpha=st.sampled_from([0.0, 0.0, 0.5, -0.3]),
-)
+cpo_options = {
+    "loss_type": st.sampled_from(["sigmoid", "hinge", "ipo", "simpo"]),
+    "beta": st.floats(0.05, 3.0),
+    "label_smoothing": st.sampled_from([0.0, 0.2]),
+    "cpo_alpha": st.sampled_from([0.0, 1.0, 0.4]),
+    "simpo_gamma": st.floats(0.0, 2.0),
+    "alpha": st.sampled_from([0.0, 0.0, 0.5, -0.3]),
+}
 
 
 @given(seed=st.integers(0, 2**16), pairs=st.integers(1, 3), **cpo_options)
-def test_cpo_objective_equals_trl_cpo_trainer(seed, pairs, loss_type, beta, label_smoothing, cpo_alpha, simpo_gamma,
-                                              alpha):  # fmt: skip
+def test_cpo_objective_equals_trl_cpo_trainer(
+    seed, pairs, loss_type, beta, label_smoothing, cpo_alpha, simpo_gamma, alpha
+):
     if loss_type in ("hinge", "ipo"):
         label_smoothing = 0.0  # TRL warns that these ignore it; the objective ignores it too
     batch = _pair_batch(seed, pairs, length=7)
-    options = dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, cpo_alpha=cpo_alpha,
-                   simpo_gamma=simpo_gamma, alpha=alpha)  # fmt: skip
+    options = {
+        "loss_type": loss_type,
+        "beta": beta,
+        "label_smoothing": label_smoothing,
+        "cpo_alpha": cpo_alpha,
+        "simpo_gamma": simpo_gamma,
+        "alpha": alpha,
+    }
     trl_loss, trl_grad = trl_loss_and_grad(CPOTrainer, options, batch)
-    objective = CPOObjective(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, nll_weight=cpo_alpha,
-                             simpo_gamma=simpo_gamma, alpha=alpha)  # fmt: skip
+    objective = CPOObjective(
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+        nll_weight=cpo_alpha,
+        simpo_gamma=simpo_gamma,
+        alpha=alpha,
+    )
     loss, _, grad_hidden, _ = ours_loss_and_grads(objective, batch)
     torch.testing.assert_close(loss, trl_loss, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(grad_hidden, trl_grad, rtol=1e-9, atol=1e-12)
@@ -142,7 +157,7 @@ def test_orpo_objective_equals_trl_orpo_trainer(seed, pairs, beta):
     """TRL's ORPO NLL covers the chosen prompt tokens too: passed as the NLL tokens. TRL casts the log-probs
     to float32 for the odds ratio (``odds_ratio_loss``), hence a float32 tolerance."""
     batch = _pair_batch(seed, pairs, length=7)
-    trl_loss, trl_grad = trl_loss_and_grad(ORPOTrainer, dict(beta=beta), batch)
+    trl_loss, trl_grad = trl_loss_and_grad(ORPOTrainer, {"beta": beta}, batch)
     loss, _, grad_hidden, _ = ours_loss_and_grads(ORPOObjective(beta=beta), batch, nll_from_prompt=True)
     torch.testing.assert_close(loss, trl_loss, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad_hidden, trl_grad, rtol=1e-6, atol=1e-7)
@@ -158,7 +173,7 @@ def _liger(function, batch: dict, *args):
     return loss.detach().double(), aux[0].double(), aux[1].double(), grad_hidden.double(), weight.grad.double()
 
 
-FLOAT32 = dict(rtol=2e-5, atol=2e-6)  # Liger takes log_softmax in float32
+FLOAT32 = {"rtol": 2e-5, "atol": 2e-6}  # Liger takes log_softmax in float32
 
 
 def _check_against_liger(ours, liger, average: bool, counts: torch.Tensor):
@@ -176,9 +191,12 @@ def _check_against_liger(ours, liger, average: bool, counts: torch.Tensor):
 def test_cpo_equals_liger_fused_cpo(average, nll_weight):
     batch = _pair_batch(seed=7, pairs=3, length=8)
     beta, label_smoothing = 0.4, 0.1
-    liger = _liger(LigerFusedLinearCPOFunction, batch, beta, nll_weight, label_smoothing, nll_weight != 0, False,
-                   average)  # fmt: skip
-    objective = CPOObjective(beta=beta, label_smoothing=label_smoothing, nll_weight=nll_weight, average_log_prob=average)
+    liger = _liger(
+        LigerFusedLinearCPOFunction, batch, beta, nll_weight, label_smoothing, nll_weight != 0, False, average
+    )
+    objective = CPOObjective(
+        beta=beta, label_smoothing=label_smoothing, nll_weight=nll_weight, average_log_prob=average
+    )
     ours = ours_loss_and_grads(objective, batch)
     _check_against_liger(ours, liger, average, ours[1].token_counts)
 
@@ -187,10 +205,12 @@ def test_cpo_equals_liger_fused_cpo(average, nll_weight):
 def test_simpo_equals_liger_fused_simpo(nll_weight):
     batch = _pair_batch(seed=8, pairs=3, length=8)
     beta, gamma, label_smoothing = 2.0, 0.8, 0.05
-    liger = _liger(LigerFusedLinearSimPOFunction, batch, beta, nll_weight, label_smoothing, nll_weight != 0, False,
-                   gamma)  # fmt: skip
-    objective = CPOObjective(beta=beta, loss_type="simpo", label_smoothing=label_smoothing, nll_weight=nll_weight,
-                             simpo_gamma=gamma)  # fmt: skip
+    liger = _liger(
+        LigerFusedLinearSimPOFunction, batch, beta, nll_weight, label_smoothing, nll_weight != 0, False, gamma
+    )
+    objective = CPOObjective(
+        beta=beta, loss_type="simpo", label_smoothing=label_smoothing, nll_weight=nll_weight, simpo_gamma=gamma
+    )
     ours = ours_loss_and_grads(objective, batch)
     _check_against_liger(ours, liger, True, ours[1].token_counts)
 

@@ -54,14 +54,14 @@ from .kto import KTO_LOSS_TYPES, KTOObjective, kto_kl_estimate
 from .reference_free import CPO_LOSS_TYPES, CPOObjective, ORPOObjective
 
 __all__ = [
-    "BatchConstants",
-    "CPOObjective",
     "CPO_LOSS_TYPES",
-    "DPOObjective",
     "DPO_LOSS_TYPES",
-    "KTOObjective",
     "KTO_LOSS_TYPES",
     "LOSS_TYPES",
+    "BatchConstants",
+    "CPOObjective",
+    "DPOObjective",
+    "KTOObjective",
     "Needs",
     "ORPOObjective",
     "Objective",

@@ -25,8 +25,8 @@ reference alike. ``use_weighting`` (WPO) multiplies each pair's terms by
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -148,7 +148,9 @@ class DPOObjective:
                 grad_nll = torch.zeros_like(logps) if grad_nll is None else grad_nll
                 grad_nll[: logps.shape[0] // 2] -= term.weight / nll_tokens
                 continue
-            average = default_average_log_prob(term.loss_type) if self.average_log_prob is None else self.average_log_prob
+            average = (
+                default_average_log_prob(term.loss_type) if self.average_log_prob is None else self.average_log_prob
+            )
             scale = 1.0 / counts if average else torch.ones_like(counts)
             values, grad_chosen, grad_rejected = self._term(term, logps * scale, ref * scale, logratios, scale)
             if pair_weight is not None:
@@ -183,7 +185,11 @@ def _two_sided_term(kind: str, c: torch.Tensor, r: torch.Tensor, beta: float):
             - 0.5 * torch.nn.functional.logsigmoid(-beta * c)
             - 0.5 * torch.nn.functional.logsigmoid(-beta * r)
         )
-        return value, -beta * torch.sigmoid(-beta * c) + 0.5 * beta * torch.sigmoid(beta * c), 0.5 * beta * torch.sigmoid(beta * r)
+        return (
+            value,
+            -beta * torch.sigmoid(-beta * c) + 0.5 * beta * torch.sigmoid(beta * c),
+            0.5 * beta * torch.sigmoid(beta * r),
+        )
     if kind == "bco_pair":
         value = -torch.nn.functional.logsigmoid(beta * c) - torch.nn.functional.logsigmoid(-beta * r)
         return value, -beta * torch.sigmoid(-beta * c), beta * torch.sigmoid(beta * r)

@@ -217,7 +217,9 @@ def sequence_inputs(
         logps=segment_sum(torch.where(weights.logps != 0, logps64, 0.0) * weights.logps),
         token_counts=segment_sum(counted),
         ref_logps=None if ref_logps is None else ref_logps.double(),
-        nll_logps=None if weights.nll is None else segment_sum(torch.where(weights.nll != 0, logps64, 0.0) * weights.nll),
+        nll_logps=None
+        if weights.nll is None
+        else segment_sum(torch.where(weights.nll != 0, logps64, 0.0) * weights.nll),
         wpo_logps=wpo,
         desirable=desirable,
     )
