@@ -319,3 +319,29 @@ def test_evaluate_compiles_without_graph_breaks(objective):
     args = (seqs.logps, seqs.ref_logps, seqs.token_counts, seqs.wpo_logps, seqs.nll_logps, seqs.desirable)
     compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(*args), run(*args))
+
+
+_IN_OP_OBJECTIVE = DPOObjective(beta=0.4, terms=(PairTerm("sigmoid"), PairTerm("apo_down", 0.5)), use_weighting=True)
+
+
+@torch.library.custom_op("dpo_fast_test::objective_in_op", mutates_args=())
+def _objective_in_op(
+    logps: torch.Tensor, ref_logps: torch.Tensor, token_counts: torch.Tensor, wpo_logps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    seqs = objectives.SequenceInputs(logps, token_counts, ref_logps, wpo_logps=wpo_logps)
+    value = _IN_OP_OBJECTIVE.evaluate(seqs, BatchConstants(num_units=logps.shape[0] // 2))
+    return value.loss, value.grad_logps
+
+
+@_objective_in_op.register_fake
+def _(logps, ref_logps, token_counts, wpo_logps):
+    return logps.new_empty((), dtype=torch.float64), torch.empty_like(logps, dtype=torch.float64)
+
+
+def test_evaluate_runs_inside_a_custom_op_called_from_a_compiled_graph():
+    """Where the fused pass calls it: below the autograd key, from a compiled graph (torch.func fails there)."""
+    seqs = _random_units(_IN_OP_OBJECTIVE, 4, seed=9)
+    args = (seqs.logps, seqs.ref_logps, seqs.token_counts, seqs.wpo_logps)
+    compiled = torch.compile(lambda *a: _objective_in_op(*a), fullgraph=True, backend="aot_eager")
+    want = _IN_OP_OBJECTIVE.evaluate(seqs, BatchConstants(num_units=4))
+    torch.testing.assert_close(compiled(*args), (want.loss, want.grad_logps))

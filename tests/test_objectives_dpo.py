@@ -175,6 +175,11 @@ def test_dpo_objective_equals_trl_compute_loss(options, seed, pairs):
     alpha = options["f_divergence_type"] == "alpha_divergence" and options["f_alpha_divergence_coef"] != 1.0
     trl_loss, trl_grads = trl_loss_and_token_grads(options, batch, torch.float32 if alpha else torch.float64)
     loss, grads = ours_loss_and_token_grads(trl_dpo_objective(**options), batch)
+    if "discopop" in options["loss_type"] and trl_loss.isnan():
+        # TRL's exp(-x) * sigmoid(x/tau) is inf * 0 past x < -709 (f-divergence scores reach there);
+        # dpo_fast takes exp(-x + logsigmoid(x/tau)): finite (test_objectives.py::test_discopop_is_finite...)
+        assert loss.isfinite() and grads.isfinite().all()
+        return
     tolerance = {"rtol": 2e-5, "atol": 1e-6} if alpha else {"rtol": 1e-9, "atol": 1e-12}
     torch.testing.assert_close(loss, trl_loss, **tolerance)
     torch.testing.assert_close(grads, trl_grads, **tolerance)

@@ -136,6 +136,12 @@ class TokenWeights:
     completion: torch.Tensor
 
 
+def _segment_count(tokens: torch.Tensor, segment_ids: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """(num_sequences,) float64 count of the ``tokens`` (bool (N,)) of each sequence; no device sync (unlike bincount)."""
+    counts = torch.zeros(num_sequences, dtype=torch.float64, device=tokens.device)
+    return counts.index_add_(0, segment_ids, tokens.to(torch.float64))
+
+
 def completion_positions(completion: torch.Tensor, segment_ids: torch.Tensor, num_sequences: int) -> torch.Tensor:
     """(N,) int64: 1-based position of each completion token within its sequence's completion, in token order.
 
@@ -144,7 +150,7 @@ def completion_positions(completion: torch.Tensor, segment_ids: torch.Tensor, nu
             appear in order, possibly interleaved with other sequences' tokens.
     """
     order = torch.argsort(segment_ids, stable=True)
-    counts = torch.bincount(segment_ids, weights=completion.to(torch.float64), minlength=num_sequences).long()
+    counts = _segment_count(completion, segment_ids, num_sequences).long()
     starts = counts.cumsum(0) - counts
     position_sorted = completion.index_select(0, order).long().cumsum(0) - starts.index_select(
         0, segment_ids.index_select(0, order)
@@ -173,7 +179,7 @@ def token_weights(
     weights = completion.to(torch.float64)
     if objective.ld_alpha is not None:
         num_pairs = num_sequences // 2
-        counts = torch.bincount(segment_ids, weights=weights, minlength=num_sequences)
+        counts = _segment_count(completion, segment_ids, num_sequences)
         shared = torch.minimum(counts[:num_pairs], counts[num_pairs:]).repeat(2)
         positions = completion_positions(completion, segment_ids, num_sequences)
         past_shared = positions > shared.index_select(0, segment_ids)
@@ -209,17 +215,18 @@ def sequence_inputs(
     def segment_sum(values: torch.Tensor) -> torch.Tensor:
         return values.new_zeros(num_sequences).index_add(0, segment_ids, values)
 
-    counted = weights.completion.to(torch.float64)
+    def weighted_sum(weight: torch.Tensor) -> torch.Tensor:
+        """``sum_t weight[t] * logp[t]`` per sequence; a token of weight 0 adds 0, whatever its log-prob."""
+        return segment_sum(torch.where(weight != 0, logps64, 0.0) * weight)
+
     wpo = None
     if log_sum_sq_probs is not None:
         wpo = segment_sum(torch.where(weights.completion, logps64 - log_sum_sq_probs.double(), 0.0)).detach()
     return SequenceInputs(
-        logps=segment_sum(torch.where(weights.logps != 0, logps64, 0.0) * weights.logps),
-        token_counts=segment_sum(counted),
+        logps=weighted_sum(weights.logps),
+        token_counts=_segment_count(weights.completion, segment_ids, num_sequences),
         ref_logps=None if ref_logps is None else ref_logps.double(),
-        nll_logps=None
-        if weights.nll is None
-        else segment_sum(torch.where(weights.nll != 0, logps64, 0.0) * weights.nll),
+        nll_logps=None if weights.nll is None else weighted_sum(weights.nll),
         wpo_logps=wpo,
         desirable=desirable,
     )
