@@ -29,9 +29,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .elementwise import F_DIVERGENCES, f_divergence_score, margin_loss, sigmoid_slope
-from .interface import BatchConstants, Needs, ObjectiveValue, SequenceInputs
+from .interface import BatchConstants, Needs, ObjectiveValue, SequenceInputs, chosen_nll
 
 # dpo_fast's pairwise loss types of ``fused_linear_dpo_loss`` today (pair-local, one at a time).
 LOSS_TYPES = (
@@ -142,11 +143,9 @@ class DPOObjective:
         grad_nll = None
         for term in self.terms:
             if term.loss_type == "sft":
-                chosen_nll = seqs.nll_logps.detach().double().chunk(2)[0]
-                nll_tokens = torch.as_tensor(batch.nll_tokens, dtype=torch.float64, device=logps.device).clamp(min=1)
-                loss = loss - term.weight * chosen_nll.sum() / nll_tokens
-                grad_nll = torch.zeros_like(logps) if grad_nll is None else grad_nll
-                grad_nll[: logps.shape[0] // 2] -= term.weight / nll_tokens
+                nll, grad = chosen_nll(seqs, batch, term.weight)
+                loss = loss + nll
+                grad_nll = grad if grad_nll is None else grad_nll + grad
                 continue
             average = (
                 default_average_log_prob(term.loss_type) if self.average_log_prob is None else self.average_log_prob
@@ -180,18 +179,14 @@ class DPOObjective:
 def _two_sided_term(kind: str, c: torch.Tensor, r: torch.Tensor, beta: float):
     """Losses of the chosen and rejected log-ratios apart: (values, d/dc, d/dr), (G,) each."""
     if kind == "nca_pair":
-        value = (
-            -torch.nn.functional.logsigmoid(beta * c)
-            - 0.5 * torch.nn.functional.logsigmoid(-beta * c)
-            - 0.5 * torch.nn.functional.logsigmoid(-beta * r)
-        )
+        value = -F.logsigmoid(beta * c) - 0.5 * F.logsigmoid(-beta * c) - 0.5 * F.logsigmoid(-beta * r)
         return (
             value,
             -beta * torch.sigmoid(-beta * c) + 0.5 * beta * torch.sigmoid(beta * c),
             0.5 * beta * torch.sigmoid(beta * r),
         )
     if kind == "bco_pair":
-        value = -torch.nn.functional.logsigmoid(beta * c) - torch.nn.functional.logsigmoid(-beta * r)
+        value = -F.logsigmoid(beta * c) - F.logsigmoid(-beta * r)
         return value, -beta * torch.sigmoid(-beta * c), beta * torch.sigmoid(beta * r)
     if kind == "sppo_hard":
         high, low = c - 1 / (2 * beta), r + 1 / (2 * beta)

@@ -121,6 +121,18 @@ class Objective(Protocol):
     def evaluate(self, seqs: SequenceInputs, batch: BatchConstants) -> ObjectiveValue: ...
 
 
+def chosen_nll(seqs: SequenceInputs, batch: BatchConstants, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight * NLL`` of a paired group's chosen rows, ``-weight * sum(nll_logps[chosen]) / nll_tokens``
+    (TRL's token mean over the batch; 0 when the batch has no NLL token), and its gradient (2G,) w.r.t.
+    ``nll_logps``."""
+    if seqs.nll_logps is None:
+        raise ValueError("this objective has an NLL term: it needs SequenceInputs.nll_logps (see token_weights)")
+    chosen = seqs.nll_logps.detach().double().chunk(2)[0]
+    tokens = torch.as_tensor(batch.nll_tokens, dtype=torch.float64, device=chosen.device).clamp(min=1)
+    grad = torch.cat([torch.ones_like(chosen) * (-weight / tokens), torch.zeros_like(chosen)])
+    return -weight * chosen.sum() / tokens, grad
+
+
 @dataclass
 class TokenWeights:
     """Per-token weights of the sums, (N,) each, 0 on the tokens a sum does not cover.

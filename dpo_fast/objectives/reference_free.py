@@ -29,19 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from .elementwise import log1mexp, margin_loss
-from .interface import BatchConstants, Needs, ObjectiveValue, SequenceInputs
+from .interface import BatchConstants, Needs, ObjectiveValue, SequenceInputs, chosen_nll
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
 _AVERAGED = ("ipo", "simpo")
-
-
-def _nll(seqs: SequenceInputs, batch: BatchConstants, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight * NLL`` of the chosen rows and its gradient w.r.t. ``nll_logps`` (2G,)."""
-    nll_logps = seqs.nll_logps.detach().double()
-    tokens = torch.as_tensor(batch.nll_tokens, dtype=torch.float64, device=nll_logps.device).clamp(min=1)
-    chosen = nll_logps.chunk(2)[0]
-    grad = torch.cat([torch.full_like(chosen, 1.0) * (-weight / tokens), torch.zeros_like(chosen)])
-    return -weight * chosen.sum() / tokens, grad
 
 
 @dataclass(frozen=True)
@@ -104,7 +95,7 @@ class CPOObjective:
         grad_logps = torch.cat([slope * slope_c, -slope * slope_r]) / batch.num_units
         grad_nll = None
         if self.needs.nll:
-            nll, grad_nll = _nll(seqs, batch, self.nll_weight)
+            nll, grad_nll = chosen_nll(seqs, batch, self.nll_weight)
             loss = loss + nll
         return ObjectiveValue(loss=loss, grad_logps=grad_logps, grad_nll_logps=grad_nll)
 
@@ -138,6 +129,6 @@ class ORPOObjective:
         outer = -self.beta * torch.sigmoid(-log_odds) / batch.num_units
         scale_c, scale_r = scale.chunk(2)
         grad_logps = torch.cat([outer * (1 - slope_c) * scale_c, outer * (slope_r - 1) * scale_r])
-        nll, grad_nll = _nll(seqs, batch, 1.0)
+        nll, grad_nll = chosen_nll(seqs, batch, 1.0)
         loss = nll - self.beta * F.logsigmoid(log_odds).sum() / batch.num_units
         return ObjectiveValue(loss=loss, grad_logps=grad_logps, grad_nll_logps=grad_nll)
