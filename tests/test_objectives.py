@@ -345,3 +345,12 @@ def test_evaluate_runs_inside_a_custom_op_called_from_a_compiled_graph():
     compiled = torch.compile(lambda *a: _objective_in_op(*a), fullgraph=True, backend="aot_eager")
     want = _IN_OP_OBJECTIVE.evaluate(seqs, BatchConstants(num_units=4))
     torch.testing.assert_close(compiled(*args), (want.loss, want.grad_logps))
+
+
+@pytest.mark.parametrize(
+    "objective", LOCAL_OBJECTIVES + [DPOObjective(terms=(PairTerm("aot", 1.0, 0.1),), average_log_prob=True)]
+)
+def test_objectives_cross_a_custom_op_as_strings(objective):
+    spec = objectives.encode_objective(objective)
+    assert isinstance(spec, str) and objectives.decode_objective(spec) == objective
+    assert objectives.encode_objective(objectives.decode_objective(spec)) == spec

@@ -6,7 +6,7 @@ head, not here. Each objective is a frozen dataclass of its options with one met
 units (pairs, or single sequences for KTO) and its closed-form gradient w.r.t. each per-sequence sum.
 That is what lets the fused pass form the LM-head gradients group by group during the forward pass
 (``interface`` describes the contract: what the pass sums per token, and how the per-sequence gradients
-go back to tokens).
+go back to tokens; ``spec`` turns an objective into the string a custom op can take).
 
 =====================  ============================================================  ==========  ==========
 objective              loss types                                                    units       pair-local
@@ -52,6 +52,7 @@ from .interface import (
 )
 from .kto import KTO_LOSS_TYPES, KTOObjective, kto_kl_estimate
 from .reference_free import CPO_LOSS_TYPES, CPOObjective, ORPOObjective
+from .spec import decode_objective, encode_objective
 
 __all__ = [
     "CPO_LOSS_TYPES",
@@ -69,7 +70,9 @@ __all__ = [
     "PairTerm",
     "SequenceInputs",
     "TokenWeights",
+    "decode_objective",
     "default_average_log_prob",
+    "encode_objective",
     "kto_kl_estimate",
     "objective_loss",
     "pair_loss_grads",
