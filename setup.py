@@ -77,6 +77,7 @@ setup(
         "dpo_fast.csrc.cuda",
         "dpo_fast.integrations",
         "dpo_fast.kernels",
+        "dpo_fast.objectives",
         "dpo_fast.trainer",
         "dpo_fast.trainer.default",
     ],

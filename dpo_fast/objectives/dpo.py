@@ -1,0 +1,340 @@
+"""The DPO family: every pairwise loss of TRL 1.16's ``DPOTrainer``, on per-sequence sums.
+
+With ``c = logps_chosen - ref_chosen`` and ``r = logps_rejected - ref_rejected`` (the log-ratios), a
+``DPOObjective`` is TRL's ``_compute_loss``::
+
+    loss = sum_k weight_k * mean_pairs(omega * term_k)           (omega: WPO's pair weight, else 1)
+
+where each term is one of
+
+- margin losses on ``m = score(c)/n_c - score(r)/n_r`` (``score``: the f-divergence's ``f'``, the
+  identity for ``reverse_kl``; ``n``: the token count for the length-averaged types, else 1), see
+  ``elementwise.margin_loss``: ``sigmoid`` (cDPO with ``label_smoothing``; TRL's own ``sigmoid``
+  has none), ``sigmoid_norm`` (sigmoid, averaged), ``robust``, ``hinge``, ``ipo`` (averaged),
+  ``exo_pair``, ``discopop``;
+- losses of ``c`` and ``r`` apart: ``nca_pair``, ``bco_pair``, ``sppo_hard``, ``apo_zero``, ``apo_down``;
+- ``aot``: sigmoid (with ``label_smoothing``) of ``sort(c_logps - r_logps) - sort(ref_c - ref_r)``,
+  and ``aot_unpaired``: of ``sort(c) - sort(r)`` (sorted across the batch: not pair-local);
+- ``sft``: the mean NLL of the chosen completion tokens over the batch (unweighted by LD-DPO).
+
+``ld_alpha`` (LD-DPO) changes the sums themselves (``interface.token_weights``), for the policy and the
+reference alike. ``use_weighting`` (WPO) multiplies each pair's terms by
+``exp(mean_t(logp - log sum_v p_v^2) of chosen) * exp(... of rejected)``, detached.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .elementwise import F_DIVERGENCES, f_divergence_score, margin_loss, sigmoid_slope
+from .interface import BatchConstants, Needs, ObjectiveValue, SequenceInputs, chosen_nll
+
+# dpo_fast's pairwise loss types of ``fused_linear_dpo_loss`` today (pair-local, one at a time).
+LOSS_TYPES = (
+    "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
+)  # fmt: skip
+SORTED_LOSSES = ("aot", "aot_unpaired")
+DPO_LOSS_TYPES = LOSS_TYPES + ("sigmoid_norm", "discopop") + SORTED_LOSSES + ("sft",)
+AVERAGED_BY_DEFAULT = ("ipo", "sigmoid_norm")
+TAKES_LABEL_SMOOTHING = ("sigmoid", "sigmoid_norm", "robust", "exo_pair", "aot", "aot_unpaired")
+# TRL 1.16: the losses built on the chosen-rejected score difference, the only ones f-DPO generalizes
+F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+_MARGIN_KIND = {
+    "sigmoid": "sigmoid", "sigmoid_norm": "sigmoid", "robust": "robust", "hinge": "hinge", "ipo": "ipo",
+    "exo_pair": "exo_pair", "discopop": "discopop",
+}  # fmt: skip
+
+
+def default_average_log_prob(loss_type: str) -> bool:
+    """IPO and sigmoid_norm are defined on length-averaged log-ratios (as TRL computes them); the others on sums."""
+    return loss_type in AVERAGED_BY_DEFAULT
+
+
+@dataclass(frozen=True)
+class PairTerm:
+    """One loss of a ``DPOObjective``.
+
+    Attributes:
+        loss_type: one of ``DPO_LOSS_TYPES``.
+        weight: its weight in the sum (TRL's ``loss_weights``).
+        label_smoothing: cDPO's / robust's flip rate, EXO's epsilon; read by ``TAKES_LABEL_SMOOTHING`` only.
+    """
+
+    loss_type: str
+    weight: float = 1.0
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class DPOObjective:
+    """A weighted sum of pairwise losses (TRL 1.16's ``DPOTrainer``), with its options.
+
+    Attributes:
+        beta: the temperature of every term.
+        terms: the losses and their weights.
+        f_divergence_type, f_alpha_divergence_coef: f-DPO's score (``elementwise.f_divergence_score``).
+        discopop_tau: DiscoPOP's temperature.
+        use_weighting: WPO's pair weights (needs ``log sum_v p_v^2`` per token).
+        ld_alpha: LD-DPO's weight of the tokens past a pair's shared completion length, or None.
+        average_log_prob: divide each log-ratio (or score) by its sequence's token count; None: per term,
+            True for ``ipo`` and ``sigmoid_norm`` only.
+    """
+
+    beta: float = 0.1
+    terms: tuple[PairTerm, ...] = (PairTerm("sigmoid"),)
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: float = 0.05
+    use_weighting: bool = False
+    ld_alpha: float | None = None
+    average_log_prob: bool | None = None
+
+    paired = True
+
+    def __post_init__(self):
+        _check_positive("beta", self.beta)
+        if not self.terms:
+            raise ValueError("terms must hold at least one PairTerm, e.g. (PairTerm('sigmoid'),)")
+        types = [term.loss_type for term in self.terms]
+        for term in self.terms:
+            _check_term(term)
+        if self.f_divergence_type not in F_DIVERGENCES:
+            raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {self.f_divergence_type!r}")
+        if not math.isfinite(self.f_alpha_divergence_coef):
+            raise ValueError(f"f_alpha_divergence_coef must be a finite number, got {self.f_alpha_divergence_coef!r}")
+        if self.f_divergence_type != "reverse_kl" and not set(types) <= set(F_DIVERGENCE_LOSS_TYPES):
+            raise ValueError(
+                f"f_divergence_type={self.f_divergence_type!r} applies only to the loss types "
+                f"{F_DIVERGENCE_LOSS_TYPES} (as in TRL 1.16), got {types}; use f_divergence_type='reverse_kl'"
+            )
+        _check_positive("discopop_tau", self.discopop_tau)
+        if self.use_weighting and set(types) & {"aot", "aot_unpaired", "sft"}:
+            raise ValueError(
+                f"use_weighting=True (WPO) cannot weight {sorted(set(types) & {'aot', 'aot_unpaired', 'sft'})}: aot "
+                "and aot_unpaired sort pairs across the batch (TRL 1.16 refuses them too), and TRL 1.16 fails on "
+                "'sft' with weighting (an in-place product on an expanded tensor), so its meaning is undefined"
+            )
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ValueError(f"ld_alpha must lie in [0, 1] (LD-DPO) or be None, got {self.ld_alpha!r}")
+
+    @property
+    def local(self) -> bool:
+        return not any(term.loss_type in SORTED_LOSSES for term in self.terms)
+
+    @property
+    def needs(self) -> Needs:
+        types = {term.loss_type for term in self.terms}
+        return Needs(reference=bool(types - {"sft"}), nll="sft" in types, wpo=self.use_weighting)
+
+    def evaluate(self, seqs: SequenceInputs, batch: BatchConstants) -> ObjectiveValue:
+        """Loss share and gradients of ``G`` whole pairs (``seqs`` of ``2G`` sequences, chosen first)."""
+        logps = seqs.logps.detach().double()
+        ref = torch.zeros_like(logps) if seqs.ref_logps is None else seqs.ref_logps.detach().double()
+        counts = seqs.token_counts.detach().double().clamp(min=1)
+        logratios = logps - ref
+        pair_weight = None if not self.use_weighting else _wpo_pair_weights(seqs.wpo_logps, counts)
+        loss = logps.new_zeros(())
+        grad_logps = torch.zeros_like(logps)
+        grad_nll = None
+        for term in self.terms:
+            if term.loss_type == "sft":
+                nll, grad = chosen_nll(seqs, batch, term.weight)
+                loss = loss + nll
+                grad_nll = grad if grad_nll is None else grad_nll + grad
+                continue
+            average = (
+                default_average_log_prob(term.loss_type) if self.average_log_prob is None else self.average_log_prob
+            )
+            scale = 1.0 / counts if average else torch.ones_like(counts)
+            values, grad_chosen, grad_rejected = self._term(term, logps * scale, ref * scale, logratios, scale)
+            if pair_weight is not None:
+                values, grad_chosen, grad_rejected = (t * pair_weight for t in (values, grad_chosen, grad_rejected))
+            factor = term.weight / batch.num_units
+            loss = loss + factor * values.sum()
+            grad_logps = grad_logps + factor * torch.cat([grad_chosen, grad_rejected])
+        return ObjectiveValue(loss=loss, grad_logps=grad_logps, grad_nll_logps=grad_nll)
+
+    def _term(self, term, logps, ref, logratios, scale):
+        """One term's (G,) values and their gradients w.r.t. the chosen and rejected log-ratio sums."""
+        kind, beta, ls = term.loss_type, self.beta, term.label_smoothing
+        scale_c, scale_r = scale.chunk(2)
+        if kind in _MARGIN_KIND:
+            scores, slopes = f_divergence_score(self.f_divergence_type, logratios, self.f_alpha_divergence_coef)
+            score_c, score_r = (scores * scale).chunk(2)
+            slope_c, slope_r = (slopes * scale).chunk(2)
+            values, slope = margin_loss(_MARGIN_KIND[kind], score_c - score_r, beta, ls, self.discopop_tau)
+            return values, slope * slope_c, -slope * slope_r
+        if kind in SORTED_LOSSES:
+            return _sorted_term(kind, logps, ref, beta, ls, scale_c, scale_r)
+        chosen, rejected = (logratios * scale).chunk(2)
+        values, grad_chosen, grad_rejected = _two_sided_term(kind, chosen, rejected, beta)
+        return values, grad_chosen * scale_c, grad_rejected * scale_r
+
+
+def _two_sided_term(kind: str, c: torch.Tensor, r: torch.Tensor, beta: float):
+    """Losses of the chosen and rejected log-ratios apart: (values, d/dc, d/dr), (G,) each."""
+    if kind == "nca_pair":
+        value = -F.logsigmoid(beta * c) - 0.5 * F.logsigmoid(-beta * c) - 0.5 * F.logsigmoid(-beta * r)
+        return (
+            value,
+            -beta * torch.sigmoid(-beta * c) + 0.5 * beta * torch.sigmoid(beta * c),
+            0.5 * beta * torch.sigmoid(beta * r),
+        )
+    if kind == "bco_pair":
+        value = -F.logsigmoid(beta * c) - F.logsigmoid(-beta * r)
+        return value, -beta * torch.sigmoid(-beta * c), beta * torch.sigmoid(beta * r)
+    if kind == "sppo_hard":
+        high, low = c - 1 / (2 * beta), r + 1 / (2 * beta)
+        return high**2 + low**2, 2 * high, 2 * low
+    if kind == "apo_zero":
+        value = 1 - torch.sigmoid(beta * c) + torch.sigmoid(beta * r)
+        return value, -beta * sigmoid_slope(beta * c), beta * sigmoid_slope(beta * r)
+    if kind == "apo_down":
+        slope_margin = beta * sigmoid_slope(beta * (c - r))
+        value = torch.sigmoid(beta * c) + 1 - torch.sigmoid(beta * (c - r))
+        return value, beta * sigmoid_slope(beta * c) - slope_margin, slope_margin
+    raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {kind!r}")
+
+
+def _sorted_term(kind, logps, ref, beta, ls, scale_c, scale_r):
+    """TRL's aot / aot_unpaired: the sigmoid loss of sorted margins; gradients go back to each pair's place."""
+    logps_c, logps_r = logps.chunk(2)
+    ref_c, ref_r = ref.chunk(2)
+    if kind == "aot":
+        margins, order = torch.sort(logps_c - logps_r)
+        values, slope = margin_loss("sigmoid", margins - torch.sort(ref_c - ref_r).values, beta, ls)
+        grad_margin = torch.zeros_like(slope).index_copy_(0, order, slope)
+        return values, grad_margin * scale_c, -grad_margin * scale_r
+    chosen, order_c = torch.sort(logps_c - ref_c)
+    rejected, order_r = torch.sort(logps_r - ref_r)
+    values, slope = margin_loss("sigmoid", chosen - rejected, beta, ls)
+    grad_chosen = torch.zeros_like(slope).index_copy_(0, order_c, slope)
+    grad_rejected = torch.zeros_like(slope).index_copy_(0, order_r, -slope)
+    return values, grad_chosen * scale_c, grad_rejected * scale_r
+
+
+def _wpo_pair_weights(wpo_logps: torch.Tensor | None, counts: torch.Tensor) -> torch.Tensor:
+    """(G,) WPO's ``exp(mean aligned logp of chosen) * exp(... of rejected)``, detached (TRL: under no_grad)."""
+    if wpo_logps is None:
+        raise ValueError(
+            "use_weighting=True needs SequenceInputs.wpo_logps (sum over completion tokens of logp - log sum_v p_v^2)"
+        )
+    chosen, rejected = torch.exp(wpo_logps.detach().double() / counts).chunk(2)
+    return chosen * rejected
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def _check_term(term: PairTerm) -> None:
+    if term.loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {term.loss_type!r}")
+    if not math.isfinite(term.weight):
+        raise ValueError(f"the weight of loss_type={term.loss_type!r} must be a finite number, got {term.weight!r}")
+    ls = term.label_smoothing
+    if term.loss_type == "robust" and not 0 <= ls < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust', got {ls!r}")
+    if term.loss_type == "exo_pair" and not 0 < ls < 1:
+        raise ValueError(
+            f"label_smoothing must lie in (0, 1) for loss_type='exo_pair' (it is EXO's epsilon; the paper uses 1e-3), "
+            f"got {ls!r}"
+        )
+    if not 0 <= ls <= 1:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {ls!r}")
+
+
+def trl_dpo_objective(
+    loss_type: str | Sequence[str],
+    *,
+    beta: float = 0.1,
+    loss_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    use_weighting: bool = False,
+    ld_alpha: float | None = None,
+) -> DPOObjective:
+    """The ``DPOObjective`` of TRL 1.16's ``DPOConfig`` fields (same names, same defaults).
+
+    TRL applies ``label_smoothing`` to ``robust``, ``exo_pair``, ``aot`` and ``aot_unpaired`` only (its
+    ``sigmoid`` has no cDPO term); the length-averaged types are ``ipo`` and ``sigmoid_norm``.
+    """
+    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
+    if len(weights) != len(loss_types):
+        raise ValueError(
+            f"loss_weights must have one weight per loss_type: {len(weights)} weights for {len(loss_types)} loss types"
+        )
+    terms = tuple(
+        PairTerm(t, w, label_smoothing if t in ("robust", "exo_pair", "aot", "aot_unpaired") else 0.0)
+        for t, w in zip(loss_types, weights)
+    )
+    return DPOObjective(
+        beta=beta, terms=terms, f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+        discopop_tau=discopop_tau, use_weighting=use_weighting, ld_alpha=ld_alpha,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# The single-loss form of today's ``fused_linear_dpo_loss`` and ``dpo_forward_with_grads``
+
+
+def _single_pair_terms(c, r, beta, loss_type, label_smoothing):
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type in _MARGIN_KIND:
+        values, slope = margin_loss(_MARGIN_KIND[loss_type], c - r, beta, label_smoothing)
+        return values, slope, -slope
+    return _two_sided_term(loss_type, c, r, beta)
+
+
+def pair_losses(
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    *,
+    beta: float,
+    loss_type: str,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Per-pair loss terms of one of ``LOSS_TYPES``, differentiable (first derivatives).
+
+    Args:
+        chosen_logratios: (P,) float32/float64, policy minus reference log-prob of each chosen completion.
+        rejected_logratios: (P,) the same for the rejected completions.
+    Returns:
+        (P,) loss terms in the inputs' dtype; the DPO loss is their mean. ``label_smoothing`` enters
+        ``sigmoid`` (cDPO), ``robust`` and ``exo_pair`` only.
+    """
+    values, grad_c, grad_r = _single_pair_terms(
+        chosen_logratios.detach(), rejected_logratios.detach(), beta, loss_type, label_smoothing
+    )
+    return (
+        values
+        + grad_c * (chosen_logratios - chosen_logratios.detach())
+        + grad_r * (rejected_logratios - rejected_logratios.detach())
+    )
+
+
+def pair_loss_grads(
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    *,
+    beta: float,
+    loss_type: str,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form ``d pair_losses / d chosen_logratios`` (and rejected), elementwise.
+
+    Returns:
+        (grad_chosen, grad_rejected): (P,) each, in the inputs' dtype.
+    """
+    _, grad_c, grad_r = _single_pair_terms(chosen_logratios, rejected_logratios, beta, loss_type, label_smoothing)
+    return grad_c, grad_r
