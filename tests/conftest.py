@@ -1,5 +1,6 @@
 """Test setup: Triton's interpreter on machines without CUDA, hypothesis profiles, the gpu marker."""
 
+import importlib.util
 import os
 
 import torch
@@ -10,6 +11,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+    from triton_interpreter import patch_bf16_dot
+
+    patch_bf16_dot()
 
 settings.register_profile(
     "ci", max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
