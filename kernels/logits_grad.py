@@ -7,15 +7,15 @@ and upstream gradients ``a = dL/dlogp_n`` and ``e = dL/dentropy_n`` (``WITH_METR
     dL/dz[n, v] = a * (onehot(y)[v] - p[v]) - e * p[v] * ((z[v] - max) - mean_shifted)
     dL/dx[n, v] = dL/dz * inv_temperature * (1 - (z * temperature / softcap)^2)   (softcap term optional)
 
-A ``-inf`` logit has ``p = 0`` and gradient 0 (its ``p * (z - max)`` counts as 0, not ``0 * -inf``);
-a token whose target is outside ``[0, V)`` gets a NaN row, and its target is never used as an
-address. NaN statistics (a token with ``+inf``/NaN logits) give NaN gradients.
+where ``x = h W^T + b`` and ``z = softcap(x) / temperature``. A ``-inf`` logit has ``p = 0`` and
+gradient 0 (its ``p * (z - max)`` counts as 0, not ``0 * -inf``); a token whose target is outside
+``[0, V)`` gets a NaN row, and its target is never used as an address; NaN statistics (a token
+with ``+inf``/NaN logits) give NaN gradients.
 
-where ``x = h W^T + b`` and ``z = softcap(x) / temperature``. The logits tile is recomputed from
-``h`` and ``W`` (``logits_tile``), or read from the float32 logits kept by the forward pass
-(``LOAD_LOGITS``; the product, bias and precision flags then play no part). Each program writes its ``(BLOCK_N, BLOCK_V)`` tile of ``dL/dx`` once, in the
-compute dtype; the two products ``dL/dx @ W`` and ``dL/dx^T @ h`` run as matmuls on that bounded
-chunk.
+The logits tile is recomputed from ``h`` and ``W`` (``logits_tile``), or read from the float32
+logits kept by the forward pass (``LOAD_LOGITS``; the product, bias and precision then play no
+part). Each program writes its ``(BLOCK_N, BLOCK_V)`` tile of ``dL/dx`` once, in the compute
+dtype; the two products ``dL/dx @ W`` and ``dL/dx^T @ h`` run as matmuls on that bounded chunk.
 """
 
 import torch

@@ -1,9 +1,10 @@
 """The ``triton`` backend: the fused kernels of ``dpo_fast.kernels`` on one chunk of tokens.
 
-Forward: one fused kernel (``h W^T`` tiles, online logsumexp, target gather) reads the valid rows
-in place; no logits exist outside registers unless they are kept for a gradient pass. Backward:
-one kernel forms ``dL/dx`` tiles in registers (from recomputed or kept logits) and writes them once
-in the compute dtype; the two products with it run as matmuls (cuBLAS) on that bounded chunk.
+Forward: one fused kernel (``h W^T`` tiles, online logsumexp, target gather, token metrics) reads
+the valid rows in place; no logits exist outside registers unless they are kept for a gradient
+pass. Backward: one kernel forms ``dL/dx`` tiles in registers (from recomputed or kept logits) and
+writes them once in the compute dtype; the two products with it run as matmuls (cuBLAS) on that
+bounded chunk. ``kernels/README.md`` gives the launch configurations and their sm_90 compile report.
 Runs on CUDA tensors, and on CPU tensors inside Triton's interpreter (``TRITON_INTERPRET=1``; its
 ``tl.dot`` multiplies bfloat16 bit patterns as integers in triton 3.6 to 3.9, which the tests patch:
 ``tests/triton_interpreter.py``).
