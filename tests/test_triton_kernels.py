@@ -11,12 +11,13 @@ import importlib
 
 import pytest
 import torch
-from helpers import DEVICE, TOLERANCE, rel_err
+from helpers import TOLERANCE, device_of, rel_err
 
 from dpo_fast import backends
 from dpo_fast.backends import HeadSpec
 
-if backends.get("triton").unavailable_reason(torch.device(DEVICE), torch.float32) is not None:
+DEVICE = device_of("triton")  # CUDA on a machine with a GPU, else CPU (the interpreter)
+if backends.get("triton").unavailable_reason(DEVICE, torch.float32) is not None:
     pytest.skip("the triton backend cannot run here", allow_module_level=True)
 aot = pytest.importorskip("dpo_fast.kernels.aot")
 config = pytest.importorskip("dpo_fast.kernels.config")
