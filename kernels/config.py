@@ -94,14 +94,10 @@ def interpreter_config(precision: str) -> LaunchConfig:
     return LaunchConfig(16, 32, 16, 1, 1, precision)
 
 
-def uses_gpu_config(device: torch.device) -> bool:
-    return device.type == "cuda" or INTERPRETER_SM_COUNT is not None
-
-
 def launch_config(kernel: str, hidden: torch.Tensor, flags: dict) -> LaunchConfig:
     """The configuration for a launch of ``kernel`` on ``hidden``'s device and dtype."""
     precision = matmul_precision() if hidden.dtype == torch.float32 else "ieee"
-    if uses_gpu_config(hidden.device):
+    if hidden.device.type == "cuda" or INTERPRETER_SM_COUNT is not None:
         return gpu_config(kernel, hidden.dtype, precision, flags)
     return interpreter_config(precision)
 
