@@ -1,5 +1,6 @@
 """Test setup: Triton's interpreter on machines without CUDA, hypothesis profiles, the markers, the device check."""
 
+import importlib.util
 import os
 
 import torch
@@ -14,6 +15,11 @@ from hypothesis import HealthCheck, Phase, settings
 
 import dpo_fast
 from dpo_fast import backends
+
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+    from triton_interpreter import patch_bf16_dot
+
+    patch_bf16_dot()
 
 settings.register_profile(
     "ci", max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]

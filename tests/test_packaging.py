@@ -21,7 +21,8 @@ import os, sys, torch
 import dpo_fast, dpo_fast.kernels
 assert dpo_fast.__file__.startswith(sys.prefix), dpo_fast.__file__
 assert dpo_fast.kernels.__file__.startswith(sys.prefix), dpo_fast.kernels.__file__
-from dpo_fast.kernels import forward, backward, logits_tile
+import dpo_fast.kernels.aot, dpo_fast.kernels.config, dpo_fast.kernels.logits_tile
+import dpo_fast.kernels.logits_grad, dpo_fast.kernels.logits_stats
 import dpo_fast.integrations.hf
 assert dpo_fast.integrations.hf.__file__.startswith(sys.prefix)
 hidden = torch.randn(2, 3, 4, requires_grad=True)
