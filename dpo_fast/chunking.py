@@ -97,9 +97,7 @@ class _TokenMetrics:
     def store(self, rows: torch.Tensor, stats: ChunkStats) -> None:
         if self.wanted:
             self.entropy.index_copy_(0, rows, stats.entropy)
-            # NaN, never a plausible 0, from a backend not yet on the contract's mean_logit field
-            mean_logit = torch.full_like(stats.entropy, float("nan")) if stats.mean_logit is None else stats.mean_logit
-            self.mean_logit.index_copy_(0, rows, mean_logit)
+            self.mean_logit.index_copy_(0, rows, stats.mean_logit)
             self.is_top1.index_copy_(0, rows, stats.is_top1)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

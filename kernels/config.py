@@ -49,22 +49,6 @@ class LaunchConfig:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
-def matmul_precision() -> str:
-    """``"tf32"`` when the user allowed TF32 for float32 matmuls in torch, else ``"ieee"``.
-
-    Reads torch's precision API of torch >= 2.9 (``torch.backends.cuda.matmul.fp32_precision``, which
-    also reflects ``allow_tf32`` and ``torch.set_float32_matmul_precision``; ``"none"`` means the
-    default, IEEE). Older torch has only ``allow_tf32``; newer torch refuses to read it once the new
-    API has been used.
-    """
-    matmul = torch.backends.cuda.matmul
-    try:
-        precision = matmul.fp32_precision
-    except AttributeError:
-        return "tf32" if matmul.allow_tf32 else "ieee"
-    return "tf32" if precision == "tf32" else "ieee"
-
-
 def gpu_config(kernel: str, dtype: torch.dtype, precision: str, flags: dict) -> LaunchConfig:
     """The configuration of ``kernel`` (``"logits_stats"`` or ``"logits_grad"``) on an sm_90 GPU.
 
@@ -94,9 +78,13 @@ def interpreter_config(precision: str) -> LaunchConfig:
     return LaunchConfig(16, 32, 16, 1, 1, precision)
 
 
-def launch_config(kernel: str, hidden: torch.Tensor, flags: dict) -> LaunchConfig:
-    """The configuration for a launch of ``kernel`` on ``hidden``'s device and dtype."""
-    precision = matmul_precision() if hidden.dtype == torch.float32 else "ieee"
+def launch_config(kernel: str, hidden: torch.Tensor, flags: dict, float32_precision: str) -> LaunchConfig:
+    """The configuration for a launch of ``kernel`` on ``hidden``'s device and dtype.
+
+    ``float32_precision`` (``"ieee"`` or ``"tf32"``) is how float32 operands are multiplied, as the
+    caller read it from torch's settings; 16-bit operands ignore it.
+    """
+    precision = float32_precision if hidden.dtype == torch.float32 else "ieee"
     if hidden.device.type == "cuda" or INTERPRETER_SM_COUNT is not None:
         return gpu_config(kernel, hidden.dtype, precision, flags)
     return interpreter_config(precision)

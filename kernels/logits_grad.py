@@ -130,7 +130,8 @@ def logits_grad(
     grad_entropy: torch.Tensor | None,
     softcap: float | None,
     temperature: float,
-    logits: torch.Tensor | None = None,
+    logits: torch.Tensor | None,
+    float32_precision: str,
 ) -> torch.Tensor:
     """Launch ``logits_grad_kernel``: ``dL/dx`` for the tokens ``rows``.
 
@@ -139,12 +140,13 @@ def logits_grad(
         rows, targets: (C,) int64, contiguous; max_logit, log_sum_exp, grad_logp: (C,) float32, contiguous;
         mean_shifted, grad_entropy: (C,) float32 contiguous, both given or both None;
         logits: (C, V) float32 kept by ``logits_stats(store_logits=True)``, or None to recompute.
+        float32_precision: ``"ieee"`` or ``"tf32"``, how float32 operands are multiplied (16-bit: unused).
     Returns:
         (C, V) in hidden's dtype.
     """
     num_rows, (vocab, hidden_dim) = rows.shape[0], weight.shape
     kernel_flags = flags(bias is not None, softcap is not None, grad_entropy is not None, logits is not None)
-    cfg = launch_config("logits_grad", hidden, kernel_flags)
+    cfg = launch_config("logits_grad", hidden, kernel_flags, float32_precision)
     grad = torch.empty((num_rows, vocab), dtype=hidden.dtype, device=hidden.device)
     grid = (triton.cdiv(num_rows, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
     with_metrics = kernel_flags["WITH_METRICS"]

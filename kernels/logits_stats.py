@@ -153,6 +153,7 @@ def logits_stats(
     temperature: float,
     with_metrics: bool,
     store_logits: bool,
+    float32_precision: str,
 ) -> tuple:
     """Launch ``logits_stats_kernel`` on the tokens ``rows`` and combine the vocabulary splits.
 
@@ -160,6 +161,7 @@ def logits_stats(
         hidden: (N, H) fp32/bf16/fp16, unit stride along H; weight: (V, H) same dtype, unit stride along H;
         bias: (V,) same dtype, contiguous, or None; rows: (C,) int64 contiguous token indices into hidden;
         targets: (C,) int64 contiguous (outside [0, V): NaN target_logit).
+        float32_precision: ``"ieee"`` or ``"tf32"``, how float32 operands are multiplied (16-bit: unused).
     Returns:
         The 7 fields of ``ChunkStats`` in order: max_logit, log_sum_exp, target_logit (C,); mean_shifted,
         mean_logit, log_sum_sq_probs (C,) or None without ``with_metrics``; logits (C, V) or None without
@@ -167,7 +169,7 @@ def logits_stats(
     """
     num_rows, (vocab, hidden_dim) = rows.shape[0], weight.shape
     kernel_flags = flags(bias is not None, softcap is not None, with_metrics, store_logits)
-    cfg = launch_config("logits_stats", hidden, kernel_flags)
+    cfg = launch_config("logits_stats", hidden, kernel_flags, float32_precision)
     row_blocks = triton.cdiv(num_rows, cfg.block_n)
     vocab_blocks = triton.cdiv(vocab, cfg.block_v)
     wanted_splits = max(1, target_programs(hidden.device) // max(row_blocks, 1))

@@ -184,7 +184,7 @@ def test_float32_precision_read_through_either_torch_api(restore_fp32_precision,
         torch.backends.cuda.matmul.allow_tf32 = True
     else:
         torch.set_float32_matmul_precision("high")
-    assert config.matmul_precision() == expected
+    assert backends.float32_matmul_precision() == expected
     hidden, weight, bias, rows, targets, head = _problem(5, 24, 40, torch.float32, True, None)
     stats = backends.get("triton").logits_stats(*_on_device(hidden, weight, bias, rows, targets), head, True, False)
     expected_stats, _ = _oracle(hidden, weight, bias, rows, targets, head, torch.zeros(5), torch.zeros(5))

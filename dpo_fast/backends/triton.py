@@ -25,7 +25,7 @@ from types import ModuleType
 
 import torch
 
-from . import ChunkStats, HeadSpec
+from . import ChunkStats, HeadSpec, float32_matmul_precision
 
 NAME = "triton"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -80,7 +80,7 @@ def logits_stats(
 ) -> ChunkStats:
     return ChunkStats.from_kernel(_kernels().logits_stats(
         _unit_stride(hidden), _unit_stride(weight), _contiguous(bias), _contiguous(rows), _contiguous(targets),
-        head.softcap, head.temperature, with_metrics, keep_logits,
+        head.softcap, head.temperature, with_metrics, keep_logits, float32_matmul_precision(),
     ))  # fmt: skip
 
 
@@ -100,4 +100,5 @@ def logits_grad(
         _contiguous(stats.max_logit), _contiguous(stats.log_sum_exp),
         None if grad_entropy is None else _contiguous(stats.mean_shifted), _contiguous(grad_logp),
         _contiguous(grad_entropy), head.softcap, head.temperature, _unit_stride(stats.logits),
+        float32_matmul_precision(),
     )  # fmt: skip
