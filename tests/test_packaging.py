@@ -214,3 +214,20 @@ def test_cuda_arch_list_defaults_to_sm_90_when_no_gpu_is_visible(gpu_visible, gi
     environ = {} if given is None else {"TORCH_CUDA_ARCH_LIST": given}
     setup.default_cuda_arch_list(fake_torch, environ)
     assert environ.get("TORCH_CUDA_ARCH_LIST") == expected
+
+
+def test_declared_minimums_are_the_versions_ci_tests():
+    """pyproject.toml's lower bounds for torch, triton, transformers, accelerate and datasets are the
+    versions .ci/gpu-stack.txt pins (CI's second job; the GPU machine's stack): declared is tested."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [
+        requirement for extra in project["optional-dependencies"].values() for requirement in extra
+    ]
+    pins = dict(line.split("==") for line in (ROOT / ".ci" / "gpu-stack.txt").read_text().split() if "==" in line)
+    for name in ("torch", "triton", "transformers", "accelerate", "datasets"):
+        bounds = {requirement.split(">=")[1].split(",")[0] for requirement in requirements
+                  if requirement.startswith(f"{name}>=")}  # fmt: skip
+        assert bounds, f"pyproject.toml declares no minimum for {name}"
+        pinned = pins[name].split(".")
+        assert all(pinned[: len(bound.split("."))] == bound.split(".") for bound in bounds), (name, bounds, pins[name])
