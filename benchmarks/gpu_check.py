@@ -18,7 +18,8 @@ wheels          30  the kit's wheels (trl, liger-kernel, cut-cross-entropy, data
                     put on PYTHONPATH; ``.whl/check_wheels.py`` checks their needs and imports each one
 environment     15  nvidia-smi, the GPU, the versions, and where they differ from ``.ci/gpu-stack.txt``
 build           90  ``pip install --no-index --no-build-isolation --no-deps -e .``: the C++ and CUDA
-                    extensions, for the GPU's architecture; which of them were built
+                    extensions, for the GPU's architecture (``CUDA_HOME=/usr/local/cuda`` when unset
+                    and the headers are there); which of them were built
 tests          140  the whole suite with Triton compiled (``TRITON_INTERPRET`` unset): the GPU path's files
                     first (test_gpu.py, the backend-parametrized files), CPU-only packaging tests last
 bench_loss      85  ``bench_loss.py --suite gpu --case headline``: H=4096, V=128256, 8 pairs x 1024 tokens,
@@ -64,6 +65,7 @@ from xml.etree import ElementTree
 ROOT = Path(__file__).resolve().parents[1]
 GPU_STACK = ROOT / ".ci" / "gpu-stack.txt"
 KIT = ROOT / ".whl"
+CUDA_TOOLKIT = "/usr/local/cuda"
 SUMMARY_RESERVE_S = 10  # kept back from the last step for writing the results
 GRACE_S = 15  # between SIGINT and SIGKILL
 MIN_STEP_S = 5  # a step with less time left is not started
@@ -266,6 +268,11 @@ class Check:
         self.env.pop("TRITON_INTERPRET", None)
         if dry_run:
             self.env["TRITON_INTERPRET"] = "1"  # Triton runs on CPU only in its interpreter
+        else:  # the kit's folder, also for a rerun of later steps (--steps) on a machine that has it
+            self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.site), os.environ.get("PYTHONPATH")]))
+            if "CUDA_HOME" not in self.env and Path(CUDA_TOOLKIT, "include", "cuda_runtime_api.h").is_file():
+                # torch takes CUDA_HOME from nvcc's folder, which a wrapper script can make one without headers
+                self.env["CUDA_HOME"] = CUDA_TOOLKIT
         out.mkdir(parents=True, exist_ok=True)
         self.log = (out / "gpu_check.log").open("w", encoding="utf-8")
         self.log_chars = 0
@@ -352,7 +359,6 @@ class Check:
         done = self.python(*install, *map(str, wheels))
         if done["returncode"] != 0 or self.dry_run:
             return _outcome(done, f"{len(wheels)} wheels into {self.site}")
-        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.site), os.environ.get("PYTHONPATH")]))
         checker = KIT / "check_wheels.py"
         if not checker.is_file():
             return {"status": "passed", "detail": f"{len(wheels)} wheels installed (no .whl/check_wheels.py)"}
