@@ -151,7 +151,7 @@ if __name__ == "__main__":  # setuptools' build backend runs this file as __main
         ],
         package_dir={"dpo_fast.kernels": "kernels", "dpo_fast.csrc": "csrc"},
         package_data={
-            "dpo_fast.csrc": ["*.md"],
+            "dpo_fast.csrc": ["*.md", "*.h"],
             "dpo_fast.csrc.cpu": ["*.cpp", "*.h"],
             "dpo_fast.csrc.cuda": ["*.cpp", "*.cu", "*.cuh", "*.h"],
             "dpo_fast.trainer.default": ["*.json", "*.jsonl", "*.yaml", "tokenizer/*"],

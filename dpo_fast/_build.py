@@ -1,7 +1,7 @@
 """Finds or builds the C++ and CUDA extensions of ``csrc/``, and says why when it cannot.
 
-Two extensions, one folder of ``csrc/`` each, bound with pybind11 and built with ninja through
-``torch.utils.cpp_extension``:
+Two extensions, one folder of ``csrc/`` each (and the headers at the top of ``csrc/``, which both
+include), bound with pybind11 and built with ninja through ``torch.utils.cpp_extension``:
 
 - ``cpp``: ``csrc/cpu/``, the CPU kernel (module ``dpo_fast._cpp`` when built ahead of time);
 - ``cuda``: ``csrc/cuda/``, the CUDA row kernels and their host side (``dpo_fast._cuda``).
@@ -45,11 +45,12 @@ class Extension:
         return sorted(path for path in (root / self.folder).iterdir() if path.suffix in (".cpp", ".cu"))
 
     def build_tag(self, root: Path, torch_version: str) -> str:
-        """A C identifier naming these sources and headers, flags, and torch version."""
+        """A C identifier naming the sources, the headers (the folder's and the shared ones), flags and torch."""
         digest = hashlib.sha256(f"{torch_version} {self.cflags} {self.ldflags} {self.cuda_cflags}".encode())
-        for path in sorted((root / self.folder).iterdir()):
-            if path.suffix in (".cpp", ".cu", ".h", ".cuh"):
-                digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        shared = sorted(root.glob("*.h"))  # csrc/common.h: included by both extensions
+        own = sorted(path for path in (root / self.folder).iterdir() if path.suffix in (".cpp", ".cu", ".h", ".cuh"))
+        for path in (*shared, *own):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
         return "tag" + digest.hexdigest()[:16]
 
     def compile_args(self, root: Path, torch_version: str) -> dict[str, list[str]]:
@@ -164,5 +165,5 @@ def _build_just_in_time(extension: Extension) -> ModuleType | str:
             name=f"dpo_fast_{extension.name}", sources=[str(path) for path in extension.sources(root)],
             extra_cflags=args["cxx"], extra_cuda_cflags=args["nvcc"], extra_ldflags=list(extension.ldflags),
         )  # fmt: skip
-    except Exception as error:  # a compiler's error: report it, the backend is then unavailable
+    except Exception as error:  # noqa: BLE001 (a compiler's error: report it, the backend is then unavailable)
         return f"building its extension (csrc/{extension.folder}) failed: {str(error)[-3000:]}; {_HOW}"

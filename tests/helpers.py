@@ -20,7 +20,24 @@ if importlib.util.find_spec("triton") is not None and (
 ):
     BACKENDS.append("triton")
 BACKENDS.append("cuda" if torch.cuda.is_available() else "cpp")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# DPO_FAST_DEVICE_CHECK=1 declares the meta device for every backend (tests/test_devices.py runs the suite so): a test
+# whose tensors come from device_of(backend) hands meta tensors to dpo_fast, one that builds them anywhere else is
+# caught at its first call into dpo_fast (tests/conftest.py).
+DEVICE_CHECK = os.environ.get("DPO_FAST_DEVICE_CHECK") == "1"
+
+
+def device_of(backend: str) -> torch.device:
+    """The device a test of ``backend`` (a chunked backend or ``reference``) builds its tensors on.
+
+    ``cuda``: CUDA. ``cpp``: CPU. ``torch``, ``triton`` and ``reference``: CUDA on a machine with a GPU, else CPU
+    (``triton`` in its interpreter). Under the device check, meta for every backend.
+    """
+    if DEVICE_CHECK:
+        return torch.device("meta")
+    on_gpu = backend == "cuda" or (backend != "cpp" and torch.cuda.is_available())
+    return torch.device("cuda" if on_gpu else "cpu")
+
 
 # DESIGN.md's tolerances, relative error by norm against the float64 reference
 TOLERANCE = {
@@ -55,7 +72,7 @@ class Case:
     packed: bool
     seed: int
 
-    def build(self, device: str = DEVICE) -> dict:
+    def build(self, device: str | torch.device) -> dict:
         """hidden, weight, bias, labels (and segment_ids when packed), ref log-probs, all on ``device``."""
         gen = torch.Generator().manual_seed(self.seed)
         rows, length, width = 2 * self.pairs, self.length, self.hidden_dim

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import BACKENDS, DEVICE, Case, leaves, rel_err
+from helpers import BACKENDS, Case, device_of, leaves, rel_err
 
 import dpo_fast
 from dpo_fast import autograd, chunking
@@ -83,7 +83,7 @@ class _WorkSpy:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("entry", ["dpo", "token"])
 def test_frozen_weight_runs_no_weight_gradient_work(monkeypatch, backend, entry):
-    batch = Case(**{**SMALL.__dict__, "dtype": torch.float32}).build("cpu")
+    batch = Case(**{**SMALL.__dict__, "dtype": torch.float32}).build(device_of(backend))
     spy = _WorkSpy(monkeypatch)
     hidden = batch["hidden"].clone().requires_grad_(True)
     weight = batch["weight"].clone()  # frozen, as a LoRA policy's lm_head
@@ -102,7 +102,7 @@ def test_frozen_weight_runs_no_weight_gradient_work(monkeypatch, backend, entry)
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_only_weight_requires_grad(backend):
-    batch = Case(**{**SMALL.__dict__, "dtype": torch.float32}).build("cpu")
+    batch = Case(**{**SMALL.__dict__, "dtype": torch.float32}).build(device_of(backend))
     weight = batch["weight"].clone().requires_grad_(True)
     out = dpo_fast.fused_linear_dpo_loss(batch["hidden"], weight, batch["labels"], reference_free=True, backend=backend)
     out.loss.backward()
@@ -116,7 +116,7 @@ def test_only_weight_requires_grad(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("entry", ["dpo", "sequence", "token"])
 def test_no_grad_runs_forward_only_and_saves_nothing(monkeypatch, backend, entry):
-    batch = Case(**{**SMALL.__dict__, "dtype": torch.float32}).build("cpu")
+    batch = Case(**{**SMALL.__dict__, "dtype": torch.float32}).build(device_of(backend))
     hidden = batch["hidden"].clone().requires_grad_(True)
     weight = batch["weight"].clone().requires_grad_(True)
     spy = _WorkSpy(monkeypatch)
@@ -173,7 +173,7 @@ def test_dpo_fused_path_equals_general_composition():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_custom_ops_pass_opcheck(backend):
     dtype = torch.float32 if backend in ("triton", "cuda") else torch.float64
-    batch = Case(**{**SMALL.__dict__, "dtype": dtype}).build(DEVICE)
+    batch = Case(**{**SMALL.__dict__, "dtype": dtype}).build(device_of(backend))
     hidden, weight, bias, labels = batch["hidden"], batch["weight"], batch["bias"], batch["labels"].reshape(-1)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).clone().requires_grad_(True)
     weight = weight.clone().requires_grad_(True)
@@ -189,8 +189,8 @@ def test_custom_ops_pass_opcheck(backend):
         (torch.randn_like(logp), torch.randn_like(logp), flat_hidden.detach(), weight.detach(), bias, labels,
          normalizer, entropy, -100, None, 1.0, True, True, True, backend, scratch),
     )  # fmt: skip
-    segment_ids = torch.arange(4, device=DEVICE).repeat_interleave(4)
-    ref = torch.randn(4, dtype=torch.float64, device=DEVICE)
+    segment_ids = torch.arange(4, device=device_of(backend)).repeat_interleave(4)
+    ref = torch.randn(4, dtype=torch.float64, device=device_of(backend))
     torch.library.opcheck(
         autograd.dpo_loss_forward,
         (flat_hidden.detach(), weight.detach(), bias, labels, segment_ids, ref, 2, 0.1, "sigmoid", 0.0, False,
@@ -201,7 +201,7 @@ def test_custom_ops_pass_opcheck(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen_weight_fast_path_equals_general_path(backend):
     """Frozen lm_head: the grads-in-forward path (4*N*H*V) against the recompute path."""
-    batch = Case(**{**SMALL.__dict__, "dtype": torch.float32, "packed": True}).build("cpu")
+    batch = Case(**{**SMALL.__dict__, "dtype": torch.float32, "packed": True}).build(device_of(backend))
     results = []
     for grads_in_forward in (True, False):
         hidden = batch["hidden"].clone().requires_grad_(True)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import BACKENDS, TOLERANCE, cases, grads, leaves, rel_err
+from helpers import BACKENDS, TOLERANCE, cases, device_of, grads, leaves, rel_err
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -56,7 +56,7 @@ def test_fused_dpo_loss_matches_float64_reference(
     grads_in_forward,
 ):  # fmt: skip
     assume(loss_type != "exo_pair" or label_smoothing > 0)  # EXO's epsilon must be positive
-    batch = case.build()
+    batch = case.build(device_of(backend))
     batch["softcap"] = case.softcap
     options = dict(
         loss_type=loss_type, label_smoothing=label_smoothing, reference_free=reference_free,
@@ -96,7 +96,7 @@ def test_fused_dpo_loss_matches_float64_reference(
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(case=cases(), temperature=st.sampled_from([1.0, 0.7]), return_entropy=st.booleans(), data=st.data())
 def test_token_logps_and_entropy_match_float64_reference(backend, case, temperature, return_entropy, data):
-    batch = case.build()
+    batch = case.build(device_of(backend))
     gen = torch.Generator().manual_seed(case.seed + 1)
     upstream = [torch.randn(batch["labels"].shape, generator=gen).to(batch["labels"].device) for _ in range(2)]
 
@@ -126,7 +126,7 @@ def test_token_logps_and_entropy_match_float64_reference(backend, case, temperat
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(case=cases(), average_log_prob=st.booleans(), temperature=st.sampled_from([1.0, 1.3]))
 def test_sequence_logps_match_float64_reference(backend, case, average_log_prob, temperature):
-    batch = case.build()
+    batch = case.build(device_of(backend))
 
     def step(inputs, name):
         seq = dpo_fast.sequence_logps(
@@ -150,7 +150,7 @@ def test_sequence_logps_match_float64_reference(backend, case, average_log_prob,
 @given(case=cases(dtypes=(torch.float32,)), scratch_kib=st.sampled_from([1, 4, 64]))
 def test_small_scratch_budgets_split_work_without_changing_results(backend, case, scratch_kib):
     """Tiny budgets force one token per chunk and pairs split across recompute chunks."""
-    batch = case.build()
+    batch = case.build(device_of(backend))
     batch["softcap"] = case.softcap
 
     def step(scratch_mib):

@@ -83,6 +83,17 @@ def test_build_tag_follows_sources_flags_and_torch(tmp_path):
     assert tag != extension.build_tag(tmp_path, "2.13.0")
 
 
+def test_build_tag_follows_the_shared_headers(tmp_path):
+    """csrc/common.h, included by both extensions, is part of each one's tag."""
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "kernel.cpp").write_text('#include "../common.h"\n')
+    header = tmp_path / "common.h"
+    header.write_text("#pragma once\n")
+    tag = _build.EXTENSIONS["cpp"].build_tag(tmp_path, "2.13.0")
+    header.write_text("#pragma once\nint checked();\n")
+    assert tag != _build.EXTENSIONS["cpp"].build_tag(tmp_path, "2.13.0")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc here")
 def test_cuda_host_side_compiles_without_torch_cuda_headers(tmp_path):

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import BACKENDS, DEVICE, rel_err
+from helpers import BACKENDS, device_of, rel_err
 
 from dpo_fast import backends
 from dpo_fast.backends import ChunkStats, HeadSpec
@@ -18,7 +18,7 @@ from dpo_fast.backends.contract import METRIC_FIELDS, STATS_FIELDS
 VOCAB, HIDDEN, TOKENS = 300, 20, 7
 
 # Backends still being brought to this contract: each name goes once its backend passes.
-PENDING = {"triton", "cpp", "cuda"}
+PENDING = {"triton"}
 BACKENDS = [
     pytest.param(name, marks=pytest.mark.xfail(reason="not yet on the contract")) if name in PENDING else name
     for name in BACKENDS
@@ -46,7 +46,7 @@ def _problem(seed=0, dtype=torch.float32, masked=None, softcap=None, temperature
     }
 
 
-def _on(problem, device=DEVICE):
+def _on(problem, device):
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in problem.items()}
 
 
@@ -114,7 +114,7 @@ def _grad(name, problem, stats, grad_logp, grad_entropy):
 @pytest.mark.parametrize("with_metrics", [False, True])
 @pytest.mark.parametrize("keep_logits", [False, True])
 def test_fields_line_up_with_the_contract(backend, with_metrics, keep_logits):
-    problem = _on(_problem())
+    problem = _on(_problem(), device_of(backend))
     stats = _stats(backend, problem, with_metrics, keep_logits)
     assert isinstance(stats, ChunkStats)
     for field in STATS_FIELDS:
@@ -143,9 +143,10 @@ CASES = {
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
 def test_statistics_and_gradient_against_float64(backend, case):
+    device = device_of(backend)
     problem = _problem(seed=1, **CASES[case])
     oracle = _oracle(problem)
-    stats = _stats(backend, _on(problem), with_metrics=True, keep_logits=False)
+    stats = _stats(backend, _on(problem, device), with_metrics=True, keep_logits=False)
     for field in ("max_logit", "log_sum_exp", "target_logit", "mean_shifted", "log_sum_sq_probs"):
         assert rel_err(getattr(stats, field), oracle[field]) < 1e-5, field
     assert rel_err(stats.logp, oracle["logp"]) < 1e-5
@@ -159,12 +160,12 @@ def test_statistics_and_gradient_against_float64(backend, case):
     grad_logp, grad_entropy = torch.randn(TOKENS, generator=gen), torch.randn(TOKENS, generator=gen)
     expected = _oracle_grad(oracle, problem["targets"], grad_logp, grad_entropy, problem["head"])
     for keep_logits in (False, True):
-        stats = _stats(backend, _on(problem), with_metrics=True, keep_logits=keep_logits)
-        grad = _grad(backend, _on(problem), stats, grad_logp.to(DEVICE), grad_entropy.to(DEVICE))
+        stats = _stats(backend, _on(problem, device), with_metrics=True, keep_logits=keep_logits)
+        grad = _grad(backend, _on(problem, device), stats, grad_logp.to(device), grad_entropy.to(device))
         assert torch.isfinite(grad).all(), keep_logits
         assert rel_err(grad, expected) < 1e-5, keep_logits
-        stats = _stats(backend, _on(problem), with_metrics=False, keep_logits=keep_logits)
-        grad = _grad(backend, _on(problem), stats, grad_logp.to(DEVICE), None)
+        stats = _stats(backend, _on(problem, device), with_metrics=False, keep_logits=keep_logits)
+        grad = _grad(backend, _on(problem, device), stats, grad_logp.to(device), None)
         assert rel_err(grad, _oracle_grad(oracle, problem["targets"], grad_logp, 0 * grad_entropy,
                                           problem["head"])) < 1e-5  # fmt: skip
 
@@ -172,13 +173,14 @@ def test_statistics_and_gradient_against_float64(backend, case):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("target", [-1, VOCAB, 2**40])
 def test_target_outside_the_vocabulary_gives_nan_never_a_number(backend, target):
+    device = device_of(backend)
     problem = _problem(seed=3)
     problem["targets"][2] = target
-    problem = _on(problem)
+    problem = _on(problem, device)
     stats = _stats(backend, problem, with_metrics=True)
     logp = stats.logp.cpu()
     assert torch.isnan(logp[2]) and torch.isfinite(logp[[0, 1, 3, 4, 5, 6]]).all()
-    grad = _grad(backend, problem, stats, torch.ones(TOKENS, device=DEVICE), None).cpu()
+    grad = _grad(backend, problem, stats, torch.ones(TOKENS, device=device), None).cpu()
     assert torch.isnan(grad[2]).all() and torch.isfinite(grad[[0, 1, 3, 4, 5, 6]]).all()
 
 
@@ -194,7 +196,7 @@ def test_non_finite_logits_give_nan(backend, poison):
         problem["hidden"][problem["rows"][3], 5] = math.nan
     else:
         problem["bias"][:] = -math.inf
-    stats = _stats(backend, _on(problem), with_metrics=True)
+    stats = _stats(backend, _on(problem, device_of(backend)), with_metrics=True)
     poisoned = [3] if poison == "nan hidden" else list(range(TOKENS))
     assert torch.isnan(stats.logp.cpu()[poisoned]).all()
     assert torch.isnan(stats.entropy.cpu()[poisoned]).all()
@@ -220,9 +222,10 @@ def _layouts(problem):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_adversarial_layouts_equal_contiguous(backend):
-    problem = _on(_problem(seed=5, softcap=3.0))
+    device = device_of(backend)
+    problem = _on(_problem(seed=5, softcap=3.0), device)
     base = _stats(backend, problem, with_metrics=True)
-    grad_logp = torch.linspace(-1, 1, TOKENS, device=DEVICE)
+    grad_logp = torch.linspace(-1, 1, TOKENS, device=device)
     base_grad = _grad(backend, problem, _stats(backend, problem, True), grad_logp, grad_logp.flip(0))
     for layout, variant in _layouts(problem):
         stats = _stats(backend, variant, with_metrics=True)
@@ -234,9 +237,10 @@ def test_adversarial_layouts_equal_contiguous(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_expanded_bias_equals_materialized(backend):
-    problem = _on(_problem(seed=6))
-    problem["bias"] = torch.full((VOCAB,), 0.25, dtype=problem["bias"].dtype, device=DEVICE)
+    device = device_of(backend)
+    problem = _on(_problem(seed=6), device)
+    problem["bias"] = torch.full((VOCAB,), 0.25, dtype=problem["bias"].dtype, device=device)
     base = _stats(backend, problem, with_metrics=True)
-    expanded = {**problem, "bias": torch.tensor(0.25, dtype=problem["bias"].dtype, device=DEVICE).expand(VOCAB)}
+    expanded = {**problem, "bias": torch.tensor(0.25, dtype=problem["bias"].dtype, device=device).expand(VOCAB)}
     stats = _stats(backend, expanded, with_metrics=True)
     assert rel_err(stats.log_sum_exp, base.log_sum_exp) < 1e-6 and rel_err(stats.logp, base.logp) < 1e-6

@@ -1,8 +1,9 @@
 """The cpp backend beyond the shared property suite: vocabulary blocks, float16, gradcheck, opcheck, memory.
 
-The property suite (test_backends.py and the others, through ``helpers.BACKENDS``) already runs
-``cpp`` against the float64 reference; its heads and chunks are too small for the kernel to split
-the vocabulary into blocks, so the online logsumexp across blocks is tested here.
+The property suite (test_backends.py and the others, through ``helpers.BACKENDS``) and the contract tests
+(test_contract.py) already run ``cpp`` against the float64 reference; their heads and chunks are too small for the
+kernel to split the vocabulary into blocks, so the online logsumexp across blocks (a block of -inf logits among
+them) is tested here.
 """
 
 import pytest
@@ -65,6 +66,46 @@ def test_forward_blocks_of_a_tall_float32_chunk():
                                           False)  # fmt: skip
     stats = cpp.logits_stats(hidden, weight, None, rows, targets, HeadSpec(), True, False)
     for name in ("max_logit", "log_sum_exp", "target_logit", "mean_shifted"):
+        assert rel_err(getattr(stats, name), getattr(expected, name)) <= 1e-5, name
+
+
+@pytest.mark.parametrize("keep_logits", [False, True])
+def test_a_first_vocabulary_block_of_minus_inf_logits_takes_no_probability(keep_logits):
+    """bf16 head in blocks of 2048 columns: a -inf bias on the whole first block (and on one column of each other)."""
+    hidden, weight, bias, rows, _ = _wide_head(torch.bfloat16)
+    bias[:2048] = -torch.inf
+    bias[3000::1000] = -torch.inf
+    targets = torch.tensor([2048, 2049, 2999, 4095, 4096, 4998])
+    head = HeadSpec(temperature=0.8)
+    expected = torch_chunked.logits_stats(hidden, weight, bias, rows, targets, head, True, False)
+    stats = cpp.logits_stats(hidden.bfloat16(), weight.bfloat16(), bias.bfloat16(), rows, targets, head, True,
+                             keep_logits)  # fmt: skip
+    for name in ("max_logit", "log_sum_exp", "target_logit", "mean_shifted", "log_sum_sq_probs", "logp", "entropy"):
+        assert torch.isfinite(getattr(stats, name)).all(), name
+        assert rel_err(getattr(stats, name), getattr(expected, name)) <= 1e-5, name
+    assert torch.all(stats.mean_logit == -torch.inf)
+
+    grad_logp, grad_entropy = torch.linspace(-1, 1, rows.shape[0]), torch.linspace(1, -0.5, rows.shape[0])
+    expected_grad = torch_chunked.logits_grad(hidden, weight, bias, rows, targets, expected, grad_logp.double(),
+                                              grad_entropy.double(), head)  # fmt: skip
+    grad = cpp.logits_grad(hidden.bfloat16(), weight.bfloat16(), bias.bfloat16(), rows, targets, stats, grad_logp,
+                           grad_entropy, head)  # fmt: skip
+    assert torch.isfinite(grad).all() and torch.all(grad[:, :2048] == 0)
+    assert rel_err(grad, expected_grad) <= 4e-3
+
+
+def test_a_first_scratch_block_of_minus_inf_logits_takes_no_probability():
+    """float32 without kept logits: 600 tokens split V = 5000 in scratch blocks of 3495 columns; the first is -inf."""
+    gen = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(600, 16, generator=gen), torch.randn(WIDE_V, 16, generator=gen)
+    bias = torch.zeros(WIDE_V)
+    bias[:3500] = -torch.inf
+    rows, targets = torch.arange(600), torch.randint(3500, WIDE_V, (600,), generator=gen)
+    expected = torch_chunked.logits_stats(hidden.double(), weight.double(), bias.double(), rows, targets, HeadSpec(),
+                                          True, False)  # fmt: skip
+    stats = cpp.logits_stats(hidden, weight, bias, rows, targets, HeadSpec(), True, False)
+    for name in ("max_logit", "log_sum_exp", "target_logit", "mean_shifted", "log_sum_sq_probs", "logp", "entropy"):
+        assert torch.isfinite(getattr(stats, name)).all(), name
         assert rel_err(getattr(stats, name), getattr(expected, name)) <= 1e-5, name
 
 

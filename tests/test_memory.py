@@ -55,6 +55,7 @@ def _extra_memory(backend: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_only(reason="measures the resident memory of a CPU process")
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_chunked_cpu_backend_extra_memory_is_a_small_fraction_of_naive(backend):
     naive = _extra_memory("reference")

@@ -1,16 +1,14 @@
 """The trainer (``dpo_fast.trainer``) on tiny random models, on CPU.
 
 Units first (rows -> tokens -> batches, bad rows, config and flags, the model's fused loss against
-the naive full-logits step), then whole runs: end to end, resume, the reference modes, LoRA, and
-two processes against one.
+the naive full-logits step), then whole runs: end to end, resume, the reference modes, LoRA.
+Elsewhere: the output folder (test_trainer_output.py), errors, help and README (test_trainer_errors.py),
+several processes (test_trainer_distributed.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,19 +18,13 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import datasets
-from accelerate.state import AcceleratorState
-from safetensors.torch import load_file
+from trainer_helpers import TINY_LLAMA, TOKENIZER, run, train_records, weights, write_tiny_files
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dpo_fast import objectives
-from dpo_fast.trainer import TrainConfig, cli, data, load_config, train
+from dpo_fast.trainer import TrainConfig, cli, data, load_config
 from dpo_fast.trainer.config import DEFAULT_DIR
 from dpo_fast.trainer.model import DPOModel
-
-TOKENIZER = str(DEFAULT_DIR / "tokenizer")
-TINY_LLAMA = {"model_type": "llama", "vocab_size": 40, "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "max_position_embeddings": 64, "tie_word_embeddings": True}  # fmt: skip
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,12 +44,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A tiny model config and 64 train / 24 eval rows of the bundled data, as files."""
-    folder = tmp_path_factory.mktemp("tiny")
-    (folder / "model.json").write_text(json.dumps(TINY_LLAMA))
-    for name, count in (("train", 64), ("eval", 24)):
-        lines = (DEFAULT_DIR / f"{name}.jsonl").read_text().splitlines()[:count]
-        (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
+    return write_tiny_files(tmp_path_factory.mktemp("tiny"))
 
 
 def rows_of(tokenizer, records, **truncation):
@@ -113,14 +100,15 @@ def test_conversational_rows_use_the_chat_template(tokenizer):
 @pytest.mark.parametrize(
     "row, match",
     [
-        ({"prompt": "reverse ab:", "chosen": None, "rejected": " ab"}, "row 1: field 'chosen' is missing"),
-        ({"prompt": "reverse ab:", "chosen": " ba", "rejected": "  "}, "row 1: field 'rejected' is empty"),
-        ({"prompt": "", "chosen": " ba", "rejected": " ab"}, "row 1: field 'prompt' is empty"),
+        ({"prompt": "reverse ab:", "chosen": None, "rejected": " ab"}, "row 2: field 'chosen' is missing"),
+        ({"prompt": "reverse ab:", "chosen": " ba", "rejected": "  "}, "row 2: field 'rejected' is empty"),
+        ({"prompt": "", "chosen": " ba", "rejected": " ab"}, "row 2: field 'prompt' is empty"),
         ({"prompt": [{"role": "user", "content": "ab"}], "chosen": [{"role": "assistant", "content": ""}],
-          "rejected": [{"role": "assistant", "content": "ab"}]}, "row 1: field 'chosen' is empty"),
+          "rejected": [{"role": "assistant", "content": "ab"}]}, "row 2: field 'chosen' is empty"),
     ],
 )  # fmt: skip
 def test_bad_rows_are_named_with_their_field(tokenizer, row, match):
+    # the bad row is the second: rows count from 1
     good = {"prompt": "reverse cd:", "chosen": " dc", "rejected": " cd"}
     if isinstance(row["prompt"], list):
         good = {key: [{"role": "user" if key == "prompt" else "assistant", "content": "cd"}] for key in good}
@@ -131,7 +119,7 @@ def test_bad_rows_are_named_with_their_field(tokenizer, row, match):
 def test_rows_mixing_text_and_messages_are_rejected(tokenizer):
     row = {"prompt": "reverse ab:", "chosen": [{"role": "assistant", "content": "ba"}],
            "rejected": [{"role": "assistant", "content": "ab"}]}  # fmt: skip
-    with pytest.raises(ValueError, match="row 0: fields mix text and message lists"):
+    with pytest.raises(ValueError, match="row 1: fields mix text and message lists"):
         rows_of(tokenizer, [row])
 
 
@@ -151,7 +139,7 @@ def test_a_dataset_without_a_column_is_rejected(tokenizer, tmp_path):
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['rejected'\]"):
         data.tokenize(data.load_rows(str(path), "train"), tokenizer, None, None, str(path))
     missing = tmp_path / "rows.parquet"
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match="rows.parquet' not found: no such file or folder"):
         data.load_rows(str(missing), "train")
 
 
@@ -269,30 +257,6 @@ def test_fused_loss_equals_the_naive_step_in_loss_and_gradients(tokenizer, files
 # ---------------------------------------------------------------------------------------------- whole runs
 
 
-def run(files: Path, out: Path, **overrides) -> list[dict]:
-    """Train on the tiny files; returns the run's metrics.jsonl records. Runs beside each other share a cache."""
-    values = {
-        "model": str(files / "model.json"), "tokenizer": TOKENIZER, "dataset": str(files / "train.jsonl"),
-        "eval_dataset": str(files / "eval.jsonl"), "output_dir": str(out),
-        "reference_cache_dir": str(out.parent / "cache"), "max_length": 32, "max_prompt_length": 16,
-        "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8, "learning_rate": 3e-3, "max_steps": 6,
-        "logging_steps": 1, "seed": 0,
-    }  # fmt: skip
-    try:
-        train(TrainConfig(**{**values, **overrides}))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_records(records):
-    return [r for r in records if "loss" in r]
-
-
-def weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
-    return {k: v for f in sorted((checkpoint_dir / "model").glob("*.safetensors")) for k, v in load_file(f).items()}
-
-
 def test_a_run_logs_trl_metrics_learns_and_saves_a_loadable_model(files, tmp_path):
     # two epochs of the 64 rows, evaluated on those rows: the loss on them must fall
     records = run(files, tmp_path / "run", max_steps=16, per_device_train_batch_size=8, eval_steps=8, save_steps=8,
@@ -381,29 +345,11 @@ def test_lora_reference_is_the_base_model_with_adapters_disabled(files, tokenize
     torch.testing.assert_close(disabled, base_logps)
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_with_twice_the_accumulation(files, tmp_path):
-    common = ["--model", str(files / "model.json"), "--tokenizer", TOKENIZER, "--dataset", str(files / "train.jsonl"),
-              "--eval-dataset", str(files / "eval.jsonl"), "--reference-cache-dir", str(tmp_path / "cache"),
-              "--max-length", "32", "--max-prompt-length", "16", "--per-device-train-batch-size", "4",
-              "--per-device-eval-batch-size", "5", "--learning-rate", "3e-3", "--max-steps", "4",
-              "--logging-steps", "1", "--seed", "0"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}  # CPU processes talk through gloo
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dpo_fast.trainer.cli",
-              "train", *common, "--output-dir", str(tmp_path / "two")]  # fmt: skip
-    subprocess.run(launch, check=True, env=env, capture_output=True)
-    one = [sys.executable, "-m", "dpo_fast.trainer.cli", "train", *common, "--output-dir", str(tmp_path / "one"),
-           "--gradient-accumulation-steps", "2"]  # fmt: skip
-    subprocess.run(one, check=True, env=env, capture_output=True)
+def test_the_reference_cache_key_follows_the_objectives_averaging_rule(files, tokenizer, monkeypatch):
+    from dpo_fast.trainer import reference
 
-    def records(name):
-        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-
-    two, single = records("two"), records("one")
-    assert len(two) == len(single) == 5  # 4 steps and the final eval (of 24 rows: 5 batches, padded shards)
-    for a, b in zip(two, single):
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
-    expected, got = weights(tmp_path / "one" / "checkpoint-4"), weights(tmp_path / "two" / "checkpoint-4")
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)
+    cfg = TrainConfig(model=str(files / "model.json"), dataset="d", loss_type="sigmoid")
+    rows = rows_of(tokenizer, [{"prompt": "reverse ab:", "chosen": " ba", "rejected": " ab"}])
+    summed = reference._cache_key(cfg, rows, None)
+    monkeypatch.setattr(objectives, "default_average_log_prob", lambda loss_type: True)  # as if sigmoid averaged
+    assert reference._cache_key(cfg, rows, None) != summed

@@ -36,7 +36,7 @@ def test_readme_recipe_equals_the_naive_loss():
     completion_mask = (torch.arange(length) >= torch.tensor([4, 5, 6, 4, 7, 5])[:, None]).long() * attention_mask
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
-    scope = {"model": model, "ref_model": ref_model, "batch": batch, "P": pairs}
+    scope = {"model": model, "ref_model": ref_model, "batch": batch}  # the recipe works out P itself
     exec(_recipe(), scope)
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
 

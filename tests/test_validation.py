@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from helpers import BACKENDS, Case
+from helpers import BACKENDS, Case, device_of
 
 import dpo_fast
 
-BATCH = Case(pairs=2, length=5, hidden_dim=6, vocab=11, dtype=torch.float32, bias=False, softcap=None, packed=False,
-             seed=0).build("cpu")  # fmt: skip
+CASE = Case(pairs=2, length=5, hidden_dim=6, vocab=11, dtype=torch.float32, bias=False, softcap=None, packed=False,
+            seed=0)  # fmt: skip
+BATCH = CASE.build("cpu")  # the validation tests run on CPU tensors on every machine
 
 
 def _call(**overrides):
@@ -83,14 +84,15 @@ def test_token_and_sequence_entry_points_validate_too():
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])
 @pytest.mark.parametrize("average_log_prob", [False, True])
 def test_sequences_without_targets_have_logp_zero_and_no_nan(backend, average_log_prob):
-    labels = BATCH["labels"].clone()
+    batch = CASE.build(device_of(backend))
+    labels = batch["labels"].clone()
     labels[0] = -100  # chosen of pair 0: no completion token
     labels[3] = -100  # rejected of pair 1
-    hidden = BATCH["hidden"].clone().requires_grad_(True)
-    weight = BATCH["weight"].clone().requires_grad_(True)
+    hidden = batch["hidden"].clone().requires_grad_(True)
+    weight = batch["weight"].clone().requires_grad_(True)
     out = dpo_fast.fused_linear_dpo_loss(
-        hidden, weight, labels, ref_chosen_logps=BATCH["ref_chosen_logps"],
-        ref_rejected_logps=BATCH["ref_rejected_logps"], average_log_prob=average_log_prob, backend=backend,
+        hidden, weight, labels, ref_chosen_logps=batch["ref_chosen_logps"],
+        ref_rejected_logps=batch["ref_rejected_logps"], average_log_prob=average_log_prob, backend=backend,
     )  # fmt: skip
     out.loss.backward()
     assert out.chosen_logps[0].item() == 0 and out.rejected_logps[1].item() == 0
@@ -101,8 +103,9 @@ def test_sequences_without_targets_have_logp_zero_and_no_nan(backend, average_lo
 
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])
 def test_all_tokens_ignored(backend):
-    labels = torch.full_like(BATCH["labels"], -100)
-    hidden = BATCH["hidden"].clone().requires_grad_(True)
-    out = dpo_fast.fused_linear_dpo_loss(hidden, BATCH["weight"], labels, reference_free=True, backend=backend)
+    batch = CASE.build(device_of(backend))
+    labels = torch.full_like(batch["labels"], -100)
+    hidden = batch["hidden"].clone().requires_grad_(True)
+    out = dpo_fast.fused_linear_dpo_loss(hidden, batch["weight"], labels, reference_free=True, backend=backend)
     out.loss.backward()
     assert torch.isfinite(out.loss) and (out.chosen_logps == 0).all() and (hidden.grad == 0).all()

@@ -9,21 +9,22 @@
 #include <ATen/OpMathType.h>
 
 #include <optional>
-#include <tuple>
+
+#include "../common.h"
 
 namespace dpo_fast::cpu {
 
-// max_logit, log_sum_exp, target_logit (C,); mean_shifted (C,) when with_entropy; the post-head
-// logits (C, V) when keep_logits, for logits_grad to consume. See row_math.h for the math.
-using ChunkStats = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>>;
-
+// The statistics of a chunk (see ChunkStats in ../common.h and row_math.h for the math): the three
+// with_metrics fields when asked for; the post-head logits (C, V) when keep_logits, for logits_grad
+// to consume.
 ChunkStats logits_stats(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const at::Tensor& rows, const at::Tensor& targets, std::optional<double> softcap,
-                        double temperature, bool with_entropy, bool keep_logits);
+                        double temperature, bool with_metrics, bool keep_logits);
 
 // dL/dx (C, V) in hidden's dtype, for the pre-head logits x = h W^T + b. grad_logp (C,); mean_shifted
 // and grad_entropy (C,) both or neither; logits: what logits_stats kept, or none to recompute them.
 // For float32 and float64 inputs the gradient is written over the kept logits, which are consumed.
+// A row whose target is outside [0, V) gets NaN.
 at::Tensor logits_grad(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& rows, const at::Tensor& targets, const at::Tensor& max_logit,
                        const at::Tensor& log_sum_exp, const std::optional<at::Tensor>& mean_shifted,
@@ -46,8 +47,8 @@ struct VocabBlocks {
   void logits(int64_t start, at::Tensor out) const;
 };
 
-// Checks shared by both entry points, with the argument's name in the message.
-void check_chunk(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                 const at::Tensor& rows, const at::Tensor& targets);
+// check_chunk (../common.h) for this kernel: CPU tensors of float32, bfloat16, float16 or float64.
+void check_cpu_chunk(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     const at::Tensor& rows, const at::Tensor& targets);
 
 }  // namespace dpo_fast::cpu

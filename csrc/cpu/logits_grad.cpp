@@ -3,36 +3,31 @@
 // From kept logits: one row pass each, writing dL/dx over the logits for float32/float64 inputs
 // (into a new 16-bit matrix otherwise). Without them, the logits are recomputed by one matmul
 // straight into the output (float32/float64), or one vocabulary block at a time into a (C, block)
-// scratch (16-bit), put through the head and turned into dL/dx row by row.
+// scratch (16-bit), put through the head and turned into dL/dx row by row. A row whose target is
+// outside [0, V) is NaN.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <limits>
 
 #include "logits.h"
 #include "row_math.h"
 
 namespace dpo_fast::cpu {
 
-namespace {
-// A (C,) statistic in the accumulate dtype, contiguous (none: an empty tensor).
-at::Tensor per_row(const std::optional<at::Tensor>& values, at::ScalarType dtype) {
-  return values ? values->to(dtype).contiguous() : at::Tensor();
-}
-}  // namespace
-
 at::Tensor logits_grad(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& rows, const at::Tensor& targets, const at::Tensor& max_logit,
                        const at::Tensor& log_sum_exp, const std::optional<at::Tensor>& mean_shifted,
                        const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
                        std::optional<double> softcap, double temperature, const std::optional<at::Tensor>& logits) {
-  check_chunk(hidden, weight, bias, rows, targets);
+  check_cpu_chunk(hidden, weight, bias, rows, targets);
   TORCH_CHECK(mean_shifted.has_value() == grad_entropy.has_value(),
               "mean_shifted and grad_entropy must be given together (the entropy's gradient needs both)");
   const at::ScalarType dtype = hidden.scalar_type(), acc = at::toOpMathType(dtype);
   const int64_t num_rows = rows.size(0), vocab = weight.size(0);
-  TORCH_CHECK(!logits || (logits->scalar_type() == acc && logits->sizes() == at::IntArrayRef{num_rows, vocab} &&
-                          logits->stride(1) == 1),
-              "logits must be the (C, V) ", acc, " logits kept by logits_stats");
+  check_kept_logits(logits, hidden, num_rows, vocab, acc, /*contiguous=*/false);
   const bool recompute = !logits.has_value(), in_place = dtype == acc;
   std::optional<VocabBlocks> blocks;
   if (recompute) blocks.emplace(hidden, weight, rows, !in_place);
@@ -41,10 +36,12 @@ at::Tensor logits_grad(const at::Tensor& hidden, const at::Tensor& weight, const
   at::Tensor scratch = (recompute && !in_place) ? at::empty({num_rows, std::min(block_size, vocab)},
                                                             hidden.options().dtype(acc))
                                                 : at::Tensor();
-  const at::Tensor bias_acc = per_row(bias, acc), target_index = targets.contiguous();
-  const at::Tensor row_max = per_row(max_logit, acc), row_lse = per_row(log_sum_exp, acc);
-  const at::Tensor row_mean = per_row(mean_shifted, acc), row_grad_logp = per_row(grad_logp, acc);
-  const at::Tensor row_grad_entropy = per_row(grad_entropy, acc);
+  const at::Tensor bias_acc = contiguous_as(bias, acc), target_index = targets.contiguous();
+  const at::Tensor row_max = per_row(max_logit, "max_logit", hidden, num_rows, acc);
+  const at::Tensor row_lse = per_row(log_sum_exp, "log_sum_exp", hidden, num_rows, acc);
+  const at::Tensor row_mean = per_row(mean_shifted, "mean_shifted", hidden, num_rows, acc);
+  const at::Tensor row_grad_logp = per_row(grad_logp, "grad_logp", hidden, num_rows, acc);
+  const at::Tensor row_grad_entropy = per_row(grad_entropy, "grad_entropy", hidden, num_rows, acc);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "dpo_fast logits_grad", [&] {
     using Out = scalar_t;
@@ -71,6 +68,10 @@ at::Tensor logits_grad(const at::Tensor& hidden, const at::Tensor& weight, const
       const int64_t source_stride = source.stride(0), grad_stride = grad.stride(0);
       at::parallel_for(0, num_rows, 1, [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
+          if (target[row] < 0 || target[row] >= vocab) {
+            std::fill_n(grad_data + row * grad_stride, width, static_cast<Out>(std::numeric_limits<T>::quiet_NaN()));
+            continue;
+          }
           T* z = source_data + row * source_stride;
           if (recompute) apply_head(z, bias_data == nullptr ? nullptr : bias_data + start, width, head);
           const RowGrad<T> stats{max_data[row], lse_data[row], mean_data == nullptr ? T(0) : mean_data[row],

@@ -3,13 +3,20 @@
 // For one token (one row of logits) with target y, pre-head logits x = h W^T + b and
 // z = softcap * tanh(x / softcap) / temperature (softcap optional):
 //
-//   max_logit    = m = max_v z_v
-//   log_sum_exp  = log s,  s = sum_v exp(z_v - m)
-//   mean_shifted = t / s,  t = sum_v exp(z_v - m) (z_v - m)      (E_p[z] - m, for the entropy)
-//   target_logit = z_y
+//   max_logit        = m = max_v z_v
+//   log_sum_exp      = log s,  s = sum_v exp(z_v - m)
+//   target_logit     = z_y  (NaN for a target outside [0, V))
+//   mean_shifted     = t / s,  t = sum_v exp(z_v - m) (z_v - m)   (E_p[z] - m, for the entropy)
+//   mean_logit       = sum_v z_v / V
+//   log_sum_sq_probs = log q - 2 log s,  q = sum_v exp(2 (z_v - m))  (log sum_v p_v^2)
 //
 // computed block by block over the vocabulary (the online logsumexp): when the running max moves
-// from m to m' > m, s <- s e^(m - m') and t <- (t + (m - m') s) e^(m - m').
+// from m to m' > m, s <- s e^(m - m'), t <- (t + (m - m') s) e^(m - m') and q <- q e^(2 (m - m')).
+//
+// Non-finite logits: a -inf logit has p = 0 and adds exactly nothing to s, t, q or the gradient
+// (never -inf * 0 or -inf - -inf), also in a block whose logits are all -inf; the others' results
+// are the exact finite ones. +inf or NaN makes the row's statistics NaN, and so does a row whose
+// logits are all -inf (log s = log 0).
 //
 // The gradient for upstream a = dL/dlogp and e = dL/dentropy, with p_v = exp((z_v - m) - log s):
 //
@@ -31,8 +38,10 @@ namespace dpo_fast::cpu {
 // exp(x) for float: Cody-Waite range reduction to [-ln2/2, ln2/2] and Cephes' degree-6 polynomial,
 // within 1 ulp of std::exp on [-87.3, 88] (checked on a 1e-4 grid) and branch-free, so that loops
 // over it vectorize.
-// Arguments are clamped to that range: below it the result is 2^-126 (about 1e-38), not 0.
+// Below that range the result is 0 (the true value is under 2^-126, about 1e-38), so that exp(-inf)
+// is 0; above it, e^88 (arguments here are at most 0). NaN gives NaN.
 inline float exp_lanes(float x) {
+  const int32_t in_range = x >= -87.33654f;  // 0 below the range, and for NaN (whose p is NaN anyway)
   x = std::min(std::max(x, -87.33654f), 88.0f);
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds a float to an integer
   const float n = (x * 1.44269504088896341f + kRound) - kRound;
@@ -44,13 +53,21 @@ inline float exp_lanes(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  // 2^n, or 0 below the range: an integer mask, not a branch (GCC would not vectorize one)
+  const int32_t bits = ((static_cast<int32_t>(n) + 127) << 23) & -in_range;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
 
 inline double exp_lanes(double x) { return std::exp(x); }
+
+// max(a, b) by value, a NaN `a` returned as is: std::max returns a reference, and a load through a reference
+// chosen at run time keeps GCC from vectorizing the gradient's loop.
+template <typename T>
+T at_least(T a, T b) {
+  return a < b ? b : a;
+}
 
 // z = softcap * tanh(x / softcap) / temperature.
 template <typename T>
@@ -87,29 +104,37 @@ T apply_head(T* logits, const T* bias, int64_t n, const Head<T>& head) {
 template <typename T>
 struct RowStats {
   T max = -std::numeric_limits<T>::infinity();
-  T sum = 0;
-  T weighted = 0;
+  T sum = 0;          // s
+  T weighted = 0;     // t
+  T sum_squares = 0;  // q
+  T sum_logits = 0;   // sum_v z_v
 
-  // Folds in n logits z whose max is block_max.
-  void update(const T* z, int64_t n, T block_max, bool with_entropy) {
+  // Folds in n logits z whose max is block_max; t, q and the sum of logits only when with_metrics.
+  void update(const T* z, int64_t n, T block_max, bool with_metrics) {
     if (block_max > max) {
       if (sum > 0) {
         const T shift = max - block_max;
         const T scale = exp_lanes(shift);
         weighted = scale * (weighted + shift * sum);
         sum *= scale;
+        sum_squares *= scale * scale;
       }
       max = block_max;
     }
-    const T m = max;
-    T block_sum = 0, block_weighted = 0;
-    if (with_entropy) {
-#pragma omp simd reduction(+ : block_sum, block_weighted)
+    // Shifted by 0 while every logit so far is -inf: those give e = 0 (-inf - -inf would be NaN).
+    const T m = max == -std::numeric_limits<T>::infinity() ? T(0) : max;
+    // A -inf logit's shift becomes the lowest finite value: e = 0 and e * shifted = 0; NaN stays NaN.
+    constexpr T lowest = std::numeric_limits<T>::lowest();
+    T block_sum = 0, block_weighted = 0, block_squares = 0, block_logits = 0;
+    if (with_metrics) {
+#pragma omp simd reduction(+ : block_sum, block_weighted, block_squares, block_logits)
       for (int64_t v = 0; v < n; ++v) {
-        const T shifted = z[v] - m;
+        const T shifted = at_least(z[v] - m, lowest);
         const T e = exp_lanes(shifted);
         block_sum += e;
         block_weighted += e * shifted;
+        block_squares += e * e;
+        block_logits += z[v];
       }
     } else {
 #pragma omp simd reduction(+ : block_sum)
@@ -117,6 +142,8 @@ struct RowStats {
     }
     sum += block_sum;
     weighted += block_weighted;
+    sum_squares += block_squares;
+    sum_logits += block_logits;
   }
 };
 
@@ -136,10 +163,15 @@ template <typename T, typename Out>
 void row_grad(const T* z, Out* grad, int64_t n, int64_t target, const RowGrad<T>& row, const Head<T>& head) {
   const T m = row.max_logit, lse = row.log_sum_exp, a = row.grad_logp, e = row.grad_entropy;
   const T mean = row.mean_shifted, tanh_per_logit = head.tanh_per_logit(), inv_temperature = head.inv_temperature;
+  // Shifts below `floor` have p = 0 (exp_lanes underflows to 0 there): raising a -inf logit's shift
+  // to it keeps p = 0 and its term p * (...) = 0, not 0 * -inf. Likewise its tanh factor is 0 without
+  // softcap (z is finite with one). NaN stays NaN. (Branch-free, so that the loop vectorizes.)
+  const T floor = lse - T(sizeof(T) == sizeof(float) ? 88 : 746);
+  constexpr T lowest = std::numeric_limits<T>::lowest();
   const auto grad_at = [&](T logit, T onehot) {
-    const T shifted = logit - m;
+    const T shifted = at_least(logit - m, floor);
     const T p = exp_lanes(shifted - lse);
-    const T tanh = logit * tanh_per_logit;
+    const T tanh = at_least(logit, lowest) * tanh_per_logit;
     return static_cast<Out>((onehot - p * (a + e * (shifted - mean))) * (T(1) - tanh * tanh) * inv_temperature);
   };
   const bool has_target = target >= 0 && target < n;

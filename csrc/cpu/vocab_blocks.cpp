@@ -36,21 +36,10 @@ void VocabBlocks::logits(int64_t start, at::Tensor out) const {
   at::mm_out(out, hidden_rows, block.t());
 }
 
-void check_chunk(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                 const at::Tensor& rows, const at::Tensor& targets) {
-  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu(),
-              "the cpp backend takes CPU tensors; got hidden on ", hidden.device(), " and weight on ",
-              weight.device(), " (use backend='cuda' or 'triton' for CUDA tensors)");
-  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
-              "hidden (N, H) and weight (V, H) must share H; got ", hidden.sizes(), " and ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), "weight must have hidden's dtype ",
-              hidden.scalar_type(), ", got ", weight.scalar_type());
-  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->device().is_cpu()),
-              "bias must be a CPU tensor of shape (V,) = (", weight.size(0), ",)");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && targets.scalar_type() == at::kLong && rows.dim() == 1 &&
-                  targets.sizes() == rows.sizes(),
-              "rows and targets must be int64 tensors of one shape (C,); got ", rows.sizes(), " ",
-              rows.scalar_type(), " and ", targets.sizes(), " ", targets.scalar_type());
+void check_cpu_chunk(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     const at::Tensor& rows, const at::Tensor& targets) {
+  check_chunk(hidden, weight, bias, rows, targets, c10::DeviceType::CPU, "cpp",
+              {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
 }
 
 }  // namespace dpo_fast::cpu

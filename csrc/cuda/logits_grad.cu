@@ -3,11 +3,15 @@
 // Elementwise over (rows, vocab): blockIdx.y walks the rows, the x dimension the vocabulary. The
 // logits are the kept z, or x straight from cuBLAS with the head applied here (apply_head). For
 // float32 inputs the host side passes grad == logits: each element is read, then overwritten.
+// A -inf logit has p = 0 and gradient 0 (never 0 * -inf); a row whose target is outside [0, vocab)
+// is NaN.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 
 #include "head.cuh"
 #include "row_kernels.h"
@@ -34,14 +38,15 @@ __global__ void __launch_bounds__(kThreads) logits_grad_kernel(LogitsGradArgs ar
     const float grad_entropy = args.grad_entropy == nullptr ? 0.0f : args.grad_entropy[row];
     const float mean_shifted = args.grad_entropy == nullptr ? 0.0f : args.mean_shifted[row];
     const int64_t target = args.targets[row];
+    const bool target_in_vocab = target >= 0 && target < args.vocab;
     for (int64_t v = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; v < args.vocab;
          v += static_cast<int64_t>(gridDim.x) * kThreads) {
       const float z = args.apply_head ? apply_head(logits[v], args.bias, v, args.head) : logits[v];
       const float shifted = z - max_logit;
       const float p = expf(shifted - log_sum_exp);
+      const float spread = p == 0.0f ? 0.0f : p * (grad_logp + grad_entropy * (shifted - mean_shifted));
       const float onehot = v == target ? grad_logp : 0.0f;
-      const float grad_z = onehot - p * (grad_logp + grad_entropy * (shifted - mean_shifted));
-      store(grad + v, grad_z * head_derivative(z, args.head));
+      store(grad + v, target_in_vocab ? (onehot - spread) * head_derivative(z, args.head) : NAN);
     }
   }
 }

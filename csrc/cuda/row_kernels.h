@@ -4,10 +4,13 @@
 // cuBLAS (the host side, bindings.cpp). The math is that of csrc/cpu/row_math.h:
 //
 //   z = softcap * tanh((x + b) / softcap) / temperature                         (the head)
-//   max_logit = max z,  log_sum_exp = log sum exp(z - max),  mean_shifted = E_p[z] - max
-//   dL/dx = (a (onehot(y) - p) - e p ((z - max) - mean_shifted)) (1 - (z temperature / softcap)^2) / temperature
+//   max_logit = m = max z,  log_sum_exp = log sum exp(z - m),  target_logit = z[target]
+//   mean_shifted = E_p[z] - m,  mean_logit = mean z,  log_sum_sq_probs = log sum p^2   (the metrics)
+//   dL/dx = (a (onehot(y) - p) - e p ((z - m) - mean_shifted)) (1 - (z temperature / softcap)^2) / temperature
 //
-// with p = exp((z - max) - log_sum_exp), a = dL/dlogp and e = dL/dentropy per token.
+// with p = exp((z - m) - log_sum_exp), a = dL/dlogp and e = dL/dentropy per token. A -inf logit adds
+// nothing (p = 0, gradient 0); +inf or NaN make the row NaN; a target outside [0, vocab) gives a
+// NaN target_logit and a NaN gradient row. Offsets are 64-bit.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -23,7 +26,7 @@ struct Head {
 };
 
 // One thread block per token: the head applied to x (written back when keep), then max,
-// exp-sums and entropy statistics by an online logsumexp, and the target's logit.
+// exp-sums and metric sums by an online logsumexp, and the target's logit.
 struct RowStatsArgs {
   float* logits;            // (rows, vocab), x on entry; z on exit when keep
   int64_t rows, vocab, stride;
@@ -34,7 +37,9 @@ struct RowStatsArgs {
   float* max_logit;         // (rows,) each
   float* log_sum_exp;
   float* target_logit;
-  float* mean_shifted;      // null: no entropy
+  float* mean_shifted;      // (rows,) each, or all three null: no metrics
+  float* mean_logit;
+  float* log_sum_sq_probs;
 };
 
 enum class GradType { kFloat32, kBFloat16, kFloat16 };

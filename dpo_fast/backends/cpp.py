@@ -50,10 +50,11 @@ def logits_stats(
     with_metrics: bool,
     keep_logits: bool,
 ) -> ChunkStats:
-    max_logit, log_sum_exp, target_logit, mean_shifted, logits = _build.load(NAME).logits_stats(
-        hidden, weight, bias, rows, targets, head.softcap, head.temperature, with_metrics, keep_logits
+    return ChunkStats.from_kernel(
+        _build.load(NAME).logits_stats(
+            hidden, weight, bias, rows, targets, head.softcap, head.temperature, with_metrics, keep_logits
+        )
     )
-    return ChunkStats(max_logit, log_sum_exp, target_logit, mean_shifted, logits=logits)
 
 
 def logits_grad(

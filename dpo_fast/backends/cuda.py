@@ -2,9 +2,10 @@
 
 Forward: the chunk's float32 logits from one cuBLAS product (``at::mm`` with a float32 output for
 16-bit operands), then one kernel, a thread block per token, applies the head and forms the online
-logsumexp, target logit and entropy statistics in one read (writing the post-head logits back when
-they are kept). Backward: one elementwise kernel writes ``dL/dx`` in the compute dtype from the kept
+logsumexp, target logit and (``with_metrics``) the token metrics in one read (writing the post-head
+logits back when they are kept). Backward: one elementwise kernel writes ``dL/dx`` in the compute dtype from the kept
 or recomputed logits (over them for float32 inputs); the two products with it are the shared ones.
+The binding checks every input, makes the tensors' device current and runs on its current stream.
 Built ahead of time by ``setup.py`` with a CUDA build of torch and nvcc, or just in time on first use.
 """
 
@@ -42,12 +43,11 @@ def logits_stats(
     with_metrics: bool,
     keep_logits: bool,
 ) -> ChunkStats:
-    with torch.cuda.device(hidden.device):
-        max_logit, log_sum_exp, target_logit, mean_shifted, logits = _build.load(NAME).logits_stats(
-            hidden, weight, bias, rows, targets, head.softcap, head.temperature, with_metrics, keep_logits,
-            torch.cuda.current_stream().cuda_stream,
-        )  # fmt: skip
-    return ChunkStats(max_logit, log_sum_exp, target_logit, mean_shifted, logits=logits)
+    return ChunkStats.from_kernel(
+        _build.load(NAME).logits_stats(
+            hidden, weight, bias, rows, targets, head.softcap, head.temperature, with_metrics, keep_logits
+        )
+    )
 
 
 def logits_grad(
@@ -61,9 +61,8 @@ def logits_grad(
     grad_entropy: torch.Tensor | None,
     head: HeadSpec,
 ) -> torch.Tensor:
-    with torch.cuda.device(hidden.device):
-        return _build.load(NAME).logits_grad(
-            hidden, weight, bias, rows, targets, stats.max_logit, stats.log_sum_exp,
-            None if grad_entropy is None else stats.mean_shifted, grad_logp, grad_entropy, head.softcap,
-            head.temperature, stats.logits, torch.cuda.current_stream().cuda_stream,
-        )  # fmt: skip
+    return _build.load(NAME).logits_grad(
+        hidden, weight, bias, rows, targets, stats.max_logit, stats.log_sum_exp,
+        None if grad_entropy is None else stats.mean_shifted, grad_logp, grad_entropy, head.softcap,
+        head.temperature, stats.logits,
+    )  # fmt: skip

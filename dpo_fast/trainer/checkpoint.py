@@ -3,13 +3,17 @@
 ``<output_dir>/checkpoint-<step>/`` holds
 
 - ``model/``: the policy by ``save_pretrained`` (safetensors) and the tokenizer; loadable with
-  ``from_pretrained`` (for LoRA, ``PeftModel.from_pretrained``: the adapters only);
+  ``AutoModelForCausalLM.from_pretrained`` (for LoRA: the adapters, for ``PeftModel.from_pretrained``);
+- ``base/``: for LoRA on a model built from a config ``.json`` (a random init that exists nowhere
+  else), the base model and the tokenizer, and ``model/adapter_config.json`` names this folder
+  as its ``base_model_name_or_path``;
 - ``optimizer.pt``: full (unsharded) optimizer and scheduler state;
 - ``rng_state_<rank>.pt``: each process's Python, NumPy and torch generators;
 - ``trainer_state.json``: step, data position (epoch, step within the epoch) and the config.
 
 Model and optimizer state go through ``torch.distributed.checkpoint.state_dict``, which gives
-full state dicts from a plain, DDP or FSDP module alike.
+full state dicts from a plain, DDP or FSDP module alike. ``optimizer.pt`` and the RNG files are
+read with ``torch.load(weights_only=True)``: a checkpoint from elsewhere cannot run code on load.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -28,8 +33,13 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from .config import TrainConfig
+from .model import built_from_config
 
 _PREFIX = "model."  # DPOModel holds the HF (or PEFT) model as .model
+_PEFT_PREFIX = "base_model.model."  # a PeftModel's names of the transformers model's weights
+# what np.random.get_state() pickles, allowed by torch.load(weights_only=True) (as transformers' Trainer does)
+_NUMPY_CORE = getattr(np, "_core", None) or np.core
+_RNG_GLOBALS = [_NUMPY_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def save(accelerator: Accelerator, model, optimizer, scheduler, tokenizer, cfg: TrainConfig, state: dict) -> Path:
@@ -45,9 +55,14 @@ def save(accelerator: Accelerator, model, optimizer, scheduler, tokenizer, cfg: 
     )
     if accelerator.is_main_process:
         policy = accelerator.unwrap_model(model).model
-        weights = {key.removeprefix(_PREFIX): value for key, value in model_state.items()}
+        second_names = _second_names_of_tied(policy)
+        weights = {
+            name: value for key, value in model_state.items() if (name := key.removeprefix(_PREFIX)) not in second_names
+        }
         policy.save_pretrained(partial / "model", state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(partial / "model")
+        if hasattr(policy, "peft_config") and built_from_config(cfg):
+            _save_lora_base(policy, weights, tokenizer, partial, final)
         torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict()}, partial / "optimizer.pt")
         record = {**state, "config": dataclasses.asdict(cfg)}
         (partial / "trainer_state.json").write_text(json.dumps(record, indent=2))
@@ -61,21 +76,40 @@ def save(accelerator: Accelerator, model, optimizer, scheduler, tokenizer, cfg: 
     return final
 
 
-def latest(output_dir: str) -> Path | None:
+def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every whole checkpoint under ``output_dir`` (``checkpoint-<step>`` folders), by step.
+
+    Anything else (``checkpoint-copy``, a partial ``.checkpoint-<step>.partial``, files) is not one.
+    """
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if step.isdigit() and path.is_dir():
+            found.append((int(step), path))
+    return sorted(found)
+
+
+def latest(output_dir: str | Path) -> Path | None:
     """The newest whole checkpoint under ``output_dir``, or None."""
-    found = sorted(Path(output_dir).glob("checkpoint-*"), key=_step_of)
-    return found[-1] if found else None
+    found = checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def trainer_state(path: Path) -> dict:
+    """The ``trainer_state.json`` of checkpoint ``path`` (step, data position, config)."""
+    if not (path / "trainer_state.json").is_file():
+        raise ValueError(f"resume_from_checkpoint {str(path)!r} is not a checkpoint folder (no trainer_state.json)")
+    return json.loads((path / "trainer_state.json").read_text())
 
 
 def load(path: Path, accelerator: Accelerator, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and this process's RNG from ``path``; returns its trainer state."""
-    if not (path / "trainer_state.json").is_file():
-        raise ValueError(f"resume_from_checkpoint {str(path)!r} is not a checkpoint folder (no trainer_state.json)")
+    state = trainer_state(path)
     policy = accelerator.unwrap_model(model).model
     weights = {}
     for file in sorted((path / "model").glob("*.safetensors")):
         weights.update(load_file(file))
-    saved = torch.load(path / "optimizer.pt", weights_only=False)
+    saved = _load_plain(path / "optimizer.pt")
     if hasattr(policy, "peft_config"):
         from peft import set_peft_model_state_dict
 
@@ -89,8 +123,39 @@ def load(path: Path, accelerator: Accelerator, model, optimizer, scheduler) -> d
         options=StateDictOptions(full_state_dict=True, strict=False),
     )  # fmt: skip
     scheduler.load_state_dict(saved["scheduler"])
-    _set_rng_state(torch.load(path / f"rng_state_{accelerator.process_index}.pt", weights_only=False))
-    return json.loads((path / "trainer_state.json").read_text())
+    _set_rng_state(_load_plain(path / f"rng_state_{accelerator.process_index}.pt"))
+    return state
+
+
+def _load_plain(path: Path):
+    """``torch.load`` of tensors, containers, numbers and RNG states only; anything else raises ``ValueError``."""
+    try:
+        with torch.serialization.safe_globals(_RNG_GLOBALS):
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{str(path)!r} holds objects other than tensors, numbers and RNG states; it was not loaded, as loading "
+            f"them could run code (torch.load(weights_only=True) said: {str(error).strip().splitlines()[0]})"
+        ) from None
+
+
+def _save_lora_base(policy, weights: dict, tokenizer, partial: Path, final: Path) -> None:
+    """Write the base model under ``partial / "base"`` and name it (at ``final``) in the adapters' config.
+
+    Args:
+        weights: the PeftModel's full state dict (``base_model.model.<name>``, ``<module>.base_layer.weight``
+            for the wrapped layers, ``lora_A``/``lora_B`` for the adapters).
+    """
+    base = {
+        key.removeprefix(_PEFT_PREFIX).replace(".base_layer.", "."): value
+        for key, value in weights.items() if "lora_" not in key
+    }  # fmt: skip
+    policy.get_base_model().save_pretrained(partial / "base", state_dict=base, safe_serialization=True)
+    tokenizer.save_pretrained(partial / "base")
+    adapter_config = partial / "model" / "adapter_config.json"
+    values = json.loads(adapter_config.read_text())
+    values["base_model_name_or_path"] = str((final / "base").resolve())
+    adapter_config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def _check_complete(policy, weights: dict, path: Path) -> None:
@@ -99,6 +164,18 @@ def _check_complete(policy, weights: dict, path: Path) -> None:
     missing = first_names - set(weights)
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} lacks weights {sorted(missing)[:5]}...; is it from another model?")
+
+
+def _second_names_of_tied(policy: torch.nn.Module) -> set[str]:
+    """The names of a parameter after its first (``lm_head.weight`` of a tied embedding): saved once.
+
+    Gathered full state dicts (FSDP) give each name its own tensor, so ``save_pretrained`` cannot see the tie.
+    """
+    first_by_id, second = {}, set()
+    for name, param in policy.named_parameters(remove_duplicate=False):
+        if first_by_id.setdefault(id(param), name) != name:
+            second.add(name)
+    return second
 
 
 def _rng_state() -> dict:
@@ -116,11 +193,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _step_of(path: Path) -> int:
-    return int(path.name.rsplit("-", 1)[1])
-
-
 def _prune(output_dir: Path, keep: int) -> None:
     if keep > 0:
-        for old in sorted(output_dir.glob("checkpoint-*"), key=_step_of)[:-keep]:
+        for _, old in checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old)

@@ -1,26 +1,42 @@
 """The run's configuration: one flat dataclass, read from a YAML/JSON file and overridden by flags.
 
 Names follow TRL's ``DPOConfig`` where TRL has the knob (``learning_rate``,
-``per_device_train_batch_size``, ``max_prompt_length``, ``padding_free``, ...), so a TRL config
-ports by copying keys. Relative paths in a config file (``model``, ``tokenizer``, ``dataset``,
-``eval_dataset``) are resolved against the file's folder when they exist there; anything else
-(a hub name, a path relative to the working directory) is kept as written.
+``per_device_train_batch_size``, ``max_prompt_length``, ``padding_free``, ``overwrite_output_dir``,
+...), so a TRL config ports by copying keys. Relative paths in a config file (``model``,
+``tokenizer``, ``dataset``, ``eval_dataset``) are resolved against the file's folder when they
+exist there; anything else (a hub name, a path relative to the working directory) is kept as written.
+
+Every value is checked against its field's declared type when the config is made, and coerced
+where the intent is plain (``"1e-3"`` -> 0.001 for a float, ``"no"`` -> False for a bool, 8.0 -> 8
+for an int): YAML 1.1 reads ``1e-3`` as a string. Anything else raises a ``ValueError`` naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import validate
+from ..backends import CHUNKED_BACKENDS
 from ..objectives import LOSS_TYPES
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "default"
 DEFAULT_CONFIG = DEFAULT_DIR / "config.yaml"
 REFERENCE_MODES = ("precompute", "model", "adapters", "none")
+BACKENDS = ("auto", "reference", *CHUNKED_BACKENDS)
+DTYPES = ("float32", "bfloat16", "float16")
 PATH_KEYS = ("model", "tokenizer", "dataset", "eval_dataset")
+# the smallest value each numeric key takes
+MINIMUM = {
+    "lora_r": 0, "lora_alpha": 1, "lora_dropout": 0, "label_smoothing": 0, "learning_rate": 0, "weight_decay": 0,
+    "adam_beta1": 0, "adam_beta2": 0, "adam_epsilon": 0, "warmup_steps": 0, "per_device_train_batch_size": 1,
+    "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1, "max_grad_norm": 0, "num_train_epochs": 1,
+    "logging_steps": 1, "eval_steps": 0, "save_steps": 0, "save_total_limit": 0,
+}  # fmt: skip
 
 
 def _default_cache_dir() -> str:
@@ -29,39 +45,53 @@ def _default_cache_dir() -> str:
 
 @dataclass
 class TrainConfig:
-    """Every knob of a run. ``help`` in each field's metadata becomes the CLI flag's help."""
+    """Every knob of a run. ``help`` in each field's metadata becomes the CLI flag's help and the README's
+    table of keys (``dpo_fast.trainer.cli.keys_table``); ``default`` there, where given, describes the default."""
 
     # model
     model: str = field(default="", metadata={"help": "HF model folder, hub name, or a config .json (random init)"})
-    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder or hub name (default: model)"})
-    dtype: str = field(default="float32", metadata={"help": "weights dtype: float32 | bfloat16 | float16"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder or hub name; null: the model's"})
+    dtype: str = field(default="float32", metadata={"help": f"weights dtype: {' | '.join(DTYPES)}"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "PEFT target_modules"})
+    lora_target_modules: str = field(
+        default="all-linear", metadata={"help": "PEFT target_modules: all-linear, or module names separated by commas"}
+    )
     # data
     dataset: str = field(default="", metadata={"help": "JSON/JSONL/Parquet file, or a hub dataset name"})
     dataset_split: str = field(default="train", metadata={"help": "split of a hub dataset"})
-    eval_dataset: str | None = field(default=None, metadata={"help": "held-out file or hub name (none: no eval)"})
+    eval_dataset: str | None = field(default=None, metadata={"help": "held-out file or hub name; null: no eval"})
     eval_split: str = field(default="test", metadata={"help": "split of a hub eval dataset"})
     max_length: int | None = field(default=1024, metadata={"help": "prompt + completion tokens (keeps the start)"})
     max_prompt_length: int | None = field(default=512, metadata={"help": "prompt tokens kept (keeps the end)"})
     padding_free: bool = field(default=False, metadata={"help": "pack each batch into one row with segment_ids"})
     # objective and reference
     beta: float = field(default=0.1, metadata={"help": "DPO beta"})
-    loss_type: str = field(default="sigmoid", metadata={"help": f"one of {', '.join(LOSS_TYPES)}"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO / robust label smoothing"})
-    reference: str = field(default="precompute", metadata={"help": f"one of {', '.join(REFERENCE_MODES)}"})
-    reference_cache_dir: str = field(default_factory=_default_cache_dir, metadata={"help": "precomputed log-probs"})
-    backend: str = field(default="auto", metadata={"help": "dpo_fast backend: auto | torch | triton | reference"})
+    loss_type: str = field(default="sigmoid", metadata={"help": f"one of {' | '.join(LOSS_TYPES)}"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO / robust label smoothing; EXO's epsilon"})
+    reference: str = field(default="precompute", metadata={"help": f"one of {' | '.join(REFERENCE_MODES)}"})
+    reference_cache_dir: str = field(
+        default_factory=_default_cache_dir,
+        metadata={
+            "help": "precomputed log-probs",
+            "default": "$XDG_CACHE_HOME or ~/.cache, then dpo_fast/reference_logps",
+        },
+    )
+    backend: str = field(
+        default="auto",
+        metadata={
+            "help": f"dpo_fast backend: {' | '.join(BACKENDS)}; auto: triton on CUDA, cpp on CPU once built, else torch"
+        },
+    )
     # optimization
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW peak learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay, of matrices only"})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers.get_scheduler name"})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "any transformers.get_scheduler name"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "pairs per micro-batch per process"})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "pairs per eval batch per process"})
@@ -69,17 +99,24 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1: num_train_epochs of the data"})
     num_train_epochs: int = field(default=1, metadata={"help": "epochs when max_steps is -1"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast (mixed precision)"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast (mixed precision) over dtype's weights"})
     seed: int = field(default=42, metadata={"help": "seed of init, data order and dropout"})
     # bookkeeping
     output_dir: str = field(default="dpo-fast-output", metadata={"help": "metrics.jsonl and checkpoints"})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "replace the run in a non-empty output_dir (else a fresh run refuses it)"}
+    )
     logging_steps: int = field(default=10, metadata={"help": "log every N steps"})
     eval_steps: int = field(default=0, metadata={"help": "eval every N steps (0: at the end only)"})
     save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: at the end only)"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept (0: all)"})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint folder, or 'auto'"})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "checkpoint folder, or 'auto' (the newest in output_dir; none: start fresh)"}
+    )
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
         _check(self)
 
 
@@ -100,7 +137,7 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConf
     else:
         values = json.loads(text)
     if not isinstance(values, dict):
-        raise TypeError(f"config file {str(path)!r} must hold a mapping of keys to values")
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values")  # noqa: TRY004 (user input)
     for key in PATH_KEYS:
         if isinstance(values.get(key), str) and (path.parent / values[key]).exists():
             values[key] = str((path.parent / values[key]).resolve())
@@ -112,15 +149,65 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConf
     return TrainConfig(**values)
 
 
+_KINDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _coerce(key: str, declared: str, value):
+    """``value`` as the declared type of field ``key`` (``"int"``, ``"str | None"``, ...), or a ``ValueError``."""
+    kind, _, rest = declared.partition(" | ")
+    nullable = rest == "None"
+    if nullable and (value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none"))):
+        return None
+    expected = _KINDS[kind] + (" or null" if nullable else "")
+    wrong = ValueError(f"{key} must be {expected}, got {value!r} ({type(value).__name__})")
+    if kind == "str":
+        if not isinstance(value, str):
+            raise wrong
+        return value
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise wrong
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise wrong
+    if kind == "int" and isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise wrong from None
+    if not math.isfinite(number):
+        raise ValueError(f"{key} must be a finite number, got {value!r}")
+    if kind == "float":
+        return number
+    if isinstance(value, int):
+        return value
+    if not number.is_integer():
+        raise wrong
+    return int(number)
+
+
 def _check(cfg: TrainConfig) -> None:
     if not cfg.model:
         raise ValueError("model is required: an HF model folder, a hub name, or a config .json")
     if not cfg.dataset:
         raise ValueError("dataset is required: a JSON/JSONL/Parquet file or a hub dataset name")
-    if cfg.loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {cfg.loss_type!r}")
-    if cfg.reference not in REFERENCE_MODES:
-        raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {cfg.reference!r}")
+    if not cfg.output_dir:
+        raise ValueError("output_dir must name a folder")
+    for key, least in MINIMUM.items():
+        if getattr(cfg, key) < least:
+            raise ValueError(f"{key} must be >= {least}, got {getattr(cfg, key)}")
+    for key in ("adam_beta1", "adam_beta2", "lora_dropout"):
+        if not getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be < 1, got {getattr(cfg, key)}")
+    validate.check_objective(cfg.beta, cfg.loss_type, cfg.label_smoothing)
+    for key, allowed in (("reference", REFERENCE_MODES), ("backend", BACKENDS), ("dtype", DTYPES)):
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"{key} must be one of {' | '.join(allowed)}, got {getattr(cfg, key)!r}")
     if cfg.reference == "adapters" and cfg.lora_r <= 0:
         raise ValueError("reference='adapters' needs a LoRA policy: set lora_r > 0, or pick another reference")
     if cfg.max_length is not None and (cfg.max_prompt_length is None or not 0 < cfg.max_prompt_length < cfg.max_length):
@@ -128,8 +215,5 @@ def _check(cfg: TrainConfig) -> None:
             f"max_prompt_length must be set and in (0, max_length={cfg.max_length}) so every completion keeps "
             f"a token, got {cfg.max_prompt_length}; or set max_length to null to turn truncation off"
         )
-    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.max_steps == 0 or cfg.max_steps < -1:
         raise ValueError(f"max_steps must be -1 (use num_train_epochs) or >= 1, got {cfg.max_steps}")

@@ -4,28 +4,49 @@ A row is ``{"prompt", "chosen", "rejected"}``, each plain text, or (conversation
 ``{"role", "content"}`` messages rendered with the tokenizer's chat template. Tokenized rows
 hold ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (lists of int); a batch of P rows becomes
 one forward of 2P sequences, chosen first (TRL's concatenated order), padded or packed.
+
+Errors name the dataset, and the row (rows count from 1, in the order of the file) or the line of
+the file (lines count from 1) and the field.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import datasets
 import torch
+
+from . import sources
 
 FIELDS = ("prompt", "chosen", "rejected")
 IGNORE_INDEX = -100
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def load_rows(source: str, split: str) -> datasets.Dataset:
-    """A local JSON/JSONL/Parquet file (all its rows) or a hub dataset name (``split`` of it)."""
-    suffix = Path(source).suffix
-    if suffix in _FILE_BUILDERS:
-        if not Path(source).is_file():
-            raise ValueError(f"dataset file {source!r} does not exist")
-        return datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=source, split="train")
-    return datasets.load_dataset(source, split=split)
+def load_rows(source: str, split: str, key: str = "dataset") -> datasets.Dataset:
+    """A local JSON/JSONL/Parquet file (all its rows) or a hub dataset name (``split`` of it).
+
+    ``key`` (the config key that named ``source``) goes into errors. A JSON or JSONL file is read
+    once first, so that bytes that are not UTF-8, a line that is not JSON, and a file with no row
+    are reported with the file and line rather than from deep inside ``datasets``.
+    """
+    path = sources.local_path(key, source)
+    if path is None:
+        rows = sources.from_hub(key, source, lambda: datasets.load_dataset(source, split=split))
+    elif path.suffix not in _FILE_BUILDERS:
+        raise ValueError(f"{key} {source!r} must be a .json, .jsonl or .parquet file, or a hub dataset name")
+    else:
+        if path.suffix != ".parquet":
+            _check_json_file(path, key)
+        try:
+            rows = datasets.load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+        except datasets.exceptions.DatasetGenerationError as error:
+            cause = error.__cause__ or error
+            raise ValueError(f"{key} file {source!r} could not be read: {str(cause).splitlines()[0]}") from error
+    if len(rows) == 0:
+        raise ValueError(f"{key} {source!r} has no rows")
+    return rows
 
 
 def tokenize(rows: datasets.Dataset, tokenizer, max_length: int | None, max_prompt_length: int | None,
@@ -46,7 +67,8 @@ def tokenize(rows: datasets.Dataset, tokenizer, max_length: int | None, max_prom
             f"(it has {rows.column_names})"
         )
 
-    def encode(row, index):
+    def encode(row, position):
+        index = position + 1  # rows count from 1 in errors
         for key in FIELDS:
             _check_field(row[key], key, index, name)
         prompt, chosen, rejected = _encode_row(row, tokenizer, index, name)
@@ -128,7 +150,7 @@ def _check_field(value, key: str, index: int, name: str) -> None:
     elif isinstance(value, list):
         empty = not value or any(not isinstance(m, dict) or not str(m.get("content") or "").strip() for m in value)
     else:
-        raise TypeError(
+        raise ValueError(  # noqa: TRY004 (user data: every bad row is a ValueError)
             f"dataset {name!r} row {index}: field {key!r} must be text or a list of {{'role', 'content'}} "
             f"messages, got {type(value).__name__}"
         )
@@ -161,3 +183,45 @@ def _encode_row(row, tokenizer, index: int, name: str) -> tuple[list[int], list[
             )
         ids.append(tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"])
     return tuple(ids)
+
+
+def _check_json_file(path: Path, key: str) -> None:
+    """UTF-8 throughout, at least one row, and (JSON lines) every non-blank line a JSON value."""
+    with open(path, "rb") as file:
+        head = file.read(4096).lstrip()
+        file.seek(0)
+        if head.startswith(b"["):  # one JSON array
+            text = _utf8(file.read(), path, key, 1)
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{key} file {str(path)!r} line {error.lineno}: not valid JSON ({error.msg})"
+                ) from None
+            if not rows:
+                raise ValueError(f"{key} file {str(path)!r} has no rows")
+            return
+        rows = 0
+        for number, raw in enumerate(file, start=1):
+            line = _utf8(raw, path, key, number).strip()
+            if not line:
+                continue
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{key} file {str(path)!r} line {number}: not valid JSON ({error.msg})") from None
+            rows += 1
+    if rows == 0:
+        raise ValueError(f"{key} file {str(path)!r} has no rows")
+
+
+def _utf8(raw: bytes, path: Path, key: str, first_line: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = first_line + raw[: error.start].count(b"\n")
+        column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ValueError(
+            f"{key} file {str(path)!r} line {line}, column {column}: byte 0x{raw[error.start]:02x} is not UTF-8; "
+            "save the file as UTF-8"
+        ) from None

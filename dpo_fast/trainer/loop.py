@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import SchedulerType, get_scheduler
 
-from . import checkpoint, data, reference
+from . import checkpoint, data, output, parallel, reference, sources
 from . import model as model_lib
 from .config import TrainConfig
 
@@ -30,17 +29,21 @@ METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "
 
 def train(cfg: TrainConfig) -> dict[str, float]:
     """Run DPO as ``cfg`` says; returns the last logged train and eval metrics."""
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+    # what can be checked without loading anything: local paths exist, the output folder fits the run
+    sources.check(cfg)
+    resume = output.resume_point(cfg)
+    if cfg.lr_scheduler_type not in {kind.value for kind in SchedulerType}:
+        raise ValueError(f"lr_scheduler_type must be one of {' | '.join(k.value for k in SchedulerType)}, "
+                         f"got {cfg.lr_scheduler_type!r}")  # fmt: skip
+    accelerator = parallel.make_accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
     set_seed(cfg.seed)
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
 
     # data: tokenized once (by the main process first, the others read datasets' cache)
     tokenizer = model_lib.load_tokenizer(cfg)
     with accelerator.main_process_first():
-        splits = {"train": _tokenized(cfg.dataset, cfg.dataset_split, tokenizer, cfg)}
+        splits = {"train": _tokenized("dataset", cfg.dataset, cfg.dataset_split, tokenizer, cfg)}
         if cfg.eval_dataset:
-            splits["eval"] = _tokenized(cfg.eval_dataset, cfg.eval_split, tokenizer, cfg)
+            splits["eval"] = _tokenized("eval_dataset", cfg.eval_dataset, cfg.eval_split, tokenizer, cfg)
     train_rows = splits["train"]
     micro_batches_per_step = cfg.gradient_accumulation_steps * accelerator.num_processes
     steps_per_epoch = len(train_rows) // cfg.per_device_train_batch_size // micro_batches_per_step
@@ -60,26 +63,27 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
     )  # fmt: skip
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, total_steps)
+    frozen = reference.frozen_copy(model) if cfg.reference == "model" else None
     model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.print(parallel.describe(accelerator, model))
 
     # the reference is taken from the initial weights, before any checkpoint is loaded
-    ref_logps = reference.build(cfg, model, accelerator, splits, tokenizer.pad_token_id)
+    ref_logps = reference.build(cfg, model, accelerator, splits, tokenizer.pad_token_id, frozen)
     start_step = 0
-    resume = checkpoint.latest(cfg.output_dir) if cfg.resume_from_checkpoint == "auto" else cfg.resume_from_checkpoint
-    if resume:
-        state = checkpoint.load(Path(resume), accelerator, model, optimizer, scheduler)
+    if resume is not None:
+        state = checkpoint.load(resume, accelerator, model, optimizer, scheduler)
         if state["steps_per_epoch"] != steps_per_epoch:
             raise ValueError(
                 f"checkpoint {str(resume)!r} ran {state['steps_per_epoch']} steps per epoch, this run "
                 f"{steps_per_epoch}: resume with the same data, batch size, accumulation and process count"
             )
         start_step = state["step"]
-        _truncate_log(output_dir / "metrics.jsonl", start_step, accelerator)
+        accelerator.print(f"resuming from {resume} at step {start_step}")
+    output.start(cfg.output_dir, start_step, accelerator)  # the folder now holds the run as of start_step
 
     def log(record: dict) -> None:
         if accelerator.is_main_process:
-            with open(output_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            output.append(cfg.output_dir, record)
 
     def evaluate(step: int) -> dict[str, float]:
         sums = torch.zeros(len(METRICS) + 1, device=accelerator.device)
@@ -117,6 +121,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             window += _pair_sums(out)
         clip = cfg.max_grad_norm > 0
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if clip else None
+        if isinstance(grad_norm, DTensor):  # FSDP2
+            grad_norm = grad_norm.full_tensor()
         learning_rate = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -141,8 +147,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     return last
 
 
-def _tokenized(source: str, split: str, tokenizer, cfg: TrainConfig):
-    rows = data.load_rows(source, split)
+def _tokenized(key: str, source: str, split: str, tokenizer, cfg: TrainConfig):
+    rows = data.load_rows(source, split, key)
     return data.tokenize(rows, tokenizer, cfg.max_length, cfg.max_prompt_length, source)
 
 
@@ -159,11 +165,3 @@ def _pair_sums(out) -> torch.Tensor:
 
 def _means(sums: torch.Tensor) -> dict[str, float]:
     return {name: value for name, value in zip(METRICS, (sums[:-1] / sums[-1]).tolist())}
-
-
-def _truncate_log(path: Path, step: int, accelerator: Accelerator) -> None:
-    """Drop the records a resumed run will write again (those after its checkpoint's step)."""
-    if accelerator.is_main_process and path.is_file():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
-    accelerator.wait_for_everyone()

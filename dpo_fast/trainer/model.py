@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .. import api, objectives
+from . import sources
 from .config import TrainConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -24,10 +25,14 @@ _UNSUPPORTED_HEAD_SCALES = ("logit_scale", "logits_scaling")
 
 def load_tokenizer(cfg: TrainConfig):
     """``cfg.tokenizer``, else the model's own; a pad token is set to EOS when there is none."""
-    source = cfg.tokenizer or cfg.model
-    if source.endswith(".json") and Path(source).is_file():
-        raise ValueError(f"model {cfg.model!r} is a config file: set tokenizer to a tokenizer folder or hub name")
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    key, source = ("tokenizer", cfg.tokenizer) if cfg.tokenizer else ("model", cfg.model)
+    path = sources.local_path(key, source)
+    if path is None:
+        tokenizer = sources.from_hub(key, source, lambda: AutoTokenizer.from_pretrained(source))
+    elif path.is_file():
+        raise ValueError(f"{key} {source!r} is a file: set tokenizer to a tokenizer folder or hub name")
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {source!r} has no EOS token, which ends every completion; set eos_token")
     if tokenizer.pad_token_id is None:
@@ -38,16 +43,16 @@ def load_tokenizer(cfg: TrainConfig):
 def load_model(cfg: TrainConfig) -> PreTrainedModel:
     """The HF model of ``cfg.model`` (folder or hub name; a ``.json`` config gives a random init
     seeded by the caller), in ``cfg.dtype``, with LoRA adapters when ``cfg.lora_r > 0``."""
-    if cfg.dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {cfg.dtype!r}")
     dtype = _DTYPES[cfg.dtype]
-    if cfg.model.endswith(".json") and Path(cfg.model).is_file():
-        values = json.loads(Path(cfg.model).read_text())
-        if "model_type" not in values:
-            raise ValueError(f"model config {cfg.model!r} needs a 'model_type' (e.g. 'llama')")
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**values), dtype=dtype)
+    path = sources.local_path("model", cfg.model)
+    if path is None:
+        model = sources.from_hub(
+            "model", cfg.model, lambda: AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+        )
+    elif path.is_file():
+        model = AutoModelForCausalLM.from_config(_config_of(path), dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     for key in _UNSUPPORTED_HEAD_SCALES:
         if getattr(model.config, key, None) not in (None, 1, 1.0):
             raise ValueError(f"model {cfg.model!r} scales its logits by config.{key}, which dpo_fast does not support")
@@ -57,10 +62,33 @@ def load_model(cfg: TrainConfig) -> PreTrainedModel:
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
+        targets = cfg.lora_target_modules
+        targets = [name.strip() for name in targets.split(",")] if "," in targets else targets
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")  # fmt: skip
+                          target_modules=targets, task_type="CAUSAL_LM")  # fmt: skip
         model = get_peft_model(model, lora)
     return model
+
+
+def built_from_config(cfg: TrainConfig) -> bool:
+    """The run's model is a random init from a config file: its base weights exist nowhere but in the run."""
+    path = sources.local_path("model", cfg.model)
+    return path is not None and path.is_file()
+
+
+def _config_of(path: Path):
+    """The ``transformers`` config of a model config ``.json`` file, or a ``ValueError`` saying what is wrong."""
+    if path.suffix != ".json":
+        raise ValueError(
+            f"model {str(path)!r} is a file but not a config .json: give a model folder, a hub name or a .json"
+        )
+    try:
+        values = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"model config {str(path)!r} is not valid JSON: {error}") from None
+    if not isinstance(values, dict) or "model_type" not in values:
+        raise ValueError(f"model config {str(path)!r} needs a 'model_type' (e.g. 'llama')")
+    return AutoConfig.for_model(**values)
 
 
 class DPOModel(torch.nn.Module):
@@ -80,6 +108,12 @@ class DPOModel(torch.nn.Module):
         self.softcap = getattr(self.hf_model.config, "final_logit_softcapping", None)
         # FSDP's auto-wrap policy reads the decoder-layer classes from here
         self._no_split_modules = getattr(self.hf_model, "_no_split_modules", None)
+
+    def tie_weights(self, *args, **kwargs) -> None:
+        """The HF model's ``tie_weights``: accelerate's FSDP2 calls it on the module it shards (this one) after
+        moving it to the meta device and back (``cpu_ram_efficient_loading``, on by default in ``accelerate
+        launch``); without it a tied lm_head comes back as a second, separately trained copy of the embedding."""
+        self.hf_model.tie_weights(*args, **kwargs)
 
     @property
     def hf_model(self) -> PreTrainedModel:

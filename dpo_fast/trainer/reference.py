@@ -25,15 +25,25 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast, broadcast_object_list
 
+from .. import objectives
 from . import data
 from .config import TrainConfig
 
 RefLogps = Callable[[str, list[int], dict], torch.Tensor]
 
 
-def build(cfg: TrainConfig, model, accelerator: Accelerator, splits: dict[str, datasets.Dataset],
-          pad_id: int) -> RefLogps:  # fmt: skip
-    """The reference of ``cfg.reference`` for the prepared policy ``model`` at its initial weights."""
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A no-grad, eval-mode copy of the policy for ``reference: model``, made before ``accelerator.prepare``
+    (an FSDP-sharded module cannot be deep-copied)."""
+    return copy.deepcopy(model).requires_grad_(False).eval()
+
+
+def build(cfg: TrainConfig, model, accelerator: Accelerator, splits: dict[str, datasets.Dataset], pad_id: int,
+          frozen: torch.nn.Module | None = None) -> RefLogps:  # fmt: skip
+    """The reference of ``cfg.reference`` for the prepared policy ``model`` at its initial weights.
+
+    ``frozen`` is ``frozen_copy`` of the policy before it was prepared, for ``reference: model``.
+    """
     if cfg.reference == "none":
         return lambda split, rows, batch: torch.zeros(2 * len(rows), device=accelerator.device)
     if cfg.reference == "adapters":
@@ -49,14 +59,15 @@ def build(cfg: TrainConfig, model, accelerator: Accelerator, splits: dict[str, d
 
         return with_adapters_disabled
     if cfg.reference == "model":
-        frozen = copy.deepcopy(accelerator.unwrap_model(model)).requires_grad_(False).eval()
+        if frozen is None:
+            raise ValueError("reference='model' needs the frozen copy of the policy made before prepare")
         frozen = accelerator.prepare_model(frozen, evaluation_mode=True)
 
-        def frozen_copy(split, rows, batch):
+        def frozen_model(split, rows, batch):
             with torch.no_grad():
                 return frozen(**batch)
 
-        return frozen_copy
+        return frozen_model
     tables = {split: _cached_table(cfg, model, accelerator, rows, split, pad_id) for split, rows in splits.items()}
 
     def precomputed(split, rows, batch):
@@ -91,7 +102,7 @@ def _cached_table(cfg, model, accelerator, rows, split, pad_id) -> torch.Tensor:
     path = Path(cfg.reference_cache_dir) / f"{_cache_key(cfg, rows, revision)}.pt"
     hit = broadcast_object_list([path.is_file()])[0]  # the main process decides, so all take the same branch
     if hit:
-        table = torch.load(path) if accelerator.is_main_process else torch.zeros(len(rows), 2)
+        table = torch.load(path, weights_only=True) if accelerator.is_main_process else torch.zeros(len(rows), 2)
         return broadcast(table.to(accelerator.device)).cpu()
     table = compute_table(model, accelerator, rows, cfg.per_device_eval_batch_size, cfg.padding_free, pad_id)
     if accelerator.is_main_process:
@@ -120,7 +131,8 @@ def _cache_key(cfg: TrainConfig, rows: datasets.Dataset, revision: str | None) -
                                                                  for f in files]}  # fmt: skip
     else:
         model_id = {"hub": cfg.model, "revision": revision}
-    options = {"dtype": cfg.dtype, "bf16": cfg.bf16, "loss_type_averages": cfg.loss_type == "ipo"}
+    options = {"dtype": cfg.dtype, "bf16": cfg.bf16,
+               "average_log_prob": objectives.default_average_log_prob(cfg.loss_type)}  # fmt: skip
     digest = hashlib.sha256(json.dumps([model_id, options], sort_keys=True).encode())
     for batch in rows.iter(batch_size=4096):
         digest.update(json.dumps([batch[key] for key in ("prompt_ids", "chosen_ids", "rejected_ids")]).encode())
