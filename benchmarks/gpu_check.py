@@ -75,8 +75,8 @@ MAX_FILES = 8  # the device tool brings back at most 8 files
 MODES = ("dpo", "frozen", "forward", "token")
 
 # Test files in the order they run: the GPU path first, then the others (sorted), then the CPU-only ones.
-TESTS_FIRST = ("test_gpu.py", "test_backends.py", "test_contract.py", "test_autograd.py", "test_validation.py",
-               "test_compile.py", "test_memory.py")  # fmt: skip
+TESTS_FIRST = ("test_gpu.py", "test_backends.py", "test_contract.py", "test_csrc.py", "test_autograd.py",
+               "test_validation.py", "test_compile.py", "test_memory.py")  # fmt: skip
 TESTS_LAST = ("test_bench_smoke.py", "test_trl_bench.py", "test_build.py", "test_packaging.py")
 DRY_RUN_TESTS = ("test_gpu.py", "test_validation.py")
 BACKEND_NAMES = ("torch", "triton", "cuda", "cpp", "reference")
