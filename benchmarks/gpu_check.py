@@ -256,6 +256,9 @@ class Check:
 
     def __init__(self, out: Path, dry_run: bool, commit: str, steps: tuple[str, ...], budget_s: float | None = None):
         self.out, self.dry_run, self.commit, self.steps = out, dry_run, commit, steps
+        # A process started in the background by a shell without job control ignores SIGINT, and so would
+        # its children: pytest could not be interrupted into writing its report. A handler is not inherited.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         limits = [step.dry_run_limit_s if dry_run else step.limit_s for step in STEPS]
         self.started = time.monotonic()
         self.deadline = self.started + (budget_s or sum(limits))

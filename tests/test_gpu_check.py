@@ -106,6 +106,17 @@ def test_a_command_past_its_limit_is_interrupted_and_keeps_its_output(tmp_path, 
     assert "partial" in done["tail"] and "partial" in (tmp_path / "out" / "gpu_check.log").read_text()
 
 
+def test_commands_get_sigint_when_this_process_was_started_ignoring_it(tmp_path, monkeypatch):
+    """A shell without job control starts background commands with SIGINT ignored, which children inherit."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        check = _check(tmp_path, monkeypatch, gpu_check.STEPS)
+        done = check.run([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"], limit_s=1)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert done["timed_out"] and done["returncode"] == -signal.SIGINT, done
+
+
 def test_a_command_that_ignores_sigint_is_killed(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "GRACE_S", 1)
     check = _check(tmp_path, monkeypatch, gpu_check.STEPS)
