@@ -65,11 +65,17 @@ def _setup_module() -> types.ModuleType:
 
 
 def _copy_project(destination: Path) -> Path:
-    """The checkout's tracked and untracked, not-ignored files (no build outputs, no venvs)."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout.split("\0")  # fmt: skip
+    """The checkout's tracked and untracked, not-ignored files; without git (a copy of the tree, as on the
+    GPU machine), every file but build outputs, caches and environments."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        ).stdout.split("\0")  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        ignored = shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info", "*.so", "__pycache__", ".whl",
+                                         ".hypothesis", ".ruff_cache", ".pytest_cache", "gpu-results", "runs")  # fmt: skip
+        return Path(shutil.copytree(ROOT, destination, ignore=ignored))
     for name in filter(None, listed):
         source = ROOT / name
         if source.is_file():
