@@ -551,19 +551,21 @@ def summary(results: dict) -> str:
     environment = results["environment"]
     gpu, versions = environment.get("gpu"), environment.get("versions", {})
     title = "gpu_check --dry-run (CPU, tiny shapes)" if results["dry_run"] else "gpu_check"
-    device = f"{gpu['name']} (sm_{gpu['capability'].replace('.', '')}, {gpu['sm_count']} SMs, {gpu['memory_gib']} GiB)" \
-        if gpu else "CPU"  # fmt: skip
+    device = "CPU"
+    if gpu:
+        architecture = "sm_" + gpu["capability"].replace(".", "")
+        device = f"{gpu['name']} ({architecture}, {gpu['sm_count']} SMs, {gpu['memory_gib']} GiB)"
     lines = [f"# {title}: {results['date']}, commit {results['commit']}", "", f"device: {device}"]
     if environment.get("nvidia_smi"):
         lines[-1] += f"; nvidia-smi: {environment['nvidia_smi']}"
     if versions:
-        lines.append(f"python {environment.get('python')}, torch {versions.get('torch')} (CUDA "
-                     f"{environment.get('torch_cuda')}), " + ", ".join(f"{name} {versions[name]}" for name in VERSIONED[1:]
-                                                                     if versions.get(name)))  # fmt: skip
-    if environment.get("differs_from_gpu_stack"):
-        lines.append("differs from .ci/gpu-stack.txt, the stack CI tests: " + ", ".join(
-            f"{name} {pair['here']} (CI {pair['gpu_stack']})" for name, pair in environment["differs_from_gpu_stack"].items()
-        ))  # fmt: skip
+        others = ", ".join(f"{name} {versions[name]}" for name in VERSIONED[1:] if versions.get(name))
+        lines.append(f"python {environment.get('python')}, torch {versions.get('torch')} "
+                     f"(CUDA {environment.get('torch_cuda')}), {others}")  # fmt: skip
+    differs = environment.get("differs_from_gpu_stack")
+    if differs:
+        pairs = ", ".join(f"{name} {pair['here']} (CI {pair['gpu_stack']})" for name, pair in differs.items())
+        lines.append(f"differs from .ci/gpu-stack.txt, the stack CI tests: {pairs}")
     lines += ["", "| step | status | seconds | limit | detail |", "| --- | --- | ---: | ---: | --- |"]
     lines += [f"| {r['step']} | {r['status']} | {r['seconds']:.0f} | {r['limit_s']} | {r['detail']} |"
               for r in results["steps"]]  # fmt: skip

@@ -73,8 +73,8 @@ def _copy_project(destination: Path) -> Path:
             cwd=ROOT, capture_output=True, text=True, check=True,
         ).stdout.split("\0")  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
-        ignored = shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info", "*.so", "__pycache__", ".whl",
-                                         ".hypothesis", ".ruff_cache", ".pytest_cache", "gpu-results", "runs")  # fmt: skip
+        ignored = shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info", "*.so", "__pycache__", ".*cache",
+                                         ".hypothesis", ".whl", "gpu-results", "runs")  # fmt: skip
         return Path(shutil.copytree(ROOT, destination, ignore=ignored))
     for name in filter(None, listed):
         source = ROOT / name
