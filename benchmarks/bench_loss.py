@@ -13,18 +13,23 @@ Suites (``--suite``):
          qwen2 (H=3584, V=152064); a sweep of 1k..64k tokens at the headline head.
   cpu    on CPU: 4 pairs x 512 tokens, H=512, V=32000, half prompt, float32, each implementation in
          its own process (time, and peak RSS growth; glibc's mmap threshold fixed), three rounds
-         round-robin, medians kept.
+         round-robin, each row the median round.
+  cpu-sweep  on CPU: the cpu case's head at 256, 512, 1024, 2048 and 4096 tokens, run as the cpu suite
+         (one timed step per round after the memory step), for the plots of time and memory against
+         tokens; a point whose memory would exceed --memory-cap-mib is not run.
   smoke  tiny shapes for CI, every mode (implementations that need torch.compile are left out on CPU).
 
 Modes: dpo (the full step), frozen (lm_head weight frozen), forward (no_grad: sequence log-probs
 only), token (per-token log-probs, backward with a random per-token upstream gradient).
 
-Writes ``<out>/<date>-<device>[-smoke].json``, ``.md`` and, for a sweep, ``-time.png`` and
+Writes ``<out>/<date>-<device>[-sweep|-smoke].json``, ``.md`` and, for a sweep, ``-time.png`` and
 ``-memory.png``; the JSON is rewritten after every measurement, so a run cut short keeps what it did.
-The schema is in ``benchmarks/README.md``.
+Each file records the code it measured (commit, uncommitted changes, source fingerprint) and what
+dpo_fast's default runs on the machine. The schema is in ``benchmarks/README.md``.
 
 Examples:
   python benchmarks/bench_loss.py --suite cpu
+  python benchmarks/bench_loss.py --suite cpu-sweep     # the CPU plots, about 20 minutes on 2 quiet cores
   python benchmarks/bench_loss.py --suite gpu --out gpu-results --time-budget 540
   python benchmarks/bench_loss.py --suite gpu --resume benchmarks/results/DATE-GPU.json   # finish a cut-short run
 """
@@ -36,7 +41,6 @@ import dataclasses
 import fnmatch
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,7 +58,11 @@ from implementations import Implementation, all_implementations
 from measure import Settings, measure, record_for, release
 
 DEFAULT_SETTINGS = {"gpu": Settings(warmup=3, repeats=10), "cpu": Settings(warmup=1, repeats=5),
-                    "smoke": Settings(warmup=0, repeats=1)}  # fmt: skip
+                    "cpu-sweep": Settings(warmup=1, repeats=1), "smoke": Settings(warmup=0, repeats=1)}  # fmt: skip
+# The measured CPU suites: each measurement in its own process, three rounds, sweep points capped in memory
+CPU_SUITES = ("cpu", "cpu-sweep")
+CPU_ROUNDS = 3
+CPU_MEMORY_CAP_MIB = 4096.0
 SMOKE_COMPILE_REASON = "uses torch.compile, which takes about a minute on a 2-core CPU: run by the cpu suite, not smoke"
 
 
@@ -65,13 +73,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="folder for the results (default benchmarks/results)")  # fmt: skip
     parser.add_argument("--impl", nargs="*", default=["*"], help="implementations to run (shell patterns)")
     parser.add_argument("--case", nargs="*", default=["*"], help="case names to run (shell patterns)")
-    parser.add_argument("--warmup", type=int, help="warm-up steps (default: gpu 3, cpu 1, smoke 0)")
-    parser.add_argument("--repeats", type=int, help="timed steps, median taken (default: gpu 10, cpu 5, smoke 1)")
+    parser.add_argument("--warmup", type=int, help="warm-up steps; in a fresh CPU process the memory step is the "
+                        "first (default: gpu 3, cpu and cpu-sweep 1, smoke 0)")  # fmt: skip
+    parser.add_argument("--repeats", type=int, help="timed steps, median taken (default: gpu 10, cpu 5, "
+                        "cpu-sweep 1, smoke 1)")  # fmt: skip
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
-                        help="each measurement in a fresh process (default: on for the cpu suite, where the "
+                        help="each measurement in a fresh process (default: on for the cpu suites, where the "
                              "peak RSS growth is the memory figure)")  # fmt: skip
     parser.add_argument("--rounds", type=int, help="measure every implementation this many times, round-robin, "
-                        "and keep the medians (default: cpu 3, else 1)")  # fmt: skip
+                        "and keep the median round (default: cpu suites 3, else 1)")  # fmt: skip
+    parser.add_argument("--memory-cap-mib", type=float, help="sweeps: a point is not run when the implementation's "
+                        "peak memory at the largest point measured, scaled linearly in tokens, would exceed this "
+                        f"(default: {CPU_MEMORY_CAP_MIB:.0f} for the cpu suites, else none; 0: none)")  # fmt: skip
     parser.add_argument("--time-budget", type=float, help="seconds; measurements after it are recorded as not run")
     parser.add_argument("--resume", type=Path, metavar="RESULTS_JSON",
                         help="keep the rows of an earlier results file and measure only what it lacks")  # fmt: skip
@@ -90,6 +103,25 @@ def _device(suite: str) -> torch.device:
             sys.exit("bench_loss: the gpu suite needs a CUDA device; try --suite cpu")
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def suite_defaults(suite: str) -> dict:
+    """isolate, rounds and memory_cap_mib of a suite when its options are not given."""
+    measured_on_cpu = suite in CPU_SUITES
+    return {"isolate": measured_on_cpu, "rounds": CPU_ROUNDS if measured_on_cpu else 1,
+            "memory_cap_mib": CPU_MEMORY_CAP_MIB if measured_on_cpu else None}  # fmt: skip
+
+
+def results_stem(out: Path, meta: dict, suite: str) -> Path:
+    """``<out>/<date>-<device>``, with ``-sweep`` or ``-smoke`` for those suites (``...-cpu-sweep``, ``...-cpu-smoke``)."""
+    suffix = "" if suite in ("gpu", "cpu") else "-" + suite.removeprefix("cpu-")
+    return out / f"{meta['date']}-{environment.slug(meta)}{suffix}"
+
+
+def dpo_fast_defaults(device: torch.device, cases: list[Case]) -> dict:
+    """What dpo_fast's defaults run here, for each dtype of the cases (``environment.dpo_fast_default``)."""
+    dtypes = sorted({case.dtype for case in cases})
+    return {dtype: environment.dpo_fast_default(device, getattr(torch, dtype)) for dtype in dtypes}
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -148,19 +180,47 @@ def _key(row: dict) -> tuple:
     return row["case"], row["tokens"], row["implementation"], row["mode"]
 
 
+ROUND_FIGURES = ("fwd_ms", "fwd_bwd_ms", "peak_mem_mb", "max_rel_err", "errors", "oom", "error")
+
+
 def combine_rounds(rows: list[dict]) -> dict:
-    """One row from an implementation's rounds: the medians of their times and memory, each round's
-    figures kept in ``rounds``; the first failed round's row if any failed."""
-    failed = [row for row in rows if row["oom"] or row["error"]]
-    if failed or len(rows) == 1:
-        return (failed or rows)[0]
-    row = dict(rows[0])
-    figures = ("fwd_ms", "fwd_bwd_ms", "peak_mem_mb")
-    for key in figures:
-        values = [r[key] for r in rows]
-        row[key] = None if None in values else statistics.median(values)
-    row["rounds"] = [{key: r[key] for key in figures} for r in rows]
+    """One row from an implementation's rounds (in the order they ran).
+
+    Its times and memory are one round's, measured together: the median round by step time
+    (forward+backward; the forward in the forward mode), the lower middle one for an even count;
+    its index is ``median_round``. Its errors are the largest of every round's (each round is
+    checked against the reference). Each round's figures are kept in ``rounds``; rounds "not run"
+    (a time budget spent between rounds) are kept there but take no part. If a round failed, the
+    row is the first failed round's, with every round kept; rounds all "not run" give one such row.
+    """
+    ran = [index for index, row in enumerate(rows) if not (row["error"] or "").startswith("not run")]
+    if len(rows) == 1 or not ran:
+        return rows[0]
+    kept = [{key: row[key] for key in ROUND_FIGURES} for row in rows]
+    failed = [rows[index] for index in ran if rows[index]["oom"] or rows[index]["error"]]
+    if failed:
+        return {**failed[0], "rounds": kept}
+    order = sorted(ran, key=lambda index: report.step_ms(rows[index]))
+    median = order[(len(order) - 1) // 2]
+    row = {**rows[median], "rounds": kept, "median_round": median}
+    checked = [rows[index]["errors"] for index in ran if rows[index]["errors"]]
+    if checked:
+        row["errors"] = {key: max(errors[key] for errors in checked) for key in checked[0]}
+        row["max_rel_err"] = max(row["errors"].values())
     return row
+
+
+def memory_cap_reason(measured: tuple[int, float] | None, tokens: int, cap_mib: float | None) -> str | None:
+    """Why a sweep point is not run, or None: the implementation's peak memory at the largest point
+    measured, ``measured = (tokens, MiB)``, scaled linearly to ``tokens``, would exceed ``cap_mib``."""
+    if not cap_mib or measured is None:
+        return None
+    smaller, peak = measured
+    expected = peak * tokens / smaller
+    if expected <= cap_mib:
+        return None
+    return (f"{report.MEMORY_CAP_NOTE} of {cap_mib:.0f} MiB ({peak:.0f} MiB at {smaller} tokens, "
+            f"{expected:.0f} MiB scaled to {tokens})")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -168,9 +228,10 @@ class Runner:
     """Runs the implementations of one suite case by case and mode by mode, and keeps the run's state.
 
     done: rows kept from an earlier run (``--resume``); scratch: a folder for the reference that
-    isolated workers load; out_of_memory: the smallest token count at which each (implementation,
-    mode, case name) ran out of memory, so that larger sweep points are recorded as out of memory
-    without being run.
+    isolated workers load; memory_cap_mib: see ``memory_cap_reason``; out_of_memory: the smallest
+    token count at which each (implementation, mode, case name) ran out of memory, so that larger
+    sweep points are recorded as out of memory without being run; measured_memory: (tokens, peak
+    MiB) of the largest point each measured.
     """
 
     device: torch.device
@@ -181,8 +242,10 @@ class Runner:
     done: dict
     scratch: Path
     rounds: int = 1
+    memory_cap_mib: float | None = None
     started: float = dataclasses.field(default_factory=time.monotonic)
     out_of_memory: dict = dataclasses.field(default_factory=dict)
+    measured_memory: dict = dataclasses.field(default_factory=dict)
 
     def over_budget(self) -> bool:
         return self.budget is not None and time.monotonic() - self.started > self.budget
@@ -210,6 +273,8 @@ class Runner:
                     row = combine_rounds(measured[impl.name])
                     if row["oom"] and not row["error"]:
                         self.out_of_memory[(impl.name, mode, case.name)] = case.tokens
+                    if row["peak_mem_mb"] is not None and not (row["oom"] or row["error"]):
+                        self.measured_memory[(impl.name, mode, case.name)] = (case.tokens, row["peak_mem_mb"])
                     yield row
         release(self.device)
 
@@ -236,8 +301,12 @@ class Runner:
     def _row(self, impl: Implementation, case: Case, mode: str, expected: dict | Path | None) -> dict:
         row = record_for(case, impl.name, mode)
         smaller = self.out_of_memory.get((impl.name, mode, case.name))
+        capped = memory_cap_reason(self.measured_memory.get((impl.name, mode, case.name)), case.tokens,
+                                   self.memory_cap_mib)  # fmt: skip
         if smaller is not None and case.tokens > smaller:
             row.update(oom=True, error=f"not run: out of memory at {smaller} tokens")
+        elif capped:
+            row["error"] = capped
         elif self.over_budget():
             row["error"] = f"not run: time budget of {self.budget:.0f} s spent"
         elif self.isolate:
@@ -265,20 +334,25 @@ def main(argv: list[str] | None = None) -> None:
     default = DEFAULT_SETTINGS[args.suite]
     settings = Settings(args.warmup if args.warmup is not None else default.warmup,
                         args.repeats if args.repeats is not None else default.repeats)  # fmt: skip
-    isolate = args.suite == "cpu" if args.isolate is None else args.isolate
-    rounds = args.rounds or (3 if args.suite == "cpu" else 1)
+    defaults = suite_defaults(args.suite)
+    isolate = defaults["isolate"] if args.isolate is None else args.isolate
+    rounds = args.rounds or defaults["rounds"]
+    memory_cap = defaults["memory_cap_mib"] if args.memory_cap_mib is None else (args.memory_cap_mib or None)
     meta = environment.describe(device)
-    stem = args.out / f"{meta['date']}-{environment.slug(meta)}{'-smoke' if args.suite == 'smoke' else ''}"
+    meta["dpo_fast_default"] = dpo_fast_defaults(device, cases)
+    stem = results_stem(args.out, meta, args.suite)
     args.out.mkdir(parents=True, exist_ok=True)
     done = {}
     if args.resume:
         kept = json.loads(args.resume.read_text())["results"]
         done = {_key(row): row for row in kept if not (row["error"] or "").startswith("not run: time")}
     results = {"meta": meta, "suite": args.suite, "missing": missing, "results": [],
-               "settings": {**dataclasses.asdict(settings), "isolate": isolate, "rounds": rounds}}  # fmt: skip
+               "settings": {**dataclasses.asdict(settings), "isolate": isolate, "rounds": rounds,
+                            "memory_cap_mib": memory_cap}}  # fmt: skip
 
     with tempfile.TemporaryDirectory() as scratch:
-        runner = Runner(device, runnable, settings, isolate, args.time_budget, done, Path(scratch), rounds)
+        runner = Runner(device, runnable, settings, isolate, args.time_budget, done, Path(scratch), rounds,
+                        memory_cap)  # fmt: skip
         for case in cases:
             for mode in case.modes:
                 for row in runner.rows(case, mode):
@@ -286,6 +360,9 @@ def main(argv: list[str] | None = None) -> None:
                     print(_progress(row), flush=True)
                     report.write(results, stem, tables=False)
     results["meta"]["device"]["load_average_1m_end"] = round(os.getloadavg()[0], 2)
+    at_end = dpo_fast_defaults(device, cases)
+    if at_end != meta["dpo_fast_default"]:  # e.g. the cpp extension was built during the run
+        meta["dpo_fast_default_at_start"], meta["dpo_fast_default"] = meta["dpo_fast_default"], at_end
     report.write(results, stem)
     print(f"bench_loss: wrote {stem}.json and .md", flush=True)
 

@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import environment
 import train_arms
 from train_arms import ARMS, Plan, Shape
 
@@ -46,17 +47,17 @@ NAMES = {
 
 
 # The GPU machine's command: the wheel kit's set-up (shared/gpu/README.md), then this benchmark.
-GPU_COMMAND = "; ".join([
+GPU_COMMAND = "; ".join([  # noqa: FLY002 (one command, a part a line)
     'R=${R:-gpu-results}',
     'mkdir -p "$R"',
-    "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "
-    ".whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit",
+    ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "
+     ".whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit"),
     "unset TRITON_INTERPRET",
-    "export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "
-    "TOKENIZERS_PARALLELISM=false",
+    ("export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "
+     "TOKENIZERS_PARALLELISM=false"),
     "set -o pipefail",
-    '{ nvidia-smi -L; python3 .whl/check_wheels.py --installed --import .whl; python3 -m pip install -q --no-index '
-    '--no-build-isolation --no-deps -e . && python3 benchmarks/bench_train.py --out "$R"; } 2>&1 | tee "$R/log"',
+    ('{ nvidia-smi -L; python3 .whl/check_wheels.py --installed --import .whl; python3 -m pip install -q --no-index '
+     '--no-build-isolation --no-deps -e . && python3 benchmarks/bench_train.py --out "$R"; } 2>&1 | tee "$R/log"'),
 ])  # fmt: skip
 
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         models, search_models, device = args.models, args.search_models, "cuda"
         timing, warmup, timed = Shape(pairs=args.pairs, length=args.length), 2, args.timed_steps
         lengths = tuple(2**k for k in range(11, 18))  # 2,048 ... 131,072 tokens, one pair
-        pairs = tuple(2**k for k in range(0, 8))  # 1 ... 128 pairs at the timing length
+        pairs = tuple(2**k for k in range(8))  # 1 ... 128 pairs at the timing length
     report = {"environment": _environment(device), "settings": vars(args), "results": []}
 
     def run(model: str, arms: tuple[str, ...], search: bool, worker_deadline: float) -> None:
@@ -177,11 +178,11 @@ def _environment(device: str) -> dict:
             ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
             capture_output=True, text=True, check=False,
         ).stdout.strip()  # fmt: skip
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE, check=False)
+    code = environment.code_state()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device, "gpu": gpu, "python": platform.python_version(), "versions": versions,
-        "commit": commit.stdout.strip() or None,
+        "commit": code["commit"], "code": code,
     }  # fmt: skip
 
 
@@ -235,8 +236,10 @@ def markdown(report: dict) -> str:
     lines = [
         "# End-to-end DPO training: TRL vs dpo_fast",
         "",
-        f"{env['date']}, {env['gpu'] or env['device']}, commit {env['commit'] or '?'}; "
+        f"{env['date']}, {env['gpu'] or env['device']}; "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v),
+        "",
+        environment.code_summary(env.get("code")),
         "",
         f"Timing: {settings['pairs']} pairs x {settings['length']} tokens per sequence (half prompt), bf16, "
         "gradient checkpointing, median of the timed steps after 2 warm-up steps. Peak allocated: "
@@ -246,8 +249,10 @@ def markdown(report: dict) -> str:
         if not settings["smoke"]
         else "CPU smoke run (tiny model, float32): checks the benchmark runs, measures nothing of interest.",
         "",
-        "| model | arm | step (s) | tokens/s | vs TRL | peak allocated (GiB) | process peak (GiB) | vs TRL "
-        "| longest sequence | largest batch |",
+        (
+            "| model | arm | step (s) | tokens/s | vs TRL | peak allocated (GiB) | process peak (GiB) | vs TRL "
+            "| longest sequence | largest batch |"
+        ),
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     baseline = {e["model"]: e for e in report["results"] if e["arm"] == "trl" and e.get("timing")}

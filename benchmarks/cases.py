@@ -90,6 +90,8 @@ SUITES: dict[str, list[Case]] = {
     ],
     # CPU: each implementation in its own process, time and peak RSS growth
     "cpu": [Case("cpu", 4, 512, 512, 32000, 0.5, "float32")],
+    # CPU: the cpu case's head, 256 to 4096 tokens (4096: the cpu case itself), for the plots
+    "cpu-sweep": _sweep([2**k * 256 for k in range(5)], 512, 32000, "float32", 512),
     # CI: tiny shapes, every mode, a two-point sweep for the plots
     "smoke": [
         Case("smoke", 2, 16, 32, 256, 0.5, "float32", modes=MODES),

@@ -1,7 +1,7 @@
 """Measuring one implementation on one case and mode: time, peak memory, error against the reference.
 
-Time: ``warmup`` steps (compilation, autotuning and allocator growth stay out), then the median of
-``repeats`` steps; forward and forward+backward come from the same steps (device events on CUDA,
+Time: ``warmup`` steps (compilation, autotuning and allocator growth stay out; in a fresh CPU
+process the memory step below is the first of them), then the median of ``repeats`` steps; forward and forward+backward come from the same steps (device events on CUDA,
 ``time.perf_counter`` on CPU, where every op is synchronous). Gradients are cleared before each
 step (set to None), so no step pays for accumulating into the previous one's.
 
@@ -44,6 +44,7 @@ def record_for(case: Case, impl: str, mode: str) -> dict:
         "tokens": case.tokens, "valid_tokens": case.valid_tokens, "dtype": case.dtype, "implementation": impl,
         "mode": mode, "fwd_ms": None, "fwd_bwd_ms": None, "tflops": None, "gemm_ratio": None, "peak_mem_mb": None,
         "memory_kind": None, "max_rel_err": None, "errors": None, "oom": False, "error": None, "rounds": None,
+        "median_round": None,
     }  # fmt: skip
 
 
@@ -153,9 +154,9 @@ def measure(impl: Implementation, case: Case, mode: str, device: torch.device, s
             expected: dict[str, torch.Tensor] | None, fresh_process: bool) -> dict:  # fmt: skip
     """One result row. ``expected``: the reference outputs (None: no error check, as for the GEMM line).
 
-    In a fresh process on CPU the memory is the RSS growth of the first full step; on CUDA it is
-    the allocator's peak; otherwise it is not measured, nor for the GEMM line (its outputs are
-    preallocated by definition).
+    In a fresh process on CPU the memory is the RSS growth of the first full step, which counts as
+    the first warm-up step (a full step on the same inputs); on CUDA it is the allocator's peak;
+    otherwise it is not measured, nor for the GEMM line (its outputs are preallocated by definition).
     """
     record = record_for(case, impl.name, mode)
     batch = run = outputs = None
@@ -164,6 +165,7 @@ def measure(impl: Implementation, case: Case, mode: str, device: torch.device, s
         run = impl.make_step(batch, mode)
         if fresh_process and device.type == "cpu" and impl.name != "gemm":
             record["peak_mem_mb"], record["memory_kind"] = cpu_rss_growth_mib(impl, case, batch, mode, run), "rss"
+            settings = dataclasses.replace(settings, warmup=max(0, settings.warmup - 1))
         record["fwd_ms"], record["fwd_bwd_ms"], outputs = time_steps(run, batch, mode, settings)
         if expected is not None:
             record["errors"] = compare(outputs, batch, expected)

@@ -12,10 +12,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import torch
+import environment
 from cases import GEMM_PRODUCTS
 
-from dpo_fast import backends
+# How a sweep point left out by bench_loss.py's --memory-cap-mib begins its error
+MEMORY_CAP_NOTE = "not run: over the memory cap"
 
 
 def step_ms(row: dict) -> float | None:
@@ -72,15 +73,20 @@ def _memory_header(rows: list[dict]) -> str:
 
 
 def _rounds(row: dict) -> str:
-    """Each round's step time, where the row is the median of several rounds."""
-    return " / ".join(_num(step_ms({**row, **figures})) for figures in row["rounds"] or [])
+    """Each round's step time, the round whose figures the row holds in bold."""
+    cells = []
+    for index, figures in enumerate(row["rounds"] or []):
+        ms = step_ms({**row, **figures})
+        cell = "failed" if ms is None else _num(ms)
+        cells.append(f"**{cell}**" if index == row.get("median_round") else cell)
+    return " / ".join(cells)
 
 
 def case_table(rows: list[dict]) -> list[str]:
     rounds = any(row["rounds"] for row in rows)
     lines = [
         f"| implementation | fwd ms | fwd+bwd ms | TFLOP/s | x GEMM line | {_memory_header(rows)} | max rel err | "
-        + ("step ms by round | " if rounds else "")
+        + ("step ms by round (the row's in bold) | " if rounds else "")
         + "note |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | " + ("---: | " if rounds else "") + "--- |",
     ]
@@ -102,7 +108,8 @@ def sweep_tables(rows: list[dict]) -> list[str]:
     for row in rows:
         by_impl[row["implementation"]][row["tokens"]] = row
     lines = []
-    for title, key in (("fwd+bwd ms", "fwd_bwd_ms"), (_memory_header(rows), "peak_mem_mb")):
+    for title, key in (("fwd+bwd ms", "fwd_bwd_ms"), (_memory_header(rows), "peak_mem_mb"),
+                       ("max rel err (of every round)", "max_rel_err")):  # fmt: skip
         lines += [f"{title}:", "", "| implementation | " + " | ".join(f"{n // 1024}k" if n >= 1024 else str(n)
                                                                       for n in tokens) + " |"]  # fmt: skip
         lines.append("| --- |" + " ---: |" * len(tokens))
@@ -141,19 +148,25 @@ def _figure(row: dict, metric: str) -> float | None:
     return step_ms(row) if metric == "time" else row["peak_mem_mb"]
 
 
-def default_implementation(device_type: str, dtype: str) -> str:
-    """The row name of what ``backend="auto"`` (and the default ``grads_in_forward``) runs on such a device."""
-    return "dpo_fast-" + backends.resolve("auto", torch.device(device_type), getattr(torch, dtype))
+def recorded_default(results: dict, dtype: str) -> str | None:
+    """The row name of dpo_fast's default (``backend="auto"``, default ``grads_in_forward``) on the machine
+    that measured, as its results file recorded it; None in a file from before it was recorded."""
+    return ((results["meta"].get("dpo_fast_default") or {}).get(dtype) or {}).get("implementation")
 
 
 def goal_lines(results: dict) -> list[str]:
-    """The goals whose case and mode this run has: dpo_fast's default against the other, beside the target."""
-    rows, lines = results["results"], []
+    """The goals whose case and mode this run has: dpo_fast's default on the machine that measured (as the
+    file records it, never worked out here) against the other, beside the target."""
+    rows, lines, unrecorded = results["results"], [], False
     for case, mode, other, metric, target in GOALS:
         group = [r for r in rows if r["case"] == case and r["mode"] == mode]
         if not group:
             continue
-        ours = default_implementation(results["meta"]["device"]["type"], group[0]["dtype"])
+        ours = recorded_default(results, group[0]["dtype"])
+        if ours is None:
+            unrecorded = True
+            lines.append(f"| {case} · {mode} | {metric} | not recorded | {other} | – | <= {target} | not judged |")
+            continue
         measured = [r for r in group if _figure(r, metric) is not None]
         mine = next((r for r in measured if r["implementation"] == ours), None)
         if other == "peers":
@@ -174,10 +187,42 @@ def goal_lines(results: dict) -> list[str]:
     if not lines:
         return []
     header = ["## Goals (issues 8 and 9)", "",
-              "dpo_fast's default (`backend=\"auto\"`, default `grads_in_forward`) over the other implementation.", "",
-              "| case · mode | figure | dpo_fast | against | ratio | target | |",
-              "| --- | --- | --- | --- | ---: | ---: | --- |"]  # fmt: skip
+              ("dpo_fast's default on the machine that measured (`backend=\"auto\"`, default `grads_in_forward`, "
+               "as the results file records it) over the other implementation."), ""]  # fmt: skip
+    if unrecorded:
+        header += [("This results file does not record what dpo_fast's default was on the machine that measured it "
+                    "(it was written before that was recorded), and the default of the machine rendering this "
+                    "report may differ: the goals are not judged."), ""]  # fmt: skip
+    header += ["| case · mode | figure | dpo_fast | against | ratio | target | |",
+               "| --- | --- | --- | --- | ---: | ---: | --- |"]  # fmt: skip
     return [*header, *lines, ""]
+
+
+def default_line(meta: dict) -> str:
+    """What dpo_fast's defaults ran on the machine that measured, by dtype, as recorded."""
+    defaults = meta.get("dpo_fast_default")
+    if not defaults:
+        return "dpo_fast's default on this machine: not recorded (this file was written before it was)."
+    described = "; ".join(
+        f"{dtype}: `{d['implementation']}` (backend `{d['backend']}`, grads_in_forward={d['grads_in_forward']}, "
+        f"scratch {d['scratch_mib']} MiB)"
+        for dtype, d in defaults.items()
+    )
+    line = f"dpo_fast's default on this machine, at the end of the run: {described}."
+    at_start = meta.get("dpo_fast_default_at_start")
+    if at_start:  # e.g. the cpp extension was built during the run
+        line += " At the start it was " + ", ".join(f"{t}: `{d['implementation']}`" for t, d in at_start.items()) + "."
+    return line
+
+
+def rounds_rule(results: dict) -> str:
+    """How this file made a row of several rounds: the median round (rows with ``median_round``), or, in files
+    written before, per-column medians with round 0's errors."""
+    if any("median_round" in row for row in results["results"]):
+        return ("with several rounds a row's times and memory are those of its median round by step time, and its "
+                "errors the largest of every round's.")  # fmt: skip
+    return ("with several rounds (this file predates the median round) a row's times and memory are medians over "
+            "the rounds taken column by column, and its errors round 0's.")  # fmt: skip
 
 
 def markdown(results: dict) -> str:
@@ -189,10 +234,13 @@ def markdown(results: dict) -> str:
     lines = [
         f"# DPO loss step: {results['suite']} suite, {meta['date']}", "",
         f"Device: {device}. Versions: {versions}.", "",
+        environment.code_summary(meta.get("code")), "",
+        default_line(meta), "",
         (f"Load average (1 min): {meta['device']['load_average_1m']} at the start, "
          f"{meta['device'].get('load_average_1m_end', '–')} at the end; {meta['device']['torch_threads']} torch "
          "threads."), "",
-        (f"Settings: {json.dumps(results['settings'])}. Times are medians; TFLOP/s counts the mode's products on "
+        (f"Settings: {json.dumps(results['settings'])}. Times are medians of the timed steps; {rounds_rule(results)} "
+         "TFLOP/s counts the mode's products on "
          "valid tokens (2, 4 or 6 x N_valid x H x V) over the step's time; 'x GEMM line' is the time over the same "
          "products' time in this run. Max rel err: the largest ||out - ref|| / ||ref|| over loss, log-probs and "
          "gradients against a float64 reference."), "",
@@ -214,6 +262,11 @@ def markdown(results: dict) -> str:
         lines += [f"- {item['implementation']}: {item['reason']}" for item in results["missing"]]
         lines.append("")
     return "\n".join(lines)
+
+
+def line_style(impl: str) -> dict:
+    """Matplotlib style of an implementation's line: the GEMM line (the floor) black and dashed."""
+    return {"color": "black", "linestyle": "--"} if impl == "gemm" else {"linestyle": "-"}
 
 
 def plots(results: dict, stem: Path) -> list[Path]:
@@ -244,10 +297,11 @@ def plots(results: dict, stem: Path) -> list[Path]:
         figure, axes = plt.subplots(figsize=(8, 5))
         for impl, points in series.items():
             oom = [r["tokens"] for r in by_impl[impl] if r["oom"]]
+            capped = [r["tokens"] for r in by_impl[impl] if (r["error"] or "").startswith(MEMORY_CAP_NOTE)]
             if points:
-                style = {"color": "black", "linestyle": "--"} if impl == "gemm" else {}  # the floor
                 legend = impl + (f" (OOM from {min(oom)} tokens)" if oom else "")
-                axes.plot(*zip(*points), marker="o", label=legend, **style)
+                legend += f" (over the memory cap from {min(capped)} tokens)" if capped else ""
+                axes.plot(*zip(*points), marker="o", label=legend, **line_style(impl))
         axes.set(xscale="log", yscale="log", xlabel="tokens (half prompt)", ylabel=label,
                  title=f"DPO loss step, H={rows[0]['H']}, V={rows[0]['V']}, {rows[0]['dtype']}, {device}")  # fmt: skip
         tokens = sorted({r["tokens"] for r in rows})

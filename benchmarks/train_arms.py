@@ -298,8 +298,7 @@ def run_cli(plan: Plan, shape: Shape, steps: int, workdir: Path) -> dict | None:
 
     LlamaConfig(**MODELS[plan.model]).to_json_file(workdir / "model.json")
     with open(workdir / "train.jsonl", "w") as f:
-        for row in preference_rows(shape, shape.pairs * steps):
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in preference_rows(shape, shape.pairs * steps))
     config = {
         "tokenizer": str(workdir / "tokenizer"), "dtype": "bfloat16" if cuda else "float32", "bf16": cuda,
         "gradient_checkpointing": True, "reference": "model", "per_device_train_batch_size": shape.pairs,
