@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    deadline = time.time() + args.deadline_s
+    deadline = time.time() + (args.deadline_s or (1800 if args.cpu else 480))
     if args.cpu:
         return _cpu_measurement(args, out, deadline)
     args.arms = args.arms or list(DEFAULT_ARMS)
@@ -173,7 +173,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(0.75: prompt 3x the completion, for the sharing arms)")  # fmt: skip
     parser.add_argument("--timed-steps", type=int, help="steps timed after the warm-up (default: 5 after 2 on a GPU, "
                         "3 after 1 with --cpu)")  # fmt: skip
-    parser.add_argument("--deadline-s", type=float, default=480, help="stop starting work after this many seconds")
+    parser.add_argument("--deadline-s", type=float, help="stop starting work after this many seconds (default: 480; "
+                        "--cpu: 1800)")  # fmt: skip
     return parser
 
 
