@@ -5,8 +5,17 @@ batches for every arm (see ``train_arms.py`` for the arms and how each number is
 runs in its own worker process, so one arm's memory or monkey-patching never reaches another.
 
     python benchmarks/bench_train.py --out benchmarks/results            # on a GPU (about 9 minutes)
+    python benchmarks/bench_train.py --cpu --out benchmarks/results      # CPU measurement (see CPU_PLAN)
     python benchmarks/bench_train.py --smoke --out /tmp/smoke            # CPU: tiny model, a few steps
+    python benchmarks/bench_train.py --cpu --smoke --out /tmp/smoke      # the CPU measurement on smoke shapes
     python benchmarks/bench_train.py report benchmarks/results/bench_train.json   # table and plot again
+
+The CPU measurement (``--cpu``, on a quiet machine) answers two questions, each arm in its own
+process: what prefix sharing gains (FastDPOTrainer and ``dpo-fast train`` with and without it, on
+a 41.6M-parameter Llama, pairs whose prompt is 3x the completion: tokens/s, goal >= 1.4x, and peak
+memory, goal less), and what TRL's token metrics cost FastDPOTrainer now that they come from the
+fused pass (with and without them, on a tiny Llama with a 32000-token head, where the head is most
+of the step: goal <= 1.05x the step time).
 
 On the lent GPU machine (``shared/gpu/README.md``: run ``../shared/gpu/fetch-wheels.sh`` here first,
 so that ``.whl/`` holds TRL, Liger and datasets), ``python benchmarks/bench_train.py gpu-command``
@@ -30,6 +39,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import environment
@@ -42,8 +52,30 @@ NAMES = {
     "trl-liger": "TRL + use_liger_kernel",
     "fast": "FastDPOTrainer",
     "fast-nometrics": "FastDPOTrainer, token_metrics=False",
+    "fast-shared": "FastDPOTrainer, prefix_sharing=True",
     "dpo-fast-cli": "dpo-fast train",
+    "dpo-fast-cli-shared": "dpo-fast train, prefix_sharing: true",
 }
+
+
+@dataclass(frozen=True)
+class Group:
+    """Arms measured on one model at one shape, and the question they answer (``--cpu``)."""
+
+    question: str
+    model: str
+    arms: tuple[str, ...]
+    timing: Shape
+
+
+# The arms of a GPU run unless --arms says otherwise; the sharing arms are asked for with a long prompt (README)
+DEFAULT_ARMS = ("trl", "trl-liger", "fast", "fast-nometrics", "dpo-fast-cli")
+# The CPU measurement: (question, model, arms, shape); --smoke swaps in the tiny model and short sequences
+CPU_PLAN = (
+    Group("token metrics", "tiny-32k", ("fast", "fast-nometrics"), Shape(pairs=8, length=512)),
+    Group("prefix sharing", "llama-40m", ("fast", "fast-shared", "dpo-fast-cli", "dpo-fast-cli-shared"),
+          Shape(pairs=2, length=512, prompt_fraction=0.75)),
+)  # fmt: skip
 
 
 # The GPU machine's command: the wheel kit's set-up (shared/gpu/README.md), then this benchmark.
@@ -73,14 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    deadline = time.time() + args.deadline_s
+    deadline = time.time() + (args.deadline_s or (1800 if args.cpu else 480))
+    if args.cpu:
+        return _cpu_measurement(args, out, deadline)
+    args.arms = args.arms or list(DEFAULT_ARMS)
     if args.smoke:
         models, search_models, device = ["tiny"], ["tiny"], "cpu"
         timing, warmup, timed = Shape(pairs=2, length=32), 1, 2
         lengths, pairs = (32, 64), (1, 2)
     else:
         models, search_models, device = args.models, args.search_models, "cuda"
-        timing, warmup, timed = Shape(pairs=args.pairs, length=args.length), 2, args.timed_steps
+        timing, warmup, timed = Shape(args.pairs, args.length, args.prompt_fraction), 2, args.timed_steps or 5
         lengths = tuple(2**k for k in range(11, 18))  # 2,048 ... 131,072 tokens, one pair
         pairs = tuple(2**k for k in range(8))  # 1 ... 128 pairs at the timing length
     report = {"environment": _environment(device), "settings": vars(args), "results": []}
@@ -123,13 +158,23 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for bench_train.{json,md,png}")
     parser.add_argument("--smoke", action="store_true", help="CPU: tiny model, a few steps, small searches")
+    parser.add_argument("--cpu", action="store_true", help="the CPU measurement of prefix sharing and token metrics "
+                        "(CPU_PLAN; with --smoke: on tiny shapes)")  # fmt: skip
     parser.add_argument("--models", type=_names(("llama-1b", "llama-3b")), default=["llama-1b", "llama-3b"])
     parser.add_argument("--search-models", type=_names(("llama-1b", "llama-3b")), default=["llama-1b"])
-    parser.add_argument("--arms", type=_names(ARMS), default=list(ARMS))
+    parser.add_argument(
+        "--arms",
+        type=_names(ARMS),
+        help=f"among {', '.join(ARMS)} (default: {', '.join(DEFAULT_ARMS)}; --cpu: those of CPU_PLAN)",
+    )
     parser.add_argument("--pairs", type=int, default=4, help="pairs per step for the timing")
-    parser.add_argument("--length", type=int, default=1024, help="tokens per sequence for the timing (half prompt)")
-    parser.add_argument("--timed-steps", type=int, default=5, help="steps timed after 2 warm-up steps")
-    parser.add_argument("--deadline-s", type=float, default=480, help="stop starting work after this many seconds")
+    parser.add_argument("--length", type=int, default=1024, help="tokens per sequence for the timing")
+    parser.add_argument("--prompt-fraction", type=float, default=0.5, help="the prompt's share of each sequence "
+                        "(0.75: prompt 3x the completion, for the sharing arms)")  # fmt: skip
+    parser.add_argument("--timed-steps", type=int, help="steps timed after the warm-up (default: 5 after 2 on a GPU, "
+                        "3 after 1 with --cpu)")  # fmt: skip
+    parser.add_argument("--deadline-s", type=float, help="stop starting work after this many seconds (default: 480; "
+                        "--cpu: 1800)")  # fmt: skip
     return parser
 
 
@@ -142,6 +187,38 @@ def _names(allowed: tuple[str, ...]):
         return names
 
     return parse
+
+
+def _cpu_measurement(args: argparse.Namespace, out: Path, deadline: float) -> int:
+    """``--cpu``: each group of ``CPU_PLAN`` (its arms among ``--arms``), each arm in its own worker, no searches.
+
+    With ``--smoke`` a group's in-process arms share one worker (start-up is most of the time there).
+    """
+    warmup, timed = (1, 1) if args.smoke else (1, args.timed_steps or 3)
+    report = {"environment": _environment("cpu"), "settings": vars(args), "results": []}
+    for group in CPU_PLAN:
+        model, shape = group.model, group.timing
+        if args.smoke:
+            model, shape = "tiny", replace(shape, pairs=2, length=32)
+        arms = [arm for arm in group.arms if args.arms is None or arm in args.arms]
+        workers = [(arm,) for arm in arms]
+        if args.smoke:
+            shared = tuple(arm for arm in arms if arm in train_arms.IN_PROCESS_ARMS)
+            workers = [shared, *[(arm,) for arm in arms if arm not in shared]] if shared else workers
+        for worker_arms in workers:
+            if time.time() >= deadline:
+                break
+            plan = Plan(
+                model=model, arms=worker_arms, timing=shape, warmup_steps=warmup, timed_steps=timed,
+                search_lengths=(), search_pairs=(), deadline=deadline, device="cpu",
+                result_path=str(out / f"worker-{model}-{worker_arms[0]}.json"),
+            )  # fmt: skip
+            for entry in _run_worker(plan):
+                report["results"].append({**entry, "question": group.question, "shape": vars(shape)})
+            (out / "bench_train.json").write_text(json.dumps(report, indent=1))
+    write_report(report, out)
+    print((out / "bench_train.md").read_text())
+    return 0
 
 
 def _run_worker(plan: Plan) -> list[dict]:
@@ -231,8 +308,74 @@ def _search(entry: dict, key: str) -> str:
     return text + ("" if found["complete"] else ", cut short")
 
 
+def _ratio_line(what: str, value: float | None, target: str, met: bool) -> str:
+    if value is None:
+        return f"| {what} | not measured | {target} | not judged |"
+    return f"| {what} | {value:.2f}x | {target} | {'met' if met else 'missed'} |"
+
+
+def cpu_goals(results: list[dict]) -> list[str]:
+    """The CPU measurement's goals as a table: sharing's tokens/s and memory, the token metrics' step time."""
+    timed = {(e.get("question"), e["arm"]): e["timing"] for e in results if e.get("timing")}
+    lines = ["| goal | measured | target | |", "| --- | ---: | ---: | --- |"]
+    for shared, plain in (("fast-shared", "fast"), ("dpo-fast-cli-shared", "dpo-fast-cli")):
+        with_sharing, without = timed.get(("prefix sharing", shared)), timed.get(("prefix sharing", plain))
+        both = with_sharing is not None and without is not None
+        speed = with_sharing["tokens_per_s"] / without["tokens_per_s"] if both else None
+        lines.append(_ratio_line(f"{NAMES[shared]}: tokens/s vs without", speed, ">= 1.40x", both and speed >= 1.4))
+        for key, label in (("peak_rss_growth_gib", "peak RSS growth"), ("peak_process_gib", "peak RSS")):
+            if both and with_sharing.get(key) and without.get(key):
+                memory = with_sharing[key] / without[key]
+                lines.append(_ratio_line(f"{NAMES[shared]}: {label} vs without", memory, "< 1.00x", memory < 1))
+    on, off = timed.get(("token metrics", "fast")), timed.get(("token metrics", "fast-nometrics"))
+    cost = on["step_s"] / off["step_s"] if on and off else None
+    lines.append(_ratio_line("FastDPOTrainer step: token metrics on vs off", cost, "<= 1.05x",
+                             cost is not None and cost <= 1.05))  # fmt: skip
+    return lines
+
+
+def markdown_cpu(report: dict) -> str:
+    """The CPU measurement's table (one row per question and arm) and its goals."""
+    env, settings = report["environment"], report["settings"]
+    lines = [
+        "# End-to-end DPO training on CPU: prefix sharing and the token metrics' cost",
+        "",
+        f"{env['date']}, {env['device']}; " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v),
+        "",
+        environment.code_summary(env.get("code")),
+        "",
+        ("CPU smoke run (tiny model, short sequences): checks the measurement runs, measures nothing of interest."
+         if settings["smoke"] else
+         "float32, gradient checkpointing, a frozen copy as the reference; each arm in its own process; median "
+         "step time of the timed steps after one warm-up step. tokens/s counts each pair's two sequences whole (the "
+         "prompt twice, shared or not). Peak RSS: the process's peak resident set while training (VmHWM); growth: "
+         "over the resident set when training started (in-process arms)."),
+        "",
+        "| question | model | arm | pairs x tokens (prompt) | step (s) | tokens/s | peak RSS (GiB) | RSS growth (GiB) |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]  # fmt: skip
+    for entry in report["results"]:
+        shape = entry.get("shape", {})
+        prompt = int(shape.get("length", 0) * shape.get("prompt_fraction", 0.5))
+        head = f"| {entry.get('question')} | {entry['model']} | {NAMES[entry['arm']]} | " + (
+            f"{shape.get('pairs')} x {shape.get('length')} ({prompt}) |"
+        )
+        timing = entry.get("timing")
+        if not timing:
+            note = entry.get("reason") or entry.get("worker") or entry.get("status", "")
+            lines.append(f"{head} {note} | | | |")
+            continue
+        memory = [
+            f"{timing[key]:.2f}" if timing.get(key) else "-" for key in ("peak_process_gib", "peak_rss_growth_gib")
+        ]
+        lines.append(f"{head} {timing['step_s']:.3f} | {timing['tokens_per_s']:,.0f} | {memory[0]} | {memory[1]} |")
+    return "\n".join([*lines, "", *cpu_goals(report["results"])]) + "\n"
+
+
 def markdown(report: dict) -> str:
     env, settings = report["environment"], report["settings"]
+    if settings.get("cpu"):
+        return markdown_cpu(report)
     lines = [
         "# End-to-end DPO training: TRL vs dpo_fast",
         "",

@@ -28,8 +28,12 @@ BETA = 0.01
 #   frozen:  lm_head frozen (LoRA): gradient for hidden only (hW^T, dZ W)
 #   forward: no gradient at all, e.g. the reference model's sequence log-probs (hW^T)
 #   token:   per-token log-probs, backward with a random per-token upstream gradient (3 products)
-GEMM_PRODUCTS = {"dpo": 3, "frozen": 2, "forward": 1, "token": 3}
+#   dpo-metrics: the full step that also forms TRL's per-token metrics (entropy, mean logit, target
+#            top-1), as a DPO trainer that logs them runs it; the same 3 products
+GEMM_PRODUCTS = {"dpo": 3, "frozen": 2, "forward": 1, "token": 3, "dpo-metrics": 3}
 MODES = tuple(GEMM_PRODUCTS)
+# modes whose peers must form TRL's per-token metrics besides the loss
+METRICS_MODES = ("dpo-metrics",)
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ SUITES: dict[str, list[Case]] = {
         *_sweep([2**k * 1024 for k in range(7)], 4096, 128256, "bfloat16", 1024),
     ],
     # CPU: each implementation in its own process, time and peak RSS growth
-    "cpu": [Case("cpu", 4, 512, 512, 32000, 0.5, "float32")],
+    "cpu": [Case("cpu", 4, 512, 512, 32000, 0.5, "float32", modes=("dpo", "dpo-metrics"))],
     # CPU: the cpu case's head, 256 to 4096 tokens (4096: the cpu case itself), for the plots
     "cpu-sweep": _sweep([2**k * 256 for k in range(5)], 512, 32000, "float32", 512),
     # CI: tiny shapes, every mode, a two-point sweep for the plots

@@ -11,7 +11,9 @@ in ``make_step``, outside the timed region.
   backend appears here by itself); ``-recompute`` is ``grads_in_forward=False``.
 - Per-token peers (TRL, PyTorch, verl, Cut Cross-Entropy, a compiled chunked step) get the
   valid tokens only, as TRL's trainer gives them, and are followed by the same masked
-  per-sequence sums and DPO loss in PyTorch (``cases.dpo_loss``).
+  per-sequence sums and DPO loss in PyTorch (``cases.dpo_loss``). In the ``dpo-metrics`` mode
+  dpo_fast returns TRL's token metrics (``return_token_metrics=True``) and TRL's fused head is
+  asked for the same statistics (entropy, mean logit, top-1); the other peers cannot form them.
 - ``liger``: Liger-Kernel's ``LigerFusedLinearDPOLoss``, which takes the padded batch.
 - ``gemm``: the GEMM line, the mode's products on valid tokens into preallocated outputs.
 - ``quack``, ``liger-cute``: the CuTe-DSL kernels, reported with the reason they cannot run.
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from cases import BETA, GEMM_PRODUCTS, IGNORE, MODES, Batch, dpo_loss
+from cases import BETA, GEMM_PRODUCTS, IGNORE, METRICS_MODES, MODES, Batch, dpo_loss
 from torch.utils.checkpoint import checkpoint
 
 # TRL's DPOTrainer passes this vocabulary tile width (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, trl 1.16)
@@ -118,7 +120,7 @@ def _dpo_fast_step(backend: str, grads_in_forward: bool | None) -> StepFactory:
                 return StepOutputs(loss=(tokens * batch.upstream).sum(), token_logps=tokens)
             out = dpo_fast.fused_linear_dpo_loss(
                 batch.hidden, batch.weight, batch.labels, reference_free=True, beta=BETA, backend=backend,
-                grads_in_forward=grads_in_forward,
+                grads_in_forward=grads_in_forward, return_token_metrics=mode in METRICS_MODES,
             )  # fmt: skip
             return StepOutputs(loss=out.loss, seq_logps=torch.cat([out.chosen_logps, out.rejected_logps]))
 
@@ -160,11 +162,15 @@ def _dpo_fast_implementations() -> list[Implementation]:
 # Per-token peers: valid tokens in, (N_valid,) float32 log-probs out
 
 
-def _per_token_step(token_logps: Callable[[], Callable]) -> StepFactory:
-    """A step from a per-token peer: its log-probs on valid tokens, then the PyTorch sums and loss."""
+def _per_token_step(token_logps: Callable[[], Callable], with_metrics: Callable[[], Callable] | None = None
+                    ) -> StepFactory:  # fmt: skip
+    """A step from a per-token peer: its log-probs on valid tokens, then the PyTorch sums and loss.
+
+    ``with_metrics``: the peer's log-probs that also form TRL's token metrics, for the metrics modes.
+    """
 
     def make_step(batch: Batch, mode: str) -> Callable[[], StepOutputs]:
-        fn = token_logps()
+        fn = (with_metrics if mode in METRICS_MODES else token_logps)()
         width = batch.case.hidden
 
         def forward() -> StepOutputs:
@@ -188,6 +194,14 @@ def _trl() -> Callable:
 
     # log-probs only (no entropy or other statistics): the least work TRL's kernel can be asked for
     return lambda h, w, y: ChunkedLogProbFunction.apply(h, w, None, y, 1.0, TRL_VOCAB_CHUNK, None, 1.0, ())[0]
+
+
+def _trl_with_metrics() -> Callable:
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    # the statistics TRL 1.16's DPOTrainer asks its fused head for, to log entropy, logits/* and mean_token_accuracy
+    metrics = ("entropy", "mean_logits", "is_top1")
+    return lambda h, w, y: ChunkedLogProbFunction.apply(h, w, None, y, 1.0, TRL_VOCAB_CHUNK, None, 1.0, metrics)[0]
 
 
 def _torch_lce() -> Callable:
@@ -334,11 +348,15 @@ def all_implementations() -> list[Implementation]:
         ("compiled-chunked", "torch.compile'd log_softmax on checkpointed chunks of valid tokens", _compiled_chunked,
          lambda device, dtype: None, True),
     ]  # fmt: skip
+    # the per-token peers that can form TRL's token metrics, and the modes of the others
+    with_metrics = {"trl": _trl_with_metrics}
+    plain_modes = tuple(mode for mode in MODES if mode not in METRICS_MODES)
     return [
         *_dpo_fast_implementations(),
         Implementation("gemm", "the GEMM line: the mode's products on valid tokens, preallocated outputs", MODES,
                        lambda device, dtype: None, _gemm_step),
-        *[Implementation(name, text, MODES, reason, _per_token_step(fn), compiles)
+        *[Implementation(name, text, MODES if name in with_metrics else plain_modes, reason,
+                         _per_token_step(fn, with_metrics.get(name)), compiles)
           for name, text, fn, reason, compiles in per_token],
         Implementation("liger", "Liger-Kernel LigerFusedLinearDPOLoss (compiled on GPU, compiled=False on CPU)",
                        ("dpo", "frozen", "forward"), _import_reason("liger_kernel.chunked_loss", "pip install liger-kernel"),

@@ -1,21 +1,26 @@
 """The arms of ``bench_train.py`` and how each is measured; runs inside a worker process.
 
 An arm trains a randomly initialised Llama-shaped model with DPO on synthetic pairs of fixed
-lengths (one token per character, no padding, half prompt), bf16 with gradient checkpointing on a
-GPU. The arms:
+lengths (one token per character, no padding; half prompt, or the shape's ``prompt_fraction``),
+bf16 with gradient checkpointing on a GPU (float32 on CPU). The arms:
 
 - ``trl``: TRL's ``DPOTrainer`` with its default fused LM head (``trl/kernels/chunked_logprob.py``).
 - ``trl-liger``: the same with ``use_liger_kernel=True`` (TRL 1.16 applies Liger's layer kernels,
   RMSNorm/RoPE/SwiGLU, and keeps its own fused LM head).
-- ``fast``: ``dpo_fast.integrations.trl.FastDPOTrainer`` (TRL's loop, dpo_fast's head and loss).
-- ``fast-nometrics``: the same with ``token_metrics=False`` (no per-token diagnostics pass).
+- ``fast``: ``dpo_fast.integrations.trl.FastDPOTrainer`` (TRL's loop, dpo_fast's head and loss),
+  with its default TRL token metrics (from the fused pass).
+- ``fast-nometrics``: the same with ``token_metrics=False``.
+- ``fast-shared``: ``fast`` with ``prefix_sharing=True`` (each pair's prompt runs once).
 - ``dpo-fast-cli``: the lean trainer, ``dpo-fast train`` in its own process (``run_cli``).
+- ``dpo-fast-cli-shared``: the same with ``prefix_sharing: true``.
 
-Measured: the median step time after warm-up, tokens per second (every token of the batch), peak
-memory (``torch.cuda.max_memory_allocated`` in-process, and every arm's process total sampled from
-``nvidia-smi`` every 0.2 s, the only number for the CLI),
-and the longest sequence (one pair) and largest batch (pairs at the timing length) that train
-without running out of memory, by doubling and then bisecting once.
+Measured: the median step time after warm-up, tokens per second (every token of the batch as TRL
+counts it, each pair's prompt twice, whether or not it is shared), peak memory (on a GPU:
+``torch.cuda.max_memory_allocated`` in-process, and every arm's process total sampled from
+``nvidia-smi`` every 0.2 s, the only number for the CLI; on CPU: the process's peak resident set
+during training, ``VmHWM``, and for in-process arms its growth over the resident set when training
+starts), and the longest sequence (one pair) and largest batch (pairs at the timing length) that
+train without running out of memory, by doubling and then bisecting once.
 """
 
 from __future__ import annotations
@@ -57,22 +62,34 @@ MODELS = {
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
     ),
+    # CPU: a tiny Llama whose head (a 32000-token vocabulary) is most of the work, for the token metrics' cost
+    "tiny-32k": dict(
+        vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+    ),
+    # CPU: 41.6M parameters (25.2M in the decoder layers, a tied 32000 x 512 embedding), for prefix sharing
+    "llama-40m": dict(
+        vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True,
+    ),
 }  # fmt: skip
-ARMS = ("trl", "trl-liger", "fast", "fast-nometrics", "dpo-fast-cli")
-IN_PROCESS_ARMS = ("trl", "trl-liger", "fast", "fast-nometrics")
+ARMS = ("trl", "trl-liger", "fast", "fast-nometrics", "fast-shared", "dpo-fast-cli", "dpo-fast-cli-shared")
+IN_PROCESS_ARMS = ("trl", "trl-liger", "fast", "fast-nometrics", "fast-shared")
+CLI_ARMS = ("dpo-fast-cli", "dpo-fast-cli-shared")
 _LETTERS = string.ascii_lowercase
 
 
 @dataclass(frozen=True)
 class Shape:
-    """One batch shape: ``pairs`` chosen/rejected pairs of ``length`` tokens, the first half prompt."""
+    """One batch shape: ``pairs`` chosen/rejected pairs of ``length`` tokens, the first ``prompt_fraction`` prompt."""
 
     pairs: int
     length: int
+    prompt_fraction: float = 0.5
 
     @property
     def prompt(self) -> int:
-        return self.length // 2
+        return int(self.length * self.prompt_fraction)
 
     @property
     def completion(self) -> int:
@@ -195,7 +212,8 @@ def train_in_process(arm: str, plan: Plan, shape: Shape, steps: int) -> dict | N
             options = {}
             trainer_class = DPOTrainer
             if arm.startswith("fast"):
-                trainer_class, options = FastDPOTrainer, {"token_metrics": arm == "fast"}
+                trainer_class = FastDPOTrainer
+                options = {"token_metrics": arm != "fast-nometrics", "prefix_sharing": arm == "fast-shared"}
             from datasets import Dataset
 
             trainer = trainer_class(
@@ -206,6 +224,8 @@ def train_in_process(arm: str, plan: Plan, shape: Shape, steps: int) -> dict | N
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
                 stop = _poll(_gpu_memory_sampler(os.getpid(), peak), 0.2)
+            else:
+                rss_before = _reset_peak_rss()
             try:
                 trainer.train()
             finally:
@@ -221,6 +241,9 @@ def train_in_process(arm: str, plan: Plan, shape: Shape, steps: int) -> dict | N
                 result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
                 result["peak_process_gib"] = peak[0]
+            else:
+                result["peak_process_gib"] = _status_gib(os.getpid(), "VmHWM")
+                result["peak_rss_growth_gib"] = result["peak_process_gib"] - rss_before
             return result
     except torch.OutOfMemoryError:
         return None
@@ -274,6 +297,34 @@ def _gpu_memory_sampler(pid: int, peak: list[float]):
     return sample
 
 
+def _status_gib(pid: int, field: str) -> float:
+    """A field of ``/proc/<pid>/status`` (Linux), in GiB; 0.0 once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except FileNotFoundError:
+        pass
+    return 0.0
+
+
+def _reset_peak_rss() -> float:
+    """Reset this process's peak resident set (``VmHWM``) to its current one; returns that, in GiB (Linux)."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    return _status_gib(os.getpid(), "VmRSS")
+
+
+def _rss_sampler(pid: int, peak: list[float]):
+    """A sampler that keeps in ``peak[0]`` the peak resident set (``VmHWM``, GiB) process ``pid`` has reached."""
+
+    def sample():
+        peak[0] = max(peak[0], _status_gib(pid, "VmHWM"))
+
+    return sample
+
+
 def _log_line_sampler(path: Path, stamps: list[float]):
     """A sampler that appends the time each new line of ``path`` is first seen: with a line logged
     every step, their differences are the step times, whatever the lines hold."""
@@ -285,11 +336,11 @@ def _log_line_sampler(path: Path, stamps: list[float]):
     return sample
 
 
-def run_cli(plan: Plan, shape: Shape, steps: int, workdir: Path) -> dict | None:
+def run_cli(plan: Plan, shape: Shape, steps: int, workdir: Path, arm: str = "dpo-fast-cli") -> dict | None:
     """``dpo-fast train`` for ``steps`` steps, logging every step; None when it runs out of memory.
 
-    Returns ``step_ends`` (when each step's line reached ``metrics.jsonl``) and, on CUDA, the
-    process's peak memory by nvidia-smi.
+    Returns ``step_ends`` (when each step's line reached ``metrics.jsonl``) and the process's peak
+    memory: by nvidia-smi on CUDA, its peak resident set on CPU.
     """
     cuda = plan.device.startswith("cuda")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -303,7 +354,7 @@ def run_cli(plan: Plan, shape: Shape, steps: int, workdir: Path) -> dict | None:
         "tokenizer": str(workdir / "tokenizer"), "dtype": "bfloat16" if cuda else "float32", "bf16": cuda,
         "gradient_checkpointing": True, "reference": "model", "per_device_train_batch_size": shape.pairs,
         "max_length": shape.length, "max_prompt_length": shape.prompt, "learning_rate": 1e-6,
-        "logging_steps": 1, "seed": 0,
+        "logging_steps": 1, "seed": 0, "prefix_sharing": arm == "dpo-fast-cli-shared",
     }  # fmt: skip
     (workdir / "config.json").write_text(json.dumps(config))
     output_dir = workdir / "output"  # removed after each run: the trainer checkpoints at the end
@@ -315,8 +366,7 @@ def run_cli(plan: Plan, shape: Shape, steps: int, workdir: Path) -> dict | None:
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak, step_ends = [0.0], []
     stops = [_poll(_log_line_sampler(output_dir / "metrics.jsonl", step_ends), 0.005)]
-    if cuda:
-        stops.append(_poll(_gpu_memory_sampler(process.pid, peak), 0.2))
+    stops.append(_poll((_gpu_memory_sampler if cuda else _rss_sampler)(process.pid, peak), 0.2))
     try:
         output, _ = process.communicate(timeout=max(1.0, plan.deadline - time.time()))
     finally:
@@ -327,13 +377,13 @@ def run_cli(plan: Plan, shape: Shape, steps: int, workdir: Path) -> dict | None:
         if "OutOfMemoryError" in output or "CUDA out of memory" in output:
             return None
         raise RuntimeError(f"dpo-fast train failed ({process.returncode}):\n{output[-3000:]}")
-    return {"step_ends": step_ends, "peak_process_gib": peak[0] if cuda else None}
+    return {"step_ends": step_ends, "peak_process_gib": peak[0]}
 
 
-def _cli_timing(plan: Plan, workdir: Path) -> dict | None:
+def _cli_timing(plan: Plan, workdir: Path, arm: str) -> dict | None:
     """Step times from the moments successive steps' log lines appeared."""
     steps = plan.warmup_steps + plan.timed_steps
-    run = run_cli(plan, plan.timing, steps, workdir)
+    run = run_cli(plan, plan.timing, steps, workdir, arm)
     if run is None:
         return None
     ends = run["step_ends"]
@@ -399,8 +449,8 @@ def measure(plan: Plan) -> None:
 def _measure_arm(arm: str, plan: Plan, workdir: Path, entry: dict, save) -> None:
     """Timing, then the searches of the plan, into ``entry``; ``save()`` after each."""
     run = _runner(arm, plan, workdir)
-    if arm == "dpo-fast-cli":
-        entry["timing"] = _cli_timing(plan, workdir)
+    if arm in CLI_ARMS:
+        entry["timing"] = _cli_timing(plan, workdir, arm)
     else:
         entry["timing"] = run(plan.timing, plan.warmup_steps + plan.timed_steps)
     entry["status"] = "ok" if entry["timing"] is not None else "out of memory at the timing shape"
@@ -420,8 +470,8 @@ def _measure_arm(arm: str, plan: Plan, workdir: Path, entry: dict, save) -> None
 
 def _runner(arm: str, plan: Plan, workdir: Path):
     """``run(shape, steps) -> dict | None`` (None: out of memory) for the arm."""
-    if arm == "dpo-fast-cli":
-        return lambda shape, steps: run_cli(plan, shape, steps, workdir)
+    if arm in CLI_ARMS:
+        return lambda shape, steps: run_cli(plan, shape, steps, workdir, arm)
     return lambda shape, steps: train_in_process(arm, plan, shape, steps)
 
 
@@ -432,7 +482,7 @@ def _unavailable(arm: str, cuda: bool) -> str | None:
         return "Liger's kernels need a CUDA GPU"
     if arm == "trl-liger" and importlib.util.find_spec("liger_kernel") is None:
         return "liger-kernel is not installed"
-    if arm == "dpo-fast-cli" and not _cli_available():
+    if arm in CLI_ARMS and not _cli_available():
         return "the lean trainer (dpo_fast.trainer, `dpo-fast train`) is not installed"
     return None
 

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import dpo_fast
+from dpo_fast.integrations import hf
 from dpo_fast.integrations.prefix_sharing import (
     CHOSEN,
     REJECTED,
@@ -29,7 +30,6 @@ from dpo_fast.integrations.prefix_sharing import (
     collate_shared,
     pairs_from_trl_batch,
     shared_attention_mask,
-    shared_hidden,
 )
 from dpo_fast.trainer import data
 from dpo_fast.trainer.config import DEFAULT_DIR
@@ -101,6 +101,11 @@ def unshared_batch(rows, device="cpu") -> dict[str, torch.Tensor]:
         "attention_mask": torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in sequences], device=device),
         "labels": torch.tensor(labels, device=device),
     }
+
+
+def shared_hidden(model, batch: SharedPrefixBatch) -> torch.Tensor:
+    """(M, H) the loss rows of the shared layout, as the trainers run it (``hf.head_rows``)."""
+    return hf.head_rows(model, shared=batch).hidden
 
 
 def unshared_hidden(model, batch) -> torch.Tensor:

@@ -9,6 +9,7 @@ several processes (test_trainer_distributed.py).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,13 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import datasets
-from trainer_helpers import TINY_LLAMA, TOKENIZER, run, train_records, weights, write_tiny_files
+from accelerate.state import AcceleratorState
+from trainer_helpers import TINY_LLAMA, TOKENIZER, logged, run, train_records, weights, write_tiny_files
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dpo_fast import objectives
-from dpo_fast.trainer import TrainConfig, cli, data, load_config
+from dpo_fast.integrations import hf
+from dpo_fast.trainer import TrainConfig, cli, data, load_config, train
 from dpo_fast.trainer.config import DEFAULT_DIR
 from dpo_fast.trainer.model import DPOModel
 
@@ -201,12 +204,16 @@ def test_bad_config_values_are_named(tmp_path, values, match):
 
 
 def tiny_model(kind: str) -> torch.nn.Module:
-    """float32 random models: tied Llama; untied Llama whose head has a bias; Gemma-2 with a softcap."""
+    """float32 random models: tied Llama; untied Llama whose head has a bias; Gemma-2 with a softcap; Granite,
+    whose logits are divided by ``logits_scaling``."""
     torch.manual_seed(0)
     if kind == "gemma2-softcap":
         config = AutoConfig.for_model("gemma2", vocab_size=40, hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                                       final_logit_softcapping=3.0, attn_implementation="eager")  # fmt: skip
+        return AutoModelForCausalLM.from_config(config)
+    if kind == "granite-scaled":
+        config = AutoConfig.for_model(**{**TINY_LLAMA, "model_type": "granite", "logits_scaling": 0.25})
         return AutoModelForCausalLM.from_config(config)
     model = AutoModelForCausalLM.from_config(
         AutoConfig.for_model(**{**TINY_LLAMA, "tie_word_embeddings": kind == "llama-tied"})
@@ -217,41 +224,74 @@ def tiny_model(kind: str) -> torch.nn.Module:
     return model
 
 
-def naive_dpo_loss(model, batch, ref_logps, beta):
-    """The step the fused loss replaces: full (2P, T, V) logits from the HF model, log-softmax, gather."""
+def naive_step(model, batch, ref_logps, beta):
+    """The step the fused loss replaces: full (2P, T, V) logits from the HF model, log-softmax, gather.
+
+    Returns the loss and TRL's token metrics (entropy over the completion tokens, mean logit over the chosen
+    and the rejected ones, top-1 accuracy over the chosen ones)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     labels = batch["labels"]
     valid = labels != data.IGNORE_INDEX
-    token_logps = logits.log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    log_probs = logits.log_softmax(-1)
+    token_logps = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     seq_logps = (token_logps * valid).sum(-1) - ref_logps
-    return objectives.pair_losses(*seq_logps.chunk(2), beta=beta, loss_type="sigmoid").mean()
+    loss = objectives.pair_losses(*seq_logps.chunk(2), beta=beta, loss_type="sigmoid").mean()
+    chosen = valid.clone()
+    chosen[chosen.shape[0] // 2 :] = False
+    with torch.no_grad():
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        metrics = {
+            "entropy": entropy[valid].mean().item(),
+            "logits/chosen": logits.mean(-1)[chosen].mean().item(),
+            "logits/rejected": logits.mean(-1)[valid & ~chosen].mean().item(),
+            "mean_token_accuracy": (logits.argmax(-1) == labels)[chosen].float().mean().item(),
+        }
+    return loss, metrics
 
 
-@pytest.mark.parametrize("kind", ["llama-tied", "llama-bias", "gemma2-softcap"])
-def test_fused_loss_equals_the_naive_step_in_loss_and_gradients(tokenizer, files, kind):
+@pytest.mark.parametrize("kind", ["llama-tied", "llama-bias", "gemma2-softcap", "granite-scaled"])
+def test_fused_loss_equals_the_naive_step_in_loss_gradients_and_token_metrics(tokenizer, files, kind):
+    """Every layout the trainer collates (padded, packed, the prefix shared) against the full-logits step."""
     records = [json.loads(line) for line in (files / "train.jsonl").read_text().splitlines()[:4]]
     rows = rows_of(tokenizer, records)[:]
     padded = data.collate(rows, padding_free=False, pad_id=tokenizer.pad_token_id)
-    packed = data.collate(rows, padding_free=True, pad_id=tokenizer.pad_token_id)
+    layouts = [("reference", padded), ("torch", padded), ("torch", data.collate(rows, True, tokenizer.pad_token_id))]
+    if kind != "granite-scaled":  # granite is not among the model types prefix sharing verifies
+        layouts += [("torch", data.collate(rows, padding_free, tokenizer.pad_token_id, prefix_sharing=True))
+                    for padding_free in (False, True)]  # fmt: skip
     ref_logps = -30 + 5 * torch.randn(8, generator=torch.Generator().manual_seed(1))
     model = tiny_model(kind)
+    if kind == "llama-bias":  # EOS the argmax at most tokens: the top-1 metric counts some hits, not none
+        with torch.no_grad():
+            model.lm_head.bias[tokenizer.eos_token_id] += 6.0
 
     def loss_and_grads(compute):
         model.zero_grad()
-        loss = compute()
+        loss, metrics = compute()
         loss.backward()
-        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+        return loss.detach(), metrics, {name: p.grad.clone() for name, p in model.named_parameters()}
 
     def fused(backend, batch):
-        cfg = TrainConfig(model="m", dataset="d", backend=backend, beta=0.5)
-        return lambda: DPOModel(model, cfg)(**batch, ref_logps=ref_logps).loss
+        def step():
+            out = DPOModel(model, TrainConfig(model="m", dataset="d", backend=backend, beta=0.5))(
+                **batch, ref_logps=ref_logps
+            )
+            return out.loss, hf.token_metric_means(out.token_sums)
 
-    expected_loss, expected_grads = loss_and_grads(lambda: naive_dpo_loss(model, padded, ref_logps, beta=0.5))
-    for backend, batch in (("reference", padded), ("torch", padded), ("torch", packed)):
-        loss, grads = loss_and_grads(fused(backend, batch))
-        torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+        return step
+
+    expected_loss, expected_metrics, expected_grads = loss_and_grads(
+        lambda: naive_step(model, padded, ref_logps, beta=0.5)
+    )
+    if kind == "llama-bias":
+        assert 0 < expected_metrics["mean_token_accuracy"] < 1
+    for backend, batch in layouts:
+        loss, metrics, grads = loss_and_grads(fused(backend, batch))
+        layout = f"{backend} {sorted(batch)}"
+        torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6, msg=layout)
+        assert metrics == pytest.approx(expected_metrics, rel=1e-5, abs=1e-6), layout
         for name, grad in expected_grads.items():
-            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=f"{backend} {name}")
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=f"{layout} {name}")
 
 
 # ---------------------------------------------------------------------------------------------- whole runs
@@ -264,7 +304,8 @@ def test_a_run_logs_trl_metrics_learns_and_saves_a_loadable_model(files, tmp_pat
     steps = train_records(records)
     assert [r["step"] for r in steps] == list(range(1, 17))
     keys = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-            "logps/rejected", "learning_rate", "grad_norm", "epoch"}  # fmt: skip
+            "logps/rejected", "entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy", "learning_rate",
+            "grad_norm", "epoch"}  # fmt: skip
     assert keys <= set(steps[0])
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [8, 16]
@@ -274,6 +315,10 @@ def test_a_run_logs_trl_metrics_learns_and_saves_a_loadable_model(files, tmp_pat
     assert steps[0]["loss"] == pytest.approx(0.6931472, abs=1e-5)
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] < 0.6931472
     assert evals[-1]["eval_rewards/accuracies"] > 0.5
+    for record in (steps[0], evals[-1]):  # the token metrics' ranges (their values: the fused-loss test above)
+        prefix = "eval_" if "eval_loss" in record else ""
+        assert 0 < record[prefix + "entropy"] <= math.log(TINY_LLAMA["vocab_size"])
+        assert 0 <= record[prefix + "mean_token_accuracy"] <= 1
 
     final = tmp_path / "run" / "checkpoint-16"
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-16", "checkpoint-8", "metrics.jsonl"]
@@ -343,6 +388,38 @@ def test_lora_reference_is_the_base_model_with_adapters_disabled(files, tokenize
         base_logps = DPOModel(fresh_base, TrainConfig(model="m", dataset="d"))(**batch)
     assert not torch.allclose(trained, base_logps)
     torch.testing.assert_close(disabled, base_logps)
+
+
+@pytest.mark.slow
+def test_prefix_sharing_gives_the_unshared_runs_held_out_metrics_on_the_bundled_example(tmp_path):
+    """The bundled run (its model, tokenizer, config and 400 held-out pairs; the first 256 training pairs, 8 steps,
+    evaluated at 4 and 8) without sharing, with it, and with it packed (``padding_free``): every held-out metric
+    (loss, rewards, log-probs, token metrics) within float32 rounding, and so are the final weights (measured:
+    metrics within 1.5e-6 relative, weights within 2e-7 by norm)."""
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("\n".join((DEFAULT_DIR / "train.jsonl").read_text().splitlines()[:256]) + "\n")
+    runs = {}
+    for name, options in {"plain": {}, "shared": {"prefix_sharing": True},
+                          "shared-packed": {"prefix_sharing": True, "padding_free": True}}.items():  # fmt: skip
+        try:
+            train(load_config(None, dataset=str(train_file), max_steps=8, eval_steps=4, warmup_steps=2,
+                              output_dir=str(tmp_path / name), reference_cache_dir=str(tmp_path / "cache"),
+                              **options))  # fmt: skip
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+        runs[name] = [r for r in logged(tmp_path / name) if "eval_loss" in r]
+    beta = load_config().beta
+    for name in ("shared", "shared-packed"):
+        assert [r["step"] for r in runs[name]] == [r["step"] for r in runs["plain"]] == [4, 8]
+        for got, expected in zip(runs[name], runs["plain"]):
+            assert got.keys() == expected.keys()
+            scale = beta * max(abs(expected["eval_logps/chosen"]), abs(expected["eval_logps/rejected"]))
+            for key, value in expected.items():
+                floor = scale if "rewards/" in key else 1e-2  # a reward is beta times a difference of log-probs
+                assert abs(got[key] - value) <= 1e-5 * max(abs(value), floor), f"{name} {key}: {got[key]} vs {value}"
+        final, expected = weights(tmp_path / name / "checkpoint-8"), weights(tmp_path / "plain" / "checkpoint-8")
+        for key, value in expected.items():
+            assert ((final[key] - value).norm() / value.norm()).item() < 1e-5, f"{name} {key}"
 
 
 def test_the_reference_cache_key_follows_the_objectives_averaging_rule(files, tokenizer, monkeypatch):

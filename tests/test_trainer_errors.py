@@ -17,7 +17,7 @@ pytest.importorskip("accelerate")
 import datasets
 import transformers
 from accelerate.state import AcceleratorState
-from trainer_helpers import TOKENIZER, flags, run_values, write_tiny_files
+from trainer_helpers import TINY_LLAMA, TOKENIZER, flags, run_values, write_tiny_files
 
 import dpo_fast
 from dpo_fast.trainer import TrainConfig, cli, load_config, train
@@ -183,6 +183,29 @@ def test_config_and_row_errors_through_the_cli_are_one_line(files, tmp_path, cap
     assert one_error_line(stderr) == (
         f"dataset '{rows}' row 2: field 'chosen' is empty (or has an empty message); fix or drop the row"
     )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "model, options, message",
+    [
+        ({"model_type": "gpt2", "vocab_size": 40, "n_embd": 16, "n_layer": 1, "n_head": 2, "n_positions": 64,
+          "bos_token_id": 1, "eos_token_id": 2}, {},
+         r"prefix_sharing: prefix sharing is verified for model types \[.*\], not 'gpt2'"),
+        ({**TINY_LLAMA, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, {},
+         "prefix_sharing: the model's rotary scaling 'dynamic' depends on the longest position in the batch"),
+        (TINY_LLAMA, {"attn_implementation": "flex_attention"},
+         "prefix_sharing: PyTorch's flex_attention has no backward on CPU"),
+    ],
+    ids=["unverified model type", "dynamic rope", "flex attention on CPU"],
+)  # fmt: skip
+def test_prefix_sharing_refuses_what_it_cannot_share_exactly_in_one_line(files, tmp_path, capsys, model, options,
+                                                                          message):  # fmt: skip
+    config = tmp_path / "model.json"
+    config.write_text(json.dumps(model))
+    values = run_values(files, tmp_path / "out", model=str(config), prefix_sharing=True, **options)
+    status, stderr = cli_error(capsys, ["train", *flags(values)])
+    assert status == 2 and re.fullmatch(message + ".*", one_error_line(stderr)), stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -17,6 +17,8 @@ pytest.importorskip("trl")
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from tokenizers import Tokenizer, models  # noqa: E402
+from torch.ops import aten  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
@@ -65,9 +67,9 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 BASE = tiny_llama()
 
 
-def train(trainer_class, tmp_path, *, steps=3, peft_config=None, trainer_kwargs=None, **options):
-    """Train from BASE's weights; return the log history, the evaluation metrics, and each trainable
-    parameter's update (after - before).
+def train(trainer_class, tmp_path, *, steps=3, peft_config=None, trainer_kwargs=None, base=None, **options):
+    """Train from ``base``'s weights (default BASE); return the log history, the evaluation metrics, and each
+    trainable parameter's update (after - before).
 
     The optimizer is plain SGD: its update is linear in the gradient, so a gradient error shows in
     the weights as it is. (AdamW's first steps move each weight by about ``lr * sign(g)``, blind to
@@ -79,9 +81,10 @@ def train(trainer_class, tmp_path, *, steps=3, peft_config=None, trainer_kwargs=
         seed=0, save_strategy="no", disable_tqdm=True, max_length=64,
     )  # fmt: skip
     args = DPOConfig(**{**config, **options})
-    ref_model = None if peft_config is not None or args.precompute_ref_log_probs else copy.deepcopy(BASE)
+    base = BASE if base is None else base
+    ref_model = None if peft_config is not None or args.precompute_ref_log_probs else copy.deepcopy(base)
     trainer = trainer_class(
-        model=copy.deepcopy(BASE), ref_model=ref_model, args=args, train_dataset=TRAIN, eval_dataset=EVAL,
+        model=copy.deepcopy(base), ref_model=ref_model, args=args, train_dataset=TRAIN, eval_dataset=EVAL,
         processing_class=TOKENIZER, peft_config=peft_config, **(trainer_kwargs or {}),
     )  # fmt: skip
     trainable = {name: p for name, p in trainer.model.named_parameters() if p.requires_grad}
@@ -95,8 +98,9 @@ def rel_diff(actual: float, expected: float, floor: float = 1e-2) -> float:
     return abs(actual - expected) / max(abs(expected), floor)
 
 
-def assert_logs_match(fast_logs: list[dict], stock_logs: list[dict], beta: float) -> float:
-    """Every logged metric of every step within TOLERANCE; returns the largest relative difference.
+def assert_logs_match(fast_logs: list[dict], stock_logs: list[dict], beta: float,
+                      tolerance: float = TOLERANCE) -> float:  # fmt: skip
+    """Every logged metric of every step within ``tolerance``; returns the largest relative difference.
 
     A reward is ``beta * (logp - ref_logp)``, a difference of two log-probs: it is measured against
     ``beta * |logp|``, the scale at which its rounding is made (the first step's rewards are 0).
@@ -113,23 +117,23 @@ def assert_logs_match(fast_logs: list[dict], stock_logs: list[dict], beta: float
             if "rewards/" in key:
                 prefix = key.split("rewards/")[0]
                 floor = beta * max(abs(stock[f"{prefix}logps/chosen"]), abs(stock[f"{prefix}logps/rejected"]))
-                if key.endswith("accuracies") and abs(stock[f"{prefix}rewards/margins"]) <= TOLERANCE * floor:
+                if key.endswith("accuracies") and abs(stock[f"{prefix}rewards/margins"]) <= tolerance * floor:
                     # policy == reference (the first step): the margins are rounding noise, so is their sign
                     continue
             error = rel_diff(fast[key], expected, floor)
             worst = max(worst, error)
-            assert error <= TOLERANCE, f"{key}: {fast[key]} vs TRL's {expected}"
+            assert error <= tolerance, f"{key}: {fast[key]} vs {expected}"
     return worst
 
 
-def assert_updates_match(fast_updates: dict, stock_updates: dict) -> float:
-    """Each trainable parameter's update within TOLERANCE of TRL's, by norm; returns the largest difference."""
+def assert_updates_match(fast_updates: dict, stock_updates: dict, tolerance: float = TOLERANCE) -> float:
+    """Each trainable parameter's update within ``tolerance`` of the other's, by norm; returns the largest error."""
     assert fast_updates.keys() == stock_updates.keys() and stock_updates
     worst = 0.0
     for name, stock in stock_updates.items():
         error = ((fast_updates[name] - stock).norm() / stock.norm()).item()
         worst = max(worst, error)
-        assert error <= TOLERANCE, f"{name}: update differs from TRL's by {error:.2e} relative"
+        assert error <= tolerance, f"{name}: update differs by {error:.2e} relative"
     return worst
 
 
@@ -198,6 +202,58 @@ def test_without_token_metrics_the_rest_still_match(tmp_path):
     assert_updates_match(fast_updates, stock_updates)
 
 
+def test_a_logit_scaled_model_matches_trl(tmp_path):
+    """Granite divides its logits by ``logits_scaling``; TRL's fused head and FastDPOTrainer both apply it."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(0)
+    base = GraniteForCausalLM(GraniteConfig(vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=128, logits_scaling=0.25))  # fmt: skip
+    fast_logs, fast_eval, fast_updates = train(FastDPOTrainer, tmp_path, steps=2, base=base)
+    stock_logs, stock_eval, stock_updates = train(DPOTrainer, tmp_path, steps=2, base=base)
+    assert_logs_match(fast_logs + [fast_eval], stock_logs + [stock_eval], beta=0.1)
+    assert_updates_match(fast_updates, stock_updates)
+
+
+# Prefix sharing against the same trainer without it: float32 rounding apart (measured: within 5e-6)
+SHARING_TOLERANCE = 1e-5
+SHARING_CASES = {
+    "sigmoid": {},
+    "ipo-precompute": {"loss_type": ["ipo"], "precompute_ref_log_probs": True},
+    "sigmoid+sft-checkpointing": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5],
+                                  "gradient_checkpointing": True},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", [*SHARING_CASES, "lora"])
+def test_prefix_sharing_matches_the_trainer_without_it(case, tmp_path):
+    """FastDPOTrainer(prefix_sharing=True): every logged metric (TRL's token count included), the evaluation and
+    each parameter's update are those of FastDPOTrainer without sharing, within float32 rounding."""
+    options, peft_config = SHARING_CASES.get(case, {}), None
+    if case == "lora":
+        peft = pytest.importorskip("peft")
+        peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    shared = train(FastDPOTrainer, tmp_path / "shared", steps=2, peft_config=peft_config,
+                   trainer_kwargs={"prefix_sharing": True}, **options)  # fmt: skip
+    plain = train(FastDPOTrainer, tmp_path / "plain", steps=2, peft_config=peft_config, **options)
+    beta = options.get("beta", 0.1)
+    logs = assert_logs_match(shared[0] + [shared[1]], plain[0] + [plain[1]], beta, SHARING_TOLERANCE)
+    updates = assert_updates_match(shared[2], plain[2], SHARING_TOLERANCE)
+    print(f"prefix sharing, {case}: max relative difference: logs {logs:.1e}, weight updates {updates:.1e}")
+
+
+def test_prefix_sharing_refuses_what_it_cannot_share(tmp_path):
+    args = DPOConfig(output_dir=str(tmp_path), report_to=[], bf16=False, truncation_mode="keep_end", max_length=64)
+    with pytest.raises(ValueError, match="truncation_mode='keep_start'"):
+        FastDPOTrainer(model=None, args=args, prefix_sharing=True)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(TOKENIZER), n_embd=16, n_layer=1, n_head=2, n_positions=64))
+    with pytest.raises(ValueError, match="verified for model types.*'gpt2'"):
+        train(FastDPOTrainer, tmp_path, steps=1, base=gpt2, trainer_kwargs={"prefix_sharing": True})
+
+
 def test_every_trl_loss_type_is_supported_or_refused():
     """The loss types TRL's DPOConfig lists, read from the installed TRL."""
     help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
@@ -205,3 +261,109 @@ def test_every_trl_loss_type_is_supported_or_refused():
                  .replace(" ", "").split(","))  # fmt: skip
     assert "sigmoid" in listed and "apo_down" in listed
     assert listed == set(PAIR_LOSSES) | set(REFUSED_LOSSES) | {"sft"}
+
+
+# ---------------------------------------------------------------------------------------------- products per step
+
+
+class VocabProducts(TorchDispatchMode):
+    """The FLOPs (2 per multiply-add) of every product over the vocabulary while the mode is on.
+
+    A product over the vocabulary is a matmul with V among its dimensions. Those that run as ATen ops
+    (a second pass over the vocabulary for the metrics, the lm_head module) are seen by the dispatch
+    mode; dpo_fast's custom ops are opaque to it, so the chunk products inside them are counted where
+    the torch backend forms them (``install``): ``logits_stats`` (``h W^T``), ``logits_grad`` when it
+    recomputes the logits, and ``chunking._GradAccumulator.add`` (``dL/dx W`` and ``dL/dx^T h``).
+    """
+
+    PRODUCTS = (aten.mm, aten.addmm, aten.addmm_, aten.bmm, aten.baddbmm)
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.flops = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.PRODUCTS:
+            left, right = args[-2:]  # (..., M, K) @ (..., K, N); addmm's bias comes first
+            dims = (*left.shape, right.shape[-1])
+            if self.vocab in dims:
+                self.flops += 2 * math.prod(dims)
+        return func(*args, **(kwargs or {}))
+
+    def chunk_product(self, tokens: int, width: int, vocab: int, times: int = 1) -> None:
+        self.flops += 2 * times * tokens * width * vocab
+
+    def install(self, monkeypatch) -> None:
+        from dpo_fast import chunking
+        from dpo_fast.backends import torch_chunked
+
+        stats_fn, grad_fn, add_fn = torch_chunked.logits_stats, torch_chunked.logits_grad, chunking._GradAccumulator.add
+
+        def logits_stats(hidden, weight, bias, rows, *args):
+            self.chunk_product(rows.shape[0], hidden.shape[1], weight.shape[0])
+            return stats_fn(hidden, weight, bias, rows, *args)
+
+        def logits_grad(hidden, weight, bias, rows, targets, stats, *args):
+            if stats.logits is None:  # recomputed, not kept from the log-prob pass
+                self.chunk_product(rows.shape[0], hidden.shape[1], weight.shape[0])
+            return grad_fn(hidden, weight, bias, rows, targets, stats, *args)
+
+        def add(grads, rows, grad_logits):
+            products = (grads.grad_hidden is not None) + (grads.grad_weight is not None)
+            self.chunk_product(rows.shape[0], grads.hidden.shape[1], grads.weight.shape[0], products)
+            return add_fn(grads, rows, grad_logits)
+
+        monkeypatch.setattr(torch_chunked, "logits_stats", logits_stats)
+        monkeypatch.setattr(torch_chunked, "logits_grad", logits_grad)
+        monkeypatch.setattr(chunking._GradAccumulator, "add", add)
+
+
+PRODUCT_CASES = {
+    # (DPOConfig options, LoRA, FLOPs per completion token per H*V: training step, evaluation step)
+    "trainable head, reference copy": ({}, False, 6 + 2, 2 + 2),
+    "frozen head (LoRA), base as reference": ({}, True, 4 + 2, 2 + 2),
+    "precomputed reference": ({"precompute_ref_log_probs": True}, False, 6, 2),
+}
+
+
+@pytest.mark.parametrize("case", PRODUCT_CASES)
+def test_one_product_pass_per_step_with_trl_metrics(case, tmp_path, monkeypatch):
+    """Issue 15: with TRL's token metrics on (the default), a step is one pass over the vocabulary: 6*N*H*V
+    FLOPs for the policy with a trainable head, 4 frozen, 2 for a live reference (N completion tokens);
+    the metrics add no product."""
+    options, lora, train_flops, eval_flops = PRODUCT_CASES[case]
+    vocab, width = 97, 32  # a vocabulary size no other dimension of the model or the batches has
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                        tie_word_embeddings=False))  # fmt: skip
+    peft_config = None
+    if lora:
+        peft = pytest.importorskip("peft")
+        peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    counter = VocabProducts(vocab)
+    counter.install(monkeypatch)
+    steps = []  # (mode, FLOPs, completion tokens)
+
+    class Counted(FastDPOTrainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            return self._counted("train", inputs, super().training_step, model, inputs, *args, **kwargs)
+
+        def prediction_step(self, model, inputs, *args, **kwargs):
+            return self._counted("eval", inputs, super().prediction_step, model, inputs, *args, **kwargs)
+
+        def _counted(self, mode, inputs, step, *args, **kwargs):
+            counter.flops = 0
+            with counter:
+                result = step(*args, **kwargs)
+            steps.append((mode, counter.flops, int(inputs["completion_mask"][:, 1:].sum())))
+            return result
+
+    logs, evals, _ = train(Counted, tmp_path, steps=2, base=base, peft_config=peft_config,
+                           trainer_kwargs={"backend": "torch"}, **options)  # fmt: skip
+    assert [mode for mode, _, _ in steps] == ["train", "train", "eval"]
+    for mode, flops, tokens in steps:
+        per_token = train_flops if mode == "train" else eval_flops
+        assert flops == per_token * tokens * width * vocab, f"{mode}: {flops / (tokens * width * vocab)} N*H*V"
+    metrics = {"entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"}
+    assert metrics <= logs[0].keys() and {"eval_" + name for name in metrics} <= evals.keys()

@@ -15,24 +15,47 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 @pytest.mark.slow
 def test_bench_train_smoke(tmp_path):
-    arms = "trl,fast,trl-liger,dpo-fast-cli"
+    arms = "trl,fast,fast-shared,trl-liger,dpo-fast-cli,dpo-fast-cli-shared"
     command = [sys.executable, str(BENCH / "bench_train.py"), "--smoke", "--out", str(tmp_path), "--arms", arms]
     subprocess.run(command, check=True, timeout=900, capture_output=True)
     report = json.loads((tmp_path / "bench_train.json").read_text())
     entries = {entry["arm"]: entry for entry in report["results"]}
     assert set(entries) == set(arms.split(","))
-    for arm in ("trl", "fast"):
+    for arm in ("trl", "fast", "fast-shared"):
         entry = entries[arm]
         assert entry["status"] == "ok", entry
         assert entry["timing"]["tokens_per_s"] > 0 and entry["timing"]["steps"] == 3
         assert entry["longest_sequence"] == {"fits": 64, "fails": None, "complete": True}
         assert entry["largest_batch"]["fits"] == 2
     assert entries["trl-liger"]["status"] == "skipped" and "CUDA" in entries["trl-liger"]["reason"]
-    assert entries["dpo-fast-cli"]["status"] in ("ok", "skipped"), entries["dpo-fast-cli"]
+    for arm in ("dpo-fast-cli", "dpo-fast-cli-shared"):
+        assert entries[arm]["status"] in ("ok", "skipped"), entries[arm]
     code = report["environment"]["code"]
     assert len(code["source_sha256"]) == 64 and code["commit"] == report["environment"]["commit"]
     table = (tmp_path / "bench_train.md").read_text()
-    assert table.count("| tiny |") == 4 and "FastDPOTrainer" in table and "Code: " in table
+    assert table.count("| tiny |") == 6 and "FastDPOTrainer, prefix_sharing=True" in table and "Code: " in table
+
+
+@pytest.mark.slow
+def test_bench_train_cpu_measurement_smoke(tmp_path):
+    """``bench_train.py --cpu`` (prefix sharing on a long-prompt set, the token metrics' cost) on its smoke shapes."""
+    command = [sys.executable, str(BENCH / "bench_train.py"), "--cpu", "--smoke", "--out", str(tmp_path)]
+    subprocess.run(command, check=True, timeout=900, capture_output=True)
+    report = json.loads((tmp_path / "bench_train.json").read_text())
+    measured = {(entry["question"], entry["arm"]): entry for entry in report["results"]}
+    assert set(measured) == {("token metrics", "fast"), ("token metrics", "fast-nometrics"),
+                             ("prefix sharing", "fast"), ("prefix sharing", "fast-shared"),
+                             ("prefix sharing", "dpo-fast-cli"), ("prefix sharing", "dpo-fast-cli-shared")}  # fmt: skip
+    for (question, arm), entry in measured.items():
+        assert entry["status"] == "ok", entry
+        timing = entry["timing"]
+        assert timing["tokens_per_s"] > 0 and timing["peak_process_gib"] > 0, entry
+        assert entry["shape"]["prompt_fraction"] == (0.75 if question == "prefix sharing" else 0.5)
+        if arm.startswith("fast"):
+            assert timing["peak_rss_growth_gib"] >= 0
+    table = (tmp_path / "bench_train.md").read_text()
+    for goal in ("tokens/s vs without | ", "peak RSS vs without | ", "token metrics on vs off | "):
+        assert goal in table and f"{goal}not measured" not in table
 
 
 @pytest.mark.slow

@@ -1,12 +1,24 @@
-"""Run a dpo_fast call on a Hugging Face causal LM's last hidden states, inside the model's forward.
+"""A Hugging Face causal LM run as backbone -> last hidden states -> dpo_fast's fused head, inside its forward.
 
-``add_dpo_fast_head(model)`` patches ``model.forward``: called with ``dpo_fast_head=fn`` (and the
-unshifted ``labels``), it runs the backbone only, never the ``lm_head`` module, and returns
-``fn(hidden, labels, head)`` with ``hidden (B, T-1, H)`` and ``labels (B, T-1)`` shifted for
-next-token prediction and ``head`` the LM head's parameters. Without ``dpo_fast_head`` the forward is
-the previous one, so generation and every other caller are unchanged.
+The one place that knows how a ``transformers`` model turns its last hidden states into logits and
+how to hand them to dpo_fast; ``dpo_fast.trainer`` and ``dpo_fast.integrations.trl`` both call it, so
+both accept the same models:
 
-The call runs inside the module's forward on purpose: wrappers that shard parameters (FSDP,
+- ``LMHead.of(model)``: the LM head's weight (tied or not; gathered from FSDP2's shards when read
+  outside an unsharded scope) and bias, the final soft-capping (Gemma 2) and the logit scale some
+  models multiply by (Cohere, Granite, Falcon-H1, ...), read as TRL 1.16 reads them:
+  ``z = softcap * tanh(scale * (h W^T + b) / softcap)``. ``LMHead.dpo_loss`` and
+  ``LMHead.sequence_logps`` call ``fused_linear_dpo_loss`` / ``sequence_logps`` with them, the
+  hidden states in autocast's dtype when autocast is on (dpo_fast's kernels take their dtypes from
+  their inputs, not from autocast).
+- ``head_rows(model, ...)``: runs the backbone (``model.base_model``, never the ``lm_head`` module)
+  and lays its last hidden states out as ``HeadRows``: padded ``(2P, T, H)``, packed ``(N, H)`` with
+  segment ids, or the prefix-shared layout of ``dpo_fast.integrations.prefix_sharing``.
+- ``run_head(model, fn, ...)``: both, then ``fn(rows, head)``; ``add_dpo_fast_head(model)`` patches
+  ``model.forward`` so that ``model(..., dpo_fast_head=fn)`` does it (TRL's calling convention).
+- ``token_metric_sums``: TRL's per-token metrics as sums and counts, from the fused pass's ``TokenMetrics``.
+
+The head runs inside the module's forward on purpose: wrappers that shard parameters (FSDP,
 DeepSpeed ZeRO-3) gather them for the forward, and data-parallel wrappers arm their gradient
 reduction there, so ``lm_head.weight`` is whole and its gradient is reduced as usual.
 """
@@ -18,28 +30,96 @@ import functools
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch.distributed.tensor import DTensor
 
+from .. import api
+from .prefix_sharing import SharedPrefixBatch, shared_attention_mask
+
+IGNORE_INDEX = -100
 _PATCHED = "_dpo_fast_head_installed"
+# TRL's names of the per-token metrics, in the order of ``token_metric_sums``' (sum, count) pairs
+TOKEN_METRICS = ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy")
+# keyword arguments a wrapper (PEFT, TRL) may pass to the backbone that the prefix-shared layout replaces or ignores
+_REPLACED_BY_SHARED_LAYOUT = ("input_ids", "attention_mask", "position_ids", "use_cache", "return_dict",
+                              "output_attentions", "output_hidden_states")  # fmt: skip
+Result = TypeVar("Result")
 
 
 @dataclass
-class HeadParams:
+class HeadRows:
+    """The hidden states the LM head scores and the next-token targets they predict, chosen sequences first.
+
+    Attributes:
+        hidden: (2P, T, H) padded, rows [0, P) chosen and [P, 2P) rejected; or (N, H) packed.
+        labels: (2P, T) or (N,) int64, ``IGNORE_INDEX`` off the completion tokens.
+        segment_ids: None (padded), or (N,) int64 in [0, 2P): p for pair p's chosen tokens, P + p for its rejected.
+        num_pairs: P; None for packed rows of a pass that does not know it (read from the segment ids then).
+    """
+
+    hidden: torch.Tensor
+    labels: torch.Tensor
+    segment_ids: torch.Tensor | None = None
+    num_pairs: int | None = None
+
+    def to(self, device: torch.device) -> HeadRows:
+        segment_ids = None if self.segment_ids is None else self.segment_ids.to(device)
+        return HeadRows(self.hidden.to(device), self.labels.to(device), segment_ids, self.num_pairs)
+
+    @property
+    def pairs(self) -> int:
+        """P (a packed layout without ``num_pairs`` reads it from the segment ids: a device sync)."""
+        if self.segment_ids is None:
+            return self.hidden.shape[0] // 2
+        if self.num_pairs is None:
+            return (int(self.segment_ids.max()) + 2) // 2 if self.segment_ids.numel() else 0
+        return self.num_pairs
+
+    def sequence_of_tokens(self) -> torch.Tensor:
+        """(labels.numel(),) int64: the sequence in [0, 2P) of every (flattened) token."""
+        if self.segment_ids is not None:
+            return self.segment_ids
+        rows, length = self.labels.shape[0], self.labels[0].numel()
+        return torch.arange(rows, device=self.labels.device).repeat_interleave(length)
+
+    def completion_lengths(self) -> torch.Tensor:
+        """(2P,) int64: the completion tokens (labels that are not ignored) of each sequence."""
+        valid = (self.labels != IGNORE_INDEX).reshape(-1)
+        return torch.bincount(self.sequence_of_tokens()[valid], minlength=2 * self.pairs)
+
+    def layout(self) -> dict:
+        """The packed layout's keyword arguments for ``fused_linear_dpo_loss`` (nothing when padded)."""
+        return {} if self.segment_ids is None else {"segment_ids": self.segment_ids, "num_pairs": self.pairs}
+
+
+@dataclass
+class LMHead:
     """The LM head as dpo_fast needs it: ``z = softcap * tanh(logit_scale * (h W^T + b) / softcap)``.
 
     Attributes:
-        weight: (V, H) ``lm_head.weight`` (gathered when the model shards it).
+        weight: (V, H) ``lm_head.weight`` (the input embedding when tied; gathered when FSDP2 shards it).
         bias: (V,) or None.
-        softcap: the config's ``final_logit_softcapping``, or None.
-        logit_scale: the config's multiplier of the logits (1.0 for most models).
+        softcap: the text config's ``final_logit_softcapping``, or None.
+        logit_scale: the multiplier of the logits (1.0 for most models; ``logit_scale``).
     """
 
     weight: torch.Tensor
     bias: torch.Tensor | None
     softcap: float | None
     logit_scale: float
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> LMHead:
+        """The head of a ``transformers`` causal LM (the LM itself, not a PEFT or parallel wrapper)."""
+        text_config = model.config.get_text_config()
+        lm_head = model.get_output_embeddings()
+        weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+        if isinstance(weight, DTensor):  # FSDP2 outside an unsharded scope
+            weight = weight.full_tensor()
+            bias = None if bias is None else bias.full_tensor()
+        return cls(weight, bias, getattr(text_config, "final_logit_softcapping", None), logit_scale(text_config))
 
     def prepare(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Hidden states and bias ready for dpo_fast: in autocast's dtype when it is on, scaled.
@@ -56,6 +136,36 @@ class HeadParams:
             return hidden, self.bias
         return hidden * self.logit_scale, None if self.bias is None else self.bias * self.logit_scale
 
+    def dpo_loss(self, rows: HeadRows, **options) -> api.DPOOutput:
+        """``dpo_fast.fused_linear_dpo_loss`` of ``rows`` through this head.
+
+        Args:
+            options: the loss's other keyword arguments (``ref_chosen_logps``, ``beta``, ``loss_type``,
+                ``return_token_metrics``, ``backend``, ...); the head, the layout and ``ignore_index`` come from here.
+        """
+        hidden, bias = self.prepare(rows.hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return api.fused_linear_dpo_loss(
+                hidden, self.weight, rows.labels, bias=bias, softcap=self.softcap, ignore_index=IGNORE_INDEX,
+                **rows.layout(), **options,
+            )  # fmt: skip
+
+    def sequence_logps(self, rows: HeadRows, **options) -> torch.Tensor:
+        """(2P,) float32 ``dpo_fast.sequence_logps`` of ``rows`` through this head, chosen first.
+
+        Args:
+            options: ``average_log_prob``, ``backend``, ``scratch_mib``.
+        """
+        hidden, bias = self.prepare(rows.hidden)
+        layout = {}
+        if rows.segment_ids is not None:
+            layout = {"segment_ids": rows.segment_ids, "num_segments": 2 * rows.pairs}
+        with torch.autocast(hidden.device.type, enabled=False):
+            return api.sequence_logps(
+                hidden, self.weight, rows.labels, bias=bias, softcap=self.softcap, ignore_index=IGNORE_INDEX,
+                **layout, **options,
+            )  # fmt: skip
+
 
 def logit_scale(text_config) -> float:
     """The multiplier a model applies to its logits before any soft-capping, read as TRL 1.16 reads it."""
@@ -71,44 +181,144 @@ def logit_scale(text_config) -> float:
     return 1.0 if scale is None else float(scale)
 
 
-def add_dpo_fast_head(
+def last_hidden_state(model: torch.nn.Module, *args, **inputs) -> torch.Tensor:
+    """(B, T, H) the backbone's last hidden states (``model.base_model``, no KV cache); the lm_head never runs."""
+    return model.base_model(*args, **{**inputs, "use_cache": False}).last_hidden_state
+
+
+def head_rows(
     model: torch.nn.Module,
-    gather: Callable[..., contextlib.AbstractContextManager] = lambda *params: contextlib.nullcontext(),
+    *args,
+    labels: torch.Tensor | None = None,
+    shift_labels: bool = False,
+    segment_ids: torch.Tensor | None = None,
+    num_pairs: int | None = None,
+    shared: SharedPrefixBatch | None = None,
+    **inputs,
+) -> HeadRows:
+    """Run the backbone of ``model`` (a ``transformers`` causal LM) and lay out its rows for the head.
+
+    Args:
+        args, inputs: the backbone's inputs (``input_ids``, ``attention_mask``, ``position_ids``, ...).
+        labels: (2P, T) padded, or (N,) packed, int64 with ``IGNORE_INDEX`` off the completions.
+        shift_labels: ``labels`` are the input ids (TRL's convention): the hidden state at t predicts
+            ``labels[t + 1]``, so the last position and the first label are dropped. Otherwise
+            ``labels[t]`` is already the target of position t.
+        segment_ids: (N,) for packed input (``input_ids`` (1, N)), with ``num_pairs``.
+        shared: a prefix-shared batch (``prefix_sharing.collate_shared``) instead of all of the above;
+            ``inputs`` may then only hold what the shared layout replaces (None values are ignored).
+    """
+    if shared is not None:
+        extra = sorted(
+            key for key, value in inputs.items() if value is not None and key not in _REPLACED_BY_SHARED_LAYOUT
+        )
+        if args or extra or labels is not None or segment_ids is not None:
+            raise ValueError(
+                f"a prefix-shared batch brings its own inputs and labels; got also {extra or 'positional inputs'}: "
+                "prefix sharing takes text-only batches of input ids"
+            )
+        hidden = last_hidden_state(
+            model, input_ids=shared.input_ids, attention_mask=shared_attention_mask(model, shared),
+            position_ids=shared.position_ids,
+        )  # fmt: skip
+        return HeadRows(shared.gather(hidden), shared.labels, shared.segment_ids, shared.num_pairs)
+    if labels is None:
+        raise ValueError("the fused head needs labels: the input ids with -100 off the completion tokens")
+    hidden = last_hidden_state(model, *args, **inputs)
+    if segment_ids is not None:
+        return HeadRows(hidden.squeeze(0), labels, segment_ids, num_pairs)
+    if shift_labels:
+        return HeadRows(hidden[:, :-1], labels[:, 1:])
+    return HeadRows(hidden, labels)
+
+
+def _no_gather(*params: torch.Tensor | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def run_head(
+    model: torch.nn.Module,
+    fn: Callable[[HeadRows, LMHead], Result],
+    *args,
+    gather: Callable[..., contextlib.AbstractContextManager] = _no_gather,
+    **inputs,
+) -> Result:
+    """``fn(rows, head)`` on the backbone's rows (``head_rows(model, *args, **inputs)``) and ``LMHead.of(model)``.
+
+    Call it inside the forward of the module a sharding wrapper wraps (see the module docstring).
+
+    Args:
+        gather: a context manager factory that makes the head's parameters whole for the call (e.g.
+            TRL's ``maybe_gather_lm_head_ctx`` under ZeRO-3); by default nothing is gathered.
+    """
+    rows = head_rows(model, *args, **inputs)
+    head = LMHead.of(model)
+    with gather(head.weight, head.bias):
+        return fn(rows.to(head.weight.device), head)
+
+
+def add_dpo_fast_head(
+    model: torch.nn.Module, gather: Callable[..., contextlib.AbstractContextManager] = _no_gather
 ) -> None:
     """Patch ``model.forward`` (a ``transformers`` causal LM) to accept ``dpo_fast_head=fn``. Idempotent.
 
+    ``model(**inputs, labels=input_ids_masked, dpo_fast_head=fn)`` runs ``run_head`` with TRL's
+    unshifted labels (``shift_labels=True``) and returns ``fn(rows, head)``;
+    ``model(dpo_fast_head=fn, dpo_fast_shared=batch)`` runs it on a prefix-shared batch. Without
+    ``dpo_fast_head`` the forward is the previous one, so generation and every other caller are unchanged.
+
     Args:
         model: the causal LM itself (for PEFT, ``peft_model.get_base_model()``); call the outer
-            model (PEFT, DDP, FSDP wrappers) as usual, they pass the keyword through.
-        gather: a context manager factory that makes the given parameters whole for the call
-            (e.g. TRL's ``maybe_gather_lm_head_ctx`` under ZeRO-3); by default nothing is gathered.
+            model (PEFT, DDP, FSDP wrappers) as usual, they pass the keywords through.
+        gather: as for ``run_head``.
     """
     if getattr(model, _PATCHED, False):
         return
     previous_forward = model.forward
-    text_config = model.config.get_text_config()
-    softcap = getattr(text_config, "final_logit_softcapping", None)
-    scale = logit_scale(text_config)
 
     @functools.wraps(type(model).forward)  # keep the signature: `generate` checks its kwargs against it
-    def forward(self, *args, dpo_fast_head=None, labels=None, **kwargs):
+    def forward(self, *args, dpo_fast_head=None, dpo_fast_shared=None, labels=None, **kwargs):
         if dpo_fast_head is None:
+            if dpo_fast_shared is not None:
+                raise ValueError("dpo_fast_shared is the layout of the fused head: pass dpo_fast_head with it")
             if labels is not None:
                 kwargs["labels"] = labels
             return previous_forward(*args, **kwargs)
-        if labels is None:
-            raise ValueError("dpo_fast_head needs labels: input_ids with -100 off the completion tokens")
-        kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
-        lm_head = self.get_output_embeddings()
-        weight, bias = lm_head.weight, lm_head.bias
-        if isinstance(weight, DTensor):  # FSDP2 outside an unsharded scope
-            weight = weight.full_tensor()
-            bias = None if bias is None else bias.full_tensor()
-        with gather(weight, bias):
-            return dpo_fast_head(
-                hidden.to(weight.device), labels[:, 1:].to(weight.device), HeadParams(weight, bias, softcap, scale)
-            )
+        if dpo_fast_shared is None:
+            return run_head(self, dpo_fast_head, *args, gather=gather, labels=labels, shift_labels=True, **kwargs)
+        return run_head(self, dpo_fast_head, *args, gather=gather, labels=labels, shared=dpo_fast_shared, **kwargs)
 
     model.forward = types.MethodType(forward, model)
     setattr(model, _PATCHED, True)
+
+
+def token_metric_sums(metrics: api.TokenMetrics, rows: HeadRows) -> torch.Tensor:
+    """(8,) float64: the sum and the count behind each of TRL 1.16's token metrics (``TOKEN_METRICS``).
+
+    With TRL's masks: ``entropy`` over every completion token; ``logits/chosen`` and
+    ``logits/rejected``, the mean logit over the chosen and the rejected sequences' completion
+    tokens; ``mean_token_accuracy``, the target's top-1 over the chosen ones. Sums of several
+    batches (or processes) add up; ``token_metric_means`` divides them.
+
+    Args:
+        metrics: the fused pass's ``DPOOutput.token_metrics`` (labels' shape).
+        rows: the rows they were computed on.
+    """
+    valid = (rows.labels != IGNORE_INDEX).reshape(-1)
+    chosen = valid & (rows.sequence_of_tokens() < rows.pairs)
+    rejected = valid & ~chosen
+    entropy, mean_logit = metrics.entropy.reshape(-1).double(), metrics.mean_logit.reshape(-1).double()
+    is_top1 = metrics.is_top1.reshape(-1)
+    return torch.stack([
+        entropy[valid].sum(), valid.sum().double(),
+        mean_logit[chosen].sum(), chosen.sum().double(),
+        mean_logit[rejected].sum(), rejected.sum().double(),
+        is_top1[chosen].sum().double(), chosen.sum().double(),
+    ])  # fmt: skip
+
+
+def token_metric_means(sums: torch.Tensor) -> dict[str, float]:
+    """``TOKEN_METRICS`` from ``token_metric_sums`` (of one batch, or added up); 0.0 where no token counts, as TRL."""
+    values = sums.tolist()
+    return {name: values[2 * i] / values[2 * i + 1] if values[2 * i + 1] > 0 else 0.0
+            for i, name in enumerate(TOKEN_METRICS)}  # fmt: skip

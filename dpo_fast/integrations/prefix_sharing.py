@@ -33,13 +33,13 @@ the batch's longest position (``dynamic``, ``longrope``). PyTorch's ``flex_atten
 backward on CPU, so a flex model trains with sharing only on a GPU (its forward-only reference
 pass runs on CPU).
 
-Typical use::
+Typical use (``dpo_fast.integrations.hf`` runs the model on the layout; ``dpo-fast train`` and
+``FastDPOTrainer`` do it with ``prefix_sharing``)::
 
-    batch = collate_shared(rows, pad_id=tokenizer.pad_token_id, pairs_per_row=None)  # one packed row
-    batch = batch.to(device)
-    hidden = shared_hidden(model, batch)                                          # (M, H)
-    out = dpo_fast.fused_linear_dpo_loss(hidden, model.lm_head.weight, batch.labels,
-                                         segment_ids=batch.segment_ids, num_pairs=batch.num_pairs, ...)
+    check_model(model)                                                             # at startup
+    batch = collate_shared(rows, pad_id=tokenizer.pad_token_id, pairs_per_row=1).to(device)
+    rows = dpo_fast.integrations.hf.head_rows(model, shared=batch)                 # hidden (M, H), segment ids
+    out = dpo_fast.integrations.hf.LMHead.of(model).dpo_loss(rows, ref_chosen_logps=..., ref_rejected_logps=...)
 """
 
 from __future__ import annotations
@@ -275,11 +275,13 @@ class AttentionPlan:
     windows: dict[str | None, int | None]
 
 
-def check_model(model: torch.nn.Module) -> AttentionPlan:
+def check_model(model: torch.nn.Module, training_device: torch.device | str | None = None) -> AttentionPlan:
     """The ``AttentionPlan`` of a causal LM, or a ``ValueError`` saying why its prefix cannot be shared exactly.
 
     Args:
         model: a ``transformers`` causal LM (or a PEFT model around one).
+        training_device: where it will take gradients through the shared mask, if it will: a
+            flex_attention model is refused on CPU (PyTorch's flex_attention has no CPU backward).
     """
     config = model.config.get_text_config()
     model_type = config.model_type
@@ -304,6 +306,12 @@ def check_model(model: torch.nn.Module) -> AttentionPlan:
                 f"the model's rotary scaling {rope_type!r} depends on the longest position in the batch, which "
                 "differs between the shared and the unshared layouts; prefix sharing refuses it"
             )
+    trains_on_cpu = training_device is not None and torch.device(training_device).type == "cpu"
+    if implementation == "flex_attention" and trains_on_cpu:
+        raise ValueError(
+            "PyTorch's flex_attention has no backward on CPU: load the model with attn_implementation='sdpa' to "
+            "train with prefix sharing on CPU (a forward-only reference pass under torch.no_grad() may use flex)"
+        )
     masks, sliding_window = SUPPORTED_MODEL_TYPES[model_type], getattr(config, "sliding_window", None)
     if masks != "by_layer_type":  # the decoder applies one mask to every layer
         return AttentionPlan(implementation, {None: sliding_window if masks == "sliding" else None})
@@ -331,31 +339,10 @@ def shared_attention_mask(
         ValueError: ``check_model``'s refusals, and a flex_attention model asked for gradients on
         CPU (PyTorch's flex_attention has no CPU backward).
     """
-    plan = check_model(model)
-    device = batch.input_ids.device
     needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
-    if plan.implementation == "flex_attention" and device.type == "cpu" and needs_grad:
-        raise ValueError(
-            "PyTorch's flex_attention has no backward on CPU: load the model with attn_implementation='sdpa' to "
-            "train with prefix sharing on CPU (a forward-only reference pass under torch.no_grad() may use flex)"
-        )
+    plan = check_model(model, batch.input_ids.device if needs_grad else None)
     masks = {kind: _mask(plan.implementation, batch, window, model.dtype) for kind, window in plan.windows.items()}
     return masks.get(None, masks)
-
-
-def shared_hidden(model: torch.nn.Module, batch: SharedPrefixBatch) -> torch.Tensor:
-    """The model's last hidden states at the loss rows of ``batch``: (M, H) in the model's dtype.
-
-    Runs the decoder (``model.get_decoder()``) once over the shared rows with the shared mask and
-    position ids, then ``batch.gather``. Pair it with ``batch.labels``, ``batch.segment_ids`` and
-    ``batch.num_pairs`` in ``fused_linear_dpo_loss`` or ``sequence_logps`` (the reference pass,
-    under ``torch.no_grad()``).
-    """
-    mask = shared_attention_mask(model, batch)
-    hidden = model.get_decoder()(
-        input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False
-    ).last_hidden_state
-    return batch.gather(hidden)
 
 
 def _mask(implementation: str, batch: SharedPrefixBatch, window: int | None, dtype: torch.dtype):

@@ -31,11 +31,9 @@ from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter
 
-import dpo_fast
-
 from .. import validate
-from .hf import HeadParams, add_dpo_fast_head
-from .token_stats import token_stats
+from .hf import HeadRows, LMHead, add_dpo_fast_head, token_metric_means, token_metric_sums
+from .prefix_sharing import check_model, collate_shared, pairs_from_trl_batch
 
 IGNORE_INDEX = -100
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
@@ -141,14 +139,13 @@ class PolicyOutput(ModelOutput):
     Attributes:
         loss: () float32, differentiable.
         logps: (2P,) float32 summed completion log-probs, chosen rows first, detached.
-        entropy, mean_logit, is_top1: (2P, T-1) per-token statistics, or None without ``token_metrics``.
+        token_sums: (8,) float64 sums and counts behind TRL's per-token metrics (``hf.token_metric_sums``), from
+            the fused pass; None without ``token_metrics``.
     """
 
     loss: torch.Tensor | None = None
     logps: torch.Tensor | None = None
-    entropy: torch.Tensor | None = None
-    mean_logit: torch.Tensor | None = None
-    is_top1: torch.Tensor | None = None
+    token_sums: torch.Tensor | None = None
 
 
 @dataclass
@@ -160,7 +157,7 @@ class ReferenceOutput(ModelOutput):
 
 @dataclass
 class PolicyHead:
-    """The loss on the policy's hidden states; called inside the model's forward (``add_dpo_fast_head``).
+    """The loss on the policy's rows; called inside the model's forward (``hf.add_dpo_fast_head``).
 
     Attributes:
         ref_logps: (2P,) summed reference log-probs, chosen rows first.
@@ -171,38 +168,26 @@ class PolicyHead:
     token_metrics: bool
     backend: str
 
-    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor, head: HeadParams) -> PolicyOutput:
-        """hidden: (2P, T-1, H); labels: (2P, T-1) int64, -100 off the completions."""
-        objective, pairs = self.objective, hidden.shape[0] // 2
-        hidden, bias = head.prepare(hidden)
-        counts = (labels != IGNORE_INDEX).sum(1)
-        ref = self.ref_logps.to(device=hidden.device, dtype=torch.float32)
+    def __call__(self, rows: HeadRows, head: LMHead) -> PolicyOutput:
+        objective, pairs = self.objective, rows.pairs
+        counts = rows.completion_lengths()
+        ref = self.ref_logps.to(device=rows.hidden.device, dtype=torch.float32)
         if objective.average_log_prob:
             ref = ref / counts.clamp(min=1)
-        with torch.autocast(hidden.device.type, enabled=False):
-            out = dpo_fast.fused_linear_dpo_loss(
-                hidden, head.weight, labels, bias=bias, ref_chosen_logps=ref[:pairs], ref_rejected_logps=ref[pairs:],
-                beta=objective.beta, loss_type=objective.loss_type, label_smoothing=objective.label_smoothing,
-                average_log_prob=objective.average_log_prob, softcap=head.softcap, ignore_index=IGNORE_INDEX,
-                backend=self.backend,
-            )  # fmt: skip
-            logps = torch.cat([out.chosen_logps, out.rejected_logps])
-            if objective.average_log_prob:
-                logps = logps * counts
-            loss = objective.weight * out.loss
-            if objective.sft_weight:
-                # TRL's "sft": the mean NLL over all chosen completion tokens of the batch
-                loss = loss - objective.sft_weight * logps[:pairs].sum() / counts[:pairs].sum().clamp(min=1)
-            stats = None
-            if self.token_metrics:
-                stats = token_stats(hidden.detach(), head.weight, labels, bias=bias, softcap=head.softcap)
-        return PolicyOutput(
-            loss=loss,
-            logps=logps.detach(),
-            entropy=None if stats is None else stats.entropy,
-            mean_logit=None if stats is None else stats.mean_logit,
-            is_top1=None if stats is None else stats.is_top1,
-        )
+        out = head.dpo_loss(
+            rows, ref_chosen_logps=ref[:pairs], ref_rejected_logps=ref[pairs:], beta=objective.beta,
+            loss_type=objective.loss_type, label_smoothing=objective.label_smoothing,
+            average_log_prob=objective.average_log_prob, return_token_metrics=self.token_metrics, backend=self.backend,
+        )  # fmt: skip
+        logps = torch.cat([out.chosen_logps, out.rejected_logps])
+        if objective.average_log_prob:
+            logps = logps * counts
+        loss = objective.weight * out.loss
+        if objective.sft_weight:
+            # TRL's "sft": the mean NLL over all chosen completion tokens of the batch
+            loss = loss - objective.sft_weight * logps[:pairs].sum() / counts[:pairs].sum().clamp(min=1)
+        token_sums = token_metric_sums(out.token_metrics, rows) if self.token_metrics else None
+        return PolicyOutput(loss=loss, logps=logps.detach(), token_sums=token_sums)
 
 
 @dataclass
@@ -211,14 +196,8 @@ class ReferenceHead:
 
     backend: str
 
-    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor, head: HeadParams) -> ReferenceOutput:
-        hidden, bias = head.prepare(hidden)
-        with torch.autocast(hidden.device.type, enabled=False):
-            logps = dpo_fast.sequence_logps(
-                hidden, head.weight, labels, bias=bias, softcap=head.softcap, ignore_index=IGNORE_INDEX,
-                backend=self.backend,
-            )  # fmt: skip
-        return ReferenceOutput(logps=logps)
+    def __call__(self, rows: HeadRows, head: LMHead) -> ReferenceOutput:
+        return ReferenceOutput(logps=head.sequence_logps(rows, backend=self.backend))
 
 
 class FastDPOTrainer(DPOTrainer):
@@ -226,18 +205,34 @@ class FastDPOTrainer(DPOTrainer):
 
     Args (besides ``DPOTrainer``'s):
         token_metrics: log TRL's per-token diagnostics (``entropy``, ``logits/chosen``,
-            ``logits/rejected``, ``mean_token_accuracy``). They take a forward-only pass over the
-            vocabulary (``2*N*H*V`` FLOPs on the completion tokens, a third of the fused loss's
-            ``6*N*H*V``); ``False`` skips that pass and those four metrics.
-        backend: dpo_fast's backend ("auto": Triton on CUDA, chunked PyTorch elsewhere).
+            ``logits/rejected``, ``mean_token_accuracy``). They come from the fused pass that forms the
+            log-probs (no extra product over the vocabulary: ``6*N*H*V`` FLOPs per step with a
+            trainable head, as without them); ``False`` skips their few operations per logit in that
+            pass, and the metrics.
+        prefix_sharing: an extension of TRL's semantics, off by default: each pair runs through the
+            model as one sequence ``[prompt][chosen][rejected]`` whose mask and positions give every
+            completion token exactly what it sees alone (``dpo_fast.integrations.prefix_sharing``),
+            so the prompt runs once; the reference pass (live or precomputed) shares it too. The
+            losses, log-probs, gradients and logs are TRL's within float32 rounding. Models the layout
+            cannot reproduce exactly are refused at construction (``prefix_sharing.check_model``), as
+            are ``truncation_mode="keep_end"`` (it cuts a pair's two prompts apart) and vision data.
+        backend: dpo_fast's backend ("auto": Triton on CUDA, the C++ kernel on CPU once built, else chunked PyTorch).
     """
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, *trainer_args,
-                 token_metrics: bool = True, backend: str = "auto", **trainer_kwargs):  # fmt: skip
+                 token_metrics: bool = True, prefix_sharing: bool = False, backend: str = "auto",
+                 **trainer_kwargs):  # fmt: skip
         validate.check_backend(backend)
+        for flag, value in (("token_metrics", token_metrics), ("prefix_sharing", prefix_sharing)):
+            validate.check_flag(flag, value)
         if args is not None:
             trl_objective(args)  # refuse before TRL loads, tokenizes or precomputes anything
-        self._token_metrics, self._backend = token_metrics, backend
+            if prefix_sharing and args.truncation_mode == "keep_end" and args.max_length is not None:
+                raise ValueError(
+                    "FastDPOTrainer(prefix_sharing=True) needs DPOConfig(truncation_mode='keep_start'): 'keep_end' "
+                    "cuts each sequence's prompt by its own length, so a pair's two prompts may differ"
+                )
+        self._token_metrics, self._prefix_sharing, self._backend = token_metrics, prefix_sharing, backend
         super().__init__(model, ref_model, args, *trainer_args, **trainer_kwargs)
         self._objective = trl_objective(self.args)
         if self.aux_loss_enabled:
@@ -245,15 +240,21 @@ class FastDPOTrainer(DPOTrainer):
                 f"FastDPOTrainer does not add the MoE load-balancing loss (router_aux_loss_coef="
                 f"{self.router_aux_loss_coef}): set DPOConfig(router_aux_loss_coef=0.0), or use trl.DPOTrainer"
             )
-        for module in (self.model, self.ref_model):
+        if prefix_sharing and self._is_vision_dataset:
+            raise ValueError("FastDPOTrainer(prefix_sharing=True) takes text-only preference data, not vision data")
+        for module, trains in ((self.model, True), (self.ref_model, False)):
             if module is not None:
-                self._install_head(module)
+                causal_lm = self._install_head(module)
+                if prefix_sharing:
+                    check_model(causal_lm, self.accelerator.device if trains else None)
 
-    def _install_head(self, model: torch.nn.Module) -> None:
+    def _install_head(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Patch the causal LM inside ``model``'s wrappers (``hf.add_dpo_fast_head``); returns that causal LM."""
         causal_lm = self.accelerator.unwrap_model(model)
         if is_peft_model(causal_lm):
             causal_lm = causal_lm.get_base_model()
         add_dpo_fast_head(causal_lm, gather=maybe_gather_lm_head_ctx)
+        return causal_lm
 
     def _reference_context(self) -> contextlib.AbstractContextManager:
         """A PEFT policy without a separate reference runs as the reference with its adapters off (or "ref" on)."""
@@ -262,7 +263,17 @@ class FastDPOTrainer(DPOTrainer):
             return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         return contextlib.nullcontext()
 
-    def _reference_logps(self, model: torch.nn.Module, model_kwargs: dict, labels: torch.Tensor) -> torch.Tensor:
+    def _head_inputs(self, inputs: dict) -> dict:
+        """The keywords that give the patched forward its rows: TRL's padded batch and labels, or the shared layout."""
+        if self._prefix_sharing:
+            pad_id = getattr(self.processing_class, "pad_token_id", None) or 0
+            shared = collate_shared(pairs_from_trl_batch(inputs), pad_id=pad_id)
+            return {"dpo_fast_shared": shared.to(self.accelerator.device)}
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
+        return {**model_kwargs, "use_cache": False, "labels": labels}
+
+    def _reference_logps(self, model: torch.nn.Module, head_inputs: dict) -> torch.Tensor:
         """(2P,) summed reference log-probs, as TRL's reference pass computes them."""
         with (
             torch.no_grad(),
@@ -270,34 +281,30 @@ class FastDPOTrainer(DPOTrainer):
             self._reference_context(),
             self.accelerator.autocast(),
         ):
-            return model(**model_kwargs, labels=labels, dpo_fast_head=ReferenceHead(self._backend)).logps
+            return model(**head_inputs, dpo_fast_head=ReferenceHead(self._backend)).logps
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one padded batch (TRL calls it to precompute them): (P,), (P,)."""
         self._install_head(model)
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
-        return self._reference_logps(model, model_kwargs, labels).chunk(2)
+        return self._reference_logps(model, self._head_inputs(inputs)).chunk(2)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         completion_mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, IGNORE_INDEX)
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        model_kwargs["use_cache"] = False
         if self._objective.average_log_prob and bool(completion_mask[:, 0].any()):
             raise ValueError(
                 "a completion starts at the first token of its sequence (an empty prompt): TRL's length-averaged "
                 "losses (ipo, sigmoid_norm) then count a token that has no log-prob, which dpo_fast does not. "
                 "Give every example a non-empty prompt (e.g. a BOS token), or use trl.DPOTrainer"
             )
+        head_inputs = self._head_inputs(inputs)
         if self.precompute_ref_logps:
             ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
         else:
             ref_model = self.model if self.ref_model is None else self.ref_model
-            ref_logps = self._reference_logps(ref_model, model_kwargs, labels)
+            ref_logps = self._reference_logps(ref_model, head_inputs)
         head = PolicyHead(ref_logps, self._objective, self._token_metrics, self._backend)
-        outputs = model(**model_kwargs, labels=labels, dpo_fast_head=head)
+        outputs = model(**head_inputs, dpo_fast_head=head)
         self._record_metrics(mode, inputs, outputs, ref_logps)
         if not return_outputs:
             return outputs.loss
@@ -308,14 +315,18 @@ class FastDPOTrainer(DPOTrainer):
             stacklevel=2,
         )
         with torch.no_grad():
-            return outputs.loss, model(**model_kwargs)
+            return outputs.loss, model(**{k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}, use_cache=False)
 
     def _record_metrics(self, mode: str, inputs: dict, outputs: PolicyOutput, ref_logps: torch.Tensor) -> None:
         """Append this step's metrics under TRL 1.16's names, gathered across processes as TRL gathers them."""
         metrics, gather = self._metrics[mode], self.accelerator.gather
-        if outputs.entropy is not None:
-            self._record_token_metrics(metrics, inputs["completion_mask"][:, 1:], outputs)
+        if outputs.token_sums is not None:
+            # each process's sums and counts, added up: TRL's token-weighted means over all processes
+            sums = self.accelerator.gather_for_metrics(outputs.token_sums[None]).sum(0)
+            for name, value in token_metric_means(sums).items():
+                metrics[name].append(value)
         if mode == "train":
+            # TRL's count: every token of the padded batch's attention mask, shared prefix or not
             tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += tokens // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
@@ -327,23 +338,3 @@ class FastDPOTrainer(DPOTrainer):
         metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
         metrics["logps/chosen"].append(gather(chosen_logps).mean().item())
         metrics["logps/rejected"].append(gather(rejected_logps).mean().item())
-
-    def _record_token_metrics(self, metrics: dict, mask: torch.Tensor, outputs: PolicyOutput) -> None:
-        """entropy (all completion tokens), logits/chosen, logits/rejected, mean_token_accuracy (chosen tokens).
-
-        mask: (2P, T-1) the shifted completion mask; prompt-learning PEFT prepends virtual tokens to
-        the outputs, so only their last T-1 positions are the real ones.
-        """
-        gather, length = self.accelerator.gather_for_metrics, mask.shape[1]
-        entropy, mean_logit, is_top1 = (t[:, -length:] for t in (outputs.entropy, outputs.mean_logit, outputs.is_top1))
-
-        def mean_over(values: torch.Tensor, where: torch.Tensor) -> float:
-            total, count = gather(values[where].sum()).sum().item(), gather(where.sum()).sum().item()
-            return total / count if count > 0 else 0.0
-
-        mask = mask.bool()
-        chosen, rejected = mask.chunk(2)
-        metrics["entropy"].append(mean_over(entropy, mask))
-        metrics["logits/chosen"].append(mean_over(mean_logit.chunk(2)[0], chosen))
-        metrics["logits/rejected"].append(mean_over(mean_logit.chunk(2)[1], rejected))
-        metrics["mean_token_accuracy"].append(mean_over(is_top1.chunk(2)[0].float(), chosen))

@@ -2,9 +2,10 @@
 
 Names follow TRL's ``DPOConfig`` where TRL has the knob (``learning_rate``,
 ``per_device_train_batch_size``, ``max_prompt_length``, ``padding_free``, ``overwrite_output_dir``,
-...), so a TRL config ports by copying keys. Relative paths in a config file (``model``,
-``tokenizer``, ``dataset``, ``eval_dataset``) are resolved against the file's folder when they
-exist there; anything else (a hub name, a path relative to the working directory) is kept as written.
+...), so a TRL config ports by copying keys; ``prefix_sharing`` is dpo_fast's own. Relative paths
+in a config file (``model``, ``tokenizer``, ``dataset``, ``eval_dataset``) are resolved against the
+file's folder when they exist there; anything else (a hub name, a path relative to the working
+directory) is kept as written.
 
 Every value is checked against its field's declared type when the config is made, and coerced
 where the intent is plain (``"1e-3"`` -> 0.001 for a float, ``"no"`` -> False for a bool, 8.0 -> 8
@@ -52,6 +53,9 @@ class TrainConfig:
     model: str = field(default="", metadata={"help": "HF model folder, hub name, or a config .json (random init)"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder or hub name; null: the model's"})
     dtype: str = field(default="float32", metadata={"help": f"weights dtype: {' | '.join(DTYPES)}"})
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "the model's attention: sdpa | eager | flex_attention | ...; null: its default"}
+    )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
@@ -67,6 +71,11 @@ class TrainConfig:
     max_length: int | None = field(default=1024, metadata={"help": "prompt + completion tokens (keeps the start)"})
     max_prompt_length: int | None = field(default=512, metadata={"help": "prompt tokens kept (keeps the end)"})
     padding_free: bool = field(default=False, metadata={"help": "pack each batch into one row with segment_ids"})
+    prefix_sharing: bool = field(
+        default=False,
+        metadata={"help": "each pair one sequence [prompt][chosen][rejected]: the prompt runs once (with padding_free: "
+                  "all pairs in one row)"},
+    )  # fmt: skip
     # objective and reference
     beta: float = field(default=0.1, metadata={"help": "DPO beta"})
     loss_type: str = field(default="sigmoid", metadata={"help": f"one of {' | '.join(LOSS_TYPES)}"})

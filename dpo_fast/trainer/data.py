@@ -3,7 +3,8 @@
 A row is ``{"prompt", "chosen", "rejected"}``, each plain text, or (conversational) a list of
 ``{"role", "content"}`` messages rendered with the tokenizer's chat template. Tokenized rows
 hold ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (lists of int); a batch of P rows becomes
-one forward of 2P sequences, chosen first (TRL's concatenated order), padded or packed.
+one forward of 2P sequences, chosen first (TRL's concatenated order), padded or packed, or, with
+prefix sharing, of P sequences ``[prompt][chosen][rejected]``.
 
 Errors name the dataset, and the row (rows count from 1, in the order of the file) or the line of
 the file (lines count from 1) and the field.
@@ -17,6 +18,7 @@ from pathlib import Path
 import datasets
 import torch
 
+from ..integrations.prefix_sharing import collate_shared
 from . import sources
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -108,12 +110,13 @@ def shard(batches: list[list[int]], accelerator) -> list[tuple[list[int], bool]]
     return [(indices, i < len(batches)) for i, indices in enumerate(padded) if i % world == rank]
 
 
-def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+def to_device(batch: dict, device) -> dict:
+    """Every tensor of a collated batch (and the prefix-shared layout's) on ``device``."""
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def collate(rows: dict[str, list[list[int]]], padding_free: bool, pad_id: int) -> dict[str, torch.Tensor]:
-    """One forward's tensors for P tokenized rows: 2P sequences ``prompt + completion``, chosen first.
+def collate(rows: dict[str, list[list[int]]], padding_free: bool, pad_id: int, prefix_sharing: bool = False) -> dict:
+    """One forward's inputs for P tokenized rows: 2P sequences ``prompt + completion``, chosen first.
 
     ``labels[t]`` is the target of position t (``input_ids[t + 1]`` where that token is a
     completion token, ``IGNORE_INDEX`` elsewhere), so ``hidden[t]`` pairs with ``labels[t]``.
@@ -122,7 +125,11 @@ def collate(rows: dict[str, list[list[int]]], padding_free: bool, pad_id: int) -
         padded: ``input_ids``, ``attention_mask``, ``labels``: (2P, T) int64.
         padding-free: ``input_ids``, ``position_ids``: (1, N) int64 with positions restarting at
         each sequence; ``labels``, ``segment_ids``: (N,) int64, sequence s in [0, 2P).
+        prefix sharing: ``shared``, a ``prefix_sharing.SharedPrefixBatch``: each pair one sequence
+        ``[prompt][chosen][rejected]``, a padded row per pair, or all P in one row when padding-free.
     """
+    if prefix_sharing:
+        return {"shared": collate_shared(rows, pad_id=pad_id, pairs_per_row=None if padding_free else 1)}
     prompts = rows["prompt_ids"] * 2
     completions = rows["chosen_ids"] + rows["rejected_ids"]
     sequences = [p + c for p, c in zip(prompts, completions)]

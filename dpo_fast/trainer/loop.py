@@ -18,13 +18,17 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import SchedulerType, get_scheduler
 
+from ..integrations import hf
 from . import checkpoint, data, output, parallel, reference, sources
 from . import model as model_lib
 from .config import TrainConfig
 
-# TRL's names; each is a sum over pairs in ``_pair_sums``, divided by the pair count to log
+# TRL's names; each is a sum over pairs in ``_sums``, divided by the pair count to log. The token
+# metrics (``hf.TOKEN_METRICS``: entropy, logits/chosen, logits/rejected, mean_token_accuracy) follow
+# as sums and counts over completion tokens.
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected")  # fmt: skip
+_SUMS = len(METRICS) + 1 + 2 * len(hf.TOKEN_METRICS)
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:
@@ -56,6 +60,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
     # model, optimizer, schedule; weight decay on matrices only
     model = model_lib.DPOModel(model_lib.load_model(cfg), cfg)
+    if cfg.prefix_sharing:
+        model_lib.check_prefix_sharing(model.hf_model, accelerator.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -85,16 +91,19 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         if accelerator.is_main_process:
             output.append(cfg.output_dir, record)
 
+    def collate(split: str, rows: list[int]) -> dict:
+        batch = data.collate(splits[split][rows], cfg.padding_free, tokenizer.pad_token_id, cfg.prefix_sharing)
+        return data.to_device(batch, accelerator.device)
+
     def evaluate(step: int) -> dict[str, float]:
-        sums = torch.zeros(len(METRICS) + 1, device=accelerator.device)
+        sums = torch.zeros(_SUMS, dtype=torch.float64, device=accelerator.device)
         model.eval()
         with torch.no_grad():
             batches = data.eval_batches(len(splits["eval"]), cfg.per_device_eval_batch_size)
             for rows, counted in data.shard(batches, accelerator):
-                batch = data.to_device(data.collate(splits["eval"][rows], cfg.padding_free, tokenizer.pad_token_id),
-                                       accelerator.device)  # fmt: skip
+                batch = collate("eval", rows)
                 out = model(**batch, ref_logps=ref_logps("eval", rows, batch))
-                sums += _pair_sums(out) if counted else 0
+                sums += _sums(out) if counted else 0
         model.train()
         record = {"eval_" + name: value for name, value in _means(accelerator.reduce(sums, "sum")).items()}
         log({"step": step, "epoch": step / steps_per_epoch, **record})
@@ -103,7 +112,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     # the loop
     model.train()
     last = {}
-    window = torch.zeros(len(METRICS) + 1, device=accelerator.device)
+    window = torch.zeros(_SUMS, dtype=torch.float64, device=accelerator.device)
     progress = tqdm(total=total_steps, initial=start_step, desc="dpo", disable=not accelerator.is_main_process)
     for step in range(start_step, total_steps):
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
@@ -111,14 +120,13 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         for micro in range(cfg.gradient_accumulation_steps):
             rows = order[(step_in_epoch * cfg.gradient_accumulation_steps + micro) * accelerator.num_processes
                          + accelerator.process_index]  # fmt: skip
-            batch = data.to_device(data.collate(train_rows[rows], cfg.padding_free, tokenizer.pad_token_id),
-                                   accelerator.device)  # fmt: skip
+            batch = collate("train", rows)
             ref = ref_logps("train", rows, batch)
             last_micro = micro == cfg.gradient_accumulation_steps - 1
             with nullcontext() if last_micro else accelerator.no_sync(model):
                 out = model(**batch, ref_logps=ref)
                 accelerator.backward(out.loss / cfg.gradient_accumulation_steps)
-            window += _pair_sums(out)
+            window += _sums(out)
         clip = cfg.max_grad_norm > 0
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if clip else None
         if isinstance(grad_norm, DTensor):  # FSDP2
@@ -152,16 +160,21 @@ def _tokenized(key: str, source: str, split: str, tokenizer, cfg: TrainConfig):
     return data.tokenize(rows, tokenizer, cfg.max_length, cfg.max_prompt_length, source)
 
 
-def _pair_sums(out) -> torch.Tensor:
-    """(len(METRICS) + 1,) float32: each metric summed over the batch's P pairs, then P."""
-    pairs = out.chosen_rewards.shape[0]
-    chosen, rejected = out.chosen_rewards, out.rejected_rewards
-    return torch.stack([
-        out.loss.detach() * pairs, chosen.sum(), rejected.sum(), (chosen > rejected).float().sum(),
-        (chosen - rejected).sum(), out.chosen_logps.detach().sum(), out.rejected_logps.detach().sum(),
+def _sums(out: model_lib.StepOutput) -> torch.Tensor:
+    """(_SUMS,) float64: each of METRICS summed over the batch's P pairs, then P, then ``out.token_sums``."""
+    dpo = out.dpo
+    pairs = dpo.chosen_rewards.shape[0]
+    chosen, rejected = dpo.chosen_rewards, dpo.rejected_rewards
+    pair_sums = torch.stack([
+        dpo.loss.detach() * pairs, chosen.sum(), rejected.sum(), (chosen > rejected).float().sum(),
+        (chosen - rejected).sum(), dpo.chosen_logps.detach().sum(), dpo.rejected_logps.detach().sum(),
         torch.tensor(float(pairs), device=chosen.device),
-    ]).float()  # fmt: skip
+    ]).double()  # fmt: skip
+    return torch.cat([pair_sums, out.token_sums.to(pair_sums)])
 
 
 def _means(sums: torch.Tensor) -> dict[str, float]:
-    return {name: value for name, value in zip(METRICS, (sums[:-1] / sums[-1]).tolist())}
+    """METRICS (means over pairs) and the token metrics (means over completion tokens) of summed ``_sums``."""
+    pairs = len(METRICS)
+    means = {name: value for name, value in zip(METRICS, (sums[:pairs] / sums[pairs]).tolist())}
+    return {**means, **hf.token_metric_means(sums[pairs + 1 :])}

@@ -1,26 +1,28 @@
 """The policy: any Hugging Face causal LM, run as backbone -> last hidden states -> fused DPO loss.
 
-The full ``(2P, T, V)`` logits are never formed: ``DPOModel`` calls the model's decoder for the
-last hidden states and hands them with the lm_head weight (tied or not), its bias and the
-model's ``final_logit_softcapping`` to ``dpo_fast``. The loss is computed inside ``forward`` so
-that DDP and FSDP see one module call per step (FSDP gathers the head's weight there).
+The full ``(2P, T, V)`` logits are never formed: ``DPOModel`` runs the model through
+``dpo_fast.integrations.hf`` (the module that owns "backbone, then the fused head": the lm_head
+weight, tied or not, its bias, the logit scale, the softcap, the autocast dtype), as the TRL
+drop-in does, so both accept the same models. The loss is computed inside ``forward`` so that DDP
+and FSDP see one module call per step (FSDP gathers the head's weight there).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .. import api, objectives
+from ..integrations import hf
+from ..integrations.prefix_sharing import SharedPrefixBatch, check_model
 from . import sources
 from .config import TrainConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# logit scalings some models apply after the head, which the fused loss does not take
-_UNSUPPORTED_HEAD_SCALES = ("logit_scale", "logits_scaling")
 
 
 def load_tokenizer(cfg: TrainConfig):
@@ -43,19 +45,16 @@ def load_tokenizer(cfg: TrainConfig):
 def load_model(cfg: TrainConfig) -> PreTrainedModel:
     """The HF model of ``cfg.model`` (folder or hub name; a ``.json`` config gives a random init
     seeded by the caller), in ``cfg.dtype``, with LoRA adapters when ``cfg.lora_r > 0``."""
-    dtype = _DTYPES[cfg.dtype]
+    options = {"dtype": _DTYPES[cfg.dtype]}
+    if cfg.attn_implementation is not None:
+        options["attn_implementation"] = cfg.attn_implementation
     path = sources.local_path("model", cfg.model)
     if path is None:
-        model = sources.from_hub(
-            "model", cfg.model, lambda: AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
-        )
+        model = sources.from_hub("model", cfg.model, lambda: AutoModelForCausalLM.from_pretrained(cfg.model, **options))
     elif path.is_file():
-        model = AutoModelForCausalLM.from_config(_config_of(path), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(_config_of(path), **options)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    for key in _UNSUPPORTED_HEAD_SCALES:
-        if getattr(model.config, key, None) not in (None, 1, 1.0):
-            raise ValueError(f"model {cfg.model!r} scales its logits by config.{key}, which dpo_fast does not support")
+        model = AutoModelForCausalLM.from_pretrained(path, **options)
     if cfg.gradient_checkpointing:  # named activation_checkpointing_enable from transformers 5.23 on
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
@@ -91,6 +90,32 @@ def _config_of(path: Path):
     return AutoConfig.for_model(**values)
 
 
+def check_prefix_sharing(model: PreTrainedModel, device: torch.device) -> None:
+    """Refuse, before anything runs, a model whose prefix cannot be shared exactly (``prefix_sharing.check_model``)."""
+    try:
+        check_model(model, training_device=device)
+    except ValueError as error:
+        raise ValueError(f"prefix_sharing: {error}") from None
+
+
+@dataclass
+class StepOutput:
+    """One policy forward: the fused loss and TRL's statistics.
+
+    Attributes:
+        dpo: the ``DPOOutput`` of ``fused_linear_dpo_loss`` (loss, log-probs, rewards).
+        token_sums: (8,) float64 sums and counts behind TRL's per-token metrics (``hf.token_metric_sums``),
+            from the same pass.
+    """
+
+    dpo: api.DPOOutput
+    token_sums: torch.Tensor
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.dpo.loss
+
+
 class DPOModel(torch.nn.Module):
     """A causal LM and the DPO objective; ``forward`` gives the loss or the reference log-probs.
 
@@ -105,7 +130,6 @@ class DPOModel(torch.nn.Module):
         self.objective = {"beta": cfg.beta, "loss_type": cfg.loss_type, "label_smoothing": cfg.label_smoothing}
         self.average_log_prob = objectives.default_average_log_prob(cfg.loss_type)
         self.backend = cfg.backend
-        self.softcap = getattr(self.hf_model.config, "final_logit_softcapping", None)
         # FSDP's auto-wrap policy reads the decoder-layer classes from here
         self._no_split_modules = getattr(self.hf_model, "_no_split_modules", None)
 
@@ -122,44 +146,42 @@ class DPOModel(torch.nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        shared: SharedPrefixBatch | None = None,
         ref_logps: torch.Tensor | None = None,
-    ) -> api.DPOOutput | torch.Tensor:
-        """One forward of 2P sequences (``data.collate``'s layout), chosen first.
+    ) -> StepOutput | torch.Tensor:
+        """One forward of P pairs in one of ``data.collate``'s layouts, chosen first.
 
         Args:
             input_ids, labels, attention_mask: (2P, T) int64 padded; or input_ids, position_ids
-                (1, N) with labels, segment_ids (N,) int64, padding-free.
+                (1, N) with labels, segment_ids (N,) int64, padding-free; or ``shared``, the
+                prefix-shared layout (padded or packed) alone.
             ref_logps: (2P,) float32 reference log-probs, chosen first. None: the reference pass.
         Returns:
-            with ``ref_logps``: the ``DPOOutput`` (loss and TRL's statistics); without: (2P,)
-            float32 per-sequence log-probs (length-averaged for ``ipo``), as the reference.
+            with ``ref_logps``: the ``StepOutput`` (loss, TRL's statistics and token metrics);
+            without: (2P,) float32 per-sequence log-probs (length-averaged for ``ipo``), as the reference.
         """
-        hidden = self.hf_model.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state  # (2P, T, H) or (1, N, H)
-        if segment_ids is not None:
-            hidden = hidden.squeeze(0)
-        # Under autocast (bf16 mixed precision) the head runs in the autocast dtype, cast here once:
-        # dpo_fast's kernels take their dtypes from their inputs, not from autocast.
-        device = hidden.device.type
-        if torch.is_autocast_enabled(device):
-            hidden = hidden.to(torch.get_autocast_dtype(device))
-        head = self.hf_model.get_output_embeddings()
-        with torch.autocast(device, enabled=False):
-            if ref_logps is None:
-                return api.sequence_logps(
-                    hidden, head.weight, labels, bias=head.bias, average_log_prob=self.average_log_prob,
-                    softcap=self.softcap, segment_ids=segment_ids, backend=self.backend,
-                )  # fmt: skip
-            pairs = ref_logps.shape[0] // 2
-            return api.fused_linear_dpo_loss(
-                hidden, head.weight, labels, bias=head.bias, ref_chosen_logps=ref_logps[:pairs],
-                ref_rejected_logps=ref_logps[pairs:], average_log_prob=self.average_log_prob, softcap=self.softcap,
-                segment_ids=segment_ids, num_pairs=pairs if segment_ids is not None else None, backend=self.backend,
-                **self.objective,
-            )  # fmt: skip
+        if shared is not None:
+            inputs = {"shared": shared}
+        else:
+            pairs = None if ref_logps is None else ref_logps.shape[0] // 2
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                      "labels": labels, "segment_ids": segment_ids, "num_pairs": pairs}  # fmt: skip
+        if ref_logps is None:
+            return hf.run_head(self.hf_model, self._reference_logps, **inputs)
+        return hf.run_head(self.hf_model, lambda rows, head: self._policy_step(rows, head, ref_logps), **inputs)
+
+    def _reference_logps(self, rows: hf.HeadRows, head: hf.LMHead) -> torch.Tensor:
+        return head.sequence_logps(rows, average_log_prob=self.average_log_prob, backend=self.backend)
+
+    def _policy_step(self, rows: hf.HeadRows, head: hf.LMHead, ref_logps: torch.Tensor) -> StepOutput:
+        pairs = ref_logps.shape[0] // 2
+        out = head.dpo_loss(
+            rows, ref_chosen_logps=ref_logps[:pairs], ref_rejected_logps=ref_logps[pairs:],
+            average_log_prob=self.average_log_prob, return_token_metrics=True, backend=self.backend, **self.objective,
+        )  # fmt: skip
+        return StepOutput(out, hf.token_metric_sums(out.token_metrics, rows))

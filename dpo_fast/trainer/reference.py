@@ -78,8 +78,9 @@ def build(cfg: TrainConfig, model, accelerator: Accelerator, splits: dict[str, d
 
 
 def compute_table(model, accelerator: Accelerator, rows: datasets.Dataset, batch_size: int, padding_free: bool,
-                  pad_id: int) -> torch.Tensor:  # fmt: skip
-    """(num_rows, 2) float32 log-probs [chosen, rejected] of every row under ``model``, no grad, eval mode.
+                  pad_id: int, prefix_sharing: bool = False) -> torch.Tensor:  # fmt: skip
+    """(num_rows, 2) float32 log-probs [chosen, rejected] of every row under ``model``, no grad, eval mode,
+    in the run's layout (``data.collate``: padded or packed, the prefix shared or not).
 
     Every process runs the same number of forwards (DDP and FSDP forwards are collective) on its
     share of the batches; the table is summed across processes.
@@ -89,7 +90,9 @@ def compute_table(model, accelerator: Accelerator, rows: datasets.Dataset, batch
     model.eval()
     with torch.no_grad():
         for indices, counted in data.shard(data.eval_batches(len(rows), batch_size), accelerator):
-            batch = data.to_device(data.collate(rows[indices], padding_free, pad_id), accelerator.device)
+            batch = data.to_device(
+                data.collate(rows[indices], padding_free, pad_id, prefix_sharing), accelerator.device
+            )
             logps = model(**batch).float()
             if counted:
                 table[indices] = torch.stack(logps.chunk(2), dim=1)
@@ -104,7 +107,8 @@ def _cached_table(cfg, model, accelerator, rows, split, pad_id) -> torch.Tensor:
     if hit:
         table = torch.load(path, weights_only=True) if accelerator.is_main_process else torch.zeros(len(rows), 2)
         return broadcast(table.to(accelerator.device)).cpu()
-    table = compute_table(model, accelerator, rows, cfg.per_device_eval_batch_size, cfg.padding_free, pad_id)
+    table = compute_table(model, accelerator, rows, cfg.per_device_eval_batch_size, cfg.padding_free, pad_id,
+                          cfg.prefix_sharing)  # fmt: skip
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.tmp")
@@ -133,6 +137,8 @@ def _cache_key(cfg: TrainConfig, rows: datasets.Dataset, revision: str | None) -
         model_id = {"hub": cfg.model, "revision": revision}
     options = {"dtype": cfg.dtype, "bf16": cfg.bf16,
                "average_log_prob": objectives.default_average_log_prob(cfg.loss_type)}  # fmt: skip
+    if cfg.prefix_sharing:  # the same numbers up to float32 rounding, computed in another layout
+        options["prefix_sharing"] = True
     digest = hashlib.sha256(json.dumps([model_id, options], sort_keys=True).encode())
     for batch in rows.iter(batch_size=4096):
         digest.update(json.dumps([batch[key] for key in ("prompt_ids", "chosen_ids", "rejected_ids")]).encode())
