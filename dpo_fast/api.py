@@ -373,7 +373,8 @@ def fused_linear_orpo_loss(
         num_pairs: P for the packed layout (required there).
     Returns:
         ``DPOOutput`` (length-averaged log-probs, rewards ``beta * logps``, ``nll_loss``). The token metrics
-        cover every token of the pass, the NLL's too.
+        cover every token of the pass, the NLL's too. Every completion needs a token: an empty one raises a
+        ``ValueError`` (under ``torch.compile``, where it cannot, the loss is NaN).
     """
     objective = objectives.ORPOObjective(beta=beta)
     result = _preference_loss(
@@ -382,6 +383,12 @@ def fused_linear_orpo_loss(
         backend=backend, scratch_mib=scratch_mib, grads_in_forward=grads_in_forward,
         return_token_metrics=return_token_metrics,
     )  # fmt: skip
+    if not torch.compiler.is_compiling() and bool((result.counts == 0).any()):
+        empty = int((result.counts == 0).nonzero()[0])
+        raise ValueError(
+            f"labels: sequence {empty} has no completion token; ORPO's odds of an empty completion (average log-prob "
+            "0, probability 1) are infinite and its loss undefined. Give every completion a token"
+        )
     logps = result.reported_logps(objective)
     return _pair_output(result, logps, objective.beta * logps.detach())
 
