@@ -14,6 +14,10 @@ import torch
 from helpers import BACKENDS, TOLERANCE, Case, cases, device_of, grads, leaves, rel_err
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from liger_kernel.chunked_loss.cpo_loss import LigerFusedLinearCPOFunction
+from liger_kernel.chunked_loss.kto_loss import LigerFusedLinearKTOFunction
+from liger_kernel.chunked_loss.orpo_loss import LigerFusedLinearORPOFunction
+from liger_kernel.chunked_loss.simpo_loss import LigerFusedLinearSimPOFunction
 
 import dpo_fast
 
@@ -158,3 +162,146 @@ def test_entries_match_the_float64_reference(
     for key, expected_grad in expected_grads.items():
         error = (actual_grads[key].double() - expected_grad).norm().item()
         assert error <= tol["grads"] * max(scale[key], GRAD_FLOOR), f"d/d{key}: error {error:.3e}"
+
+
+# every completion has 1 to 4 tokens
+FIXED_CASE = Case(pairs=3, length=6, hidden_dim=8, vocab=16, dtype=torch.float32, bias=True, softcap=2.0,
+                  packed=False, seed=0)  # fmt: skip
+FIXED = {
+    "aot": ("dpo", {"dpo": {"loss_type": "aot", "label_smoothing": 0.1}}),
+    "aot_unpaired+sigmoid": ("dpo", {"dpo": {"loss_type": ["aot_unpaired", "sigmoid"]}}),
+    "ld_alpha+sft": ("dpo", {"dpo": {"loss_type": ["sigmoid", "sft"], "ld_alpha": 0.3}}),
+    "wpo": ("dpo", {"dpo": {"loss_type": "bco_pair", "use_weighting": True}}),
+    "alphapo-simpo": ("cpo", {"cpo_loss_type": "simpo", "alpha": 0.4, "nll_weight": 1.0}),
+    "orpo-nll_labels": ("orpo", {"with_nll_labels": True}),
+    "kto": ("kto", {"kto_loss_type": "kto", "kl": 0.7}),
+    "apo_zero_unpaired": ("kto", {"kto_loss_type": "apo_zero_unpaired", "reference_free": True}),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scratch_kib", [1, 4])
+@pytest.mark.parametrize("name", FIXED)
+def test_many_groups_and_split_units_match_the_reference(backend, scratch_kib, name):
+    """Several pairs, budgets that split every unit across chunks (1 KiB) or group a few (4 KiB): the sorted losses
+    (one group of every pair), the unpaired KTO units, the NLL tokens off the completion, LD-DPO and WPO."""
+    entry, overrides = FIXED[name]
+    if overrides.get("dpo", {}).get("use_weighting") and backend in WPO_PENDING:
+        pytest.xfail("log sum p^2 not yet returned by this backend")
+    batch = FIXED_CASE.build(device_of(backend))
+    options = {
+        "dpo": {}, "cpo_loss_type": "sigmoid", "kto_loss_type": "kto", "nll_weight": 1.0, "alpha": 0.0,
+        "nll_labels": None, "reference_free": False, "kl": 0.0, "beta": 0.5, "grads_in_forward": None,
+        "desirable": torch.tensor([True, False, False, True, True, False]), "scratch_kib": scratch_kib,
+        **overrides,
+    }  # fmt: skip
+    if options.pop("with_nll_labels", False):
+        options["nll_labels"] = _nll_labels(batch, 3)
+
+    def run(inputs, name):
+        out = _call(entry, inputs, name, options, FIXED_CASE)
+        out.loss.backward()
+        return out, grads(inputs)
+
+    expected, expected_grads = run(leaves(batch, torch.float64), "reference")
+    actual, actual_grads = run(leaves(batch), backend)
+    _close("loss", actual.loss, expected.loss, 1e-4)
+    for key, expected_grad in expected_grads.items():
+        _close(f"d/d{key}", actual_grads[key], expected_grad, 1e-4, GRAD_FLOOR)
+
+
+# ----------------------------------------------------------------------------------------------
+# Against Liger-Kernel 0.8.5's fused losses (float32 on CPU, compiled=False), through the public entries
+
+LIGER_TOLERANCE = 2e-5  # both in float32; Liger forms log_softmax of full float32 logits
+
+
+def _liger_batch(seed: int, rows: int = 6, length: int = 7, hidden: int = 8, vocab: int = 19) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab, (rows, length), generator=gen)
+    prompt = torch.randint(1, 3, (rows,), generator=gen)
+    end = torch.randint(4, length + 1, (rows,), generator=gen)
+    positions = torch.arange(length)
+    full = labels.masked_fill(positions >= end[:, None], -100)  # prompt and completion, padding masked
+    return {
+        "hidden": torch.randn(rows, length, hidden, generator=gen),
+        "weight": torch.randn(vocab, hidden, generator=gen) * 0.5,
+        "labels": full.masked_fill(positions < prompt[:, None], -100),
+        "full_labels": full,
+    }
+
+
+def _liger_run(function, batch: dict, *args):
+    hidden = batch["hidden"].clone().requires_grad_(True)
+    weight = batch["weight"].clone().requires_grad_(True)
+    loss, aux = function.apply(hidden, weight, batch["labels"], *args)
+    loss.backward()
+    return loss.detach(), aux, hidden.grad, weight.grad
+
+
+def _ours_run(entry, batch: dict, backend: str, **options):
+    hidden = batch["hidden"].clone().requires_grad_(True)
+    weight = batch["weight"].clone().requires_grad_(True)
+    out = entry(hidden, weight, batch["labels"], backend=backend, **options)
+    out.loss.backward()
+    return out, hidden.grad, weight.grad
+
+
+def _check_liger(ours, liger, logps=None):
+    out, grad_hidden, grad_weight = ours
+    liger_loss, liger_aux, liger_grad_hidden, liger_grad_weight = liger
+    _close("loss", out.loss, liger_loss, LIGER_TOLERANCE)
+    if logps is not None:
+        _close("logps", torch.cat([out.chosen_logps, out.rejected_logps]), torch.cat(liger_aux[:2]), LIGER_TOLERANCE)
+    _close("d/dhidden", grad_hidden, liger_grad_hidden, LIGER_TOLERANCE)
+    _close("d/dweight", grad_weight, liger_grad_weight, LIGER_TOLERANCE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("average", [False, True])
+def test_cpo_equals_liger(backend, average):
+    batch = _liger_batch(seed=1)
+    liger = _liger_run(LigerFusedLinearCPOFunction, batch, None, -100, 0.4, 0.7, 0.1, True, False, average)
+    ours = _ours_run(dpo_fast.fused_linear_cpo_loss, batch, backend, beta=0.4, nll_weight=0.7, label_smoothing=0.1,
+                     average_log_prob=average)  # fmt: skip
+    _check_liger(ours, liger, logps=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_simpo_equals_liger(backend):
+    batch = _liger_batch(seed=2)
+    liger = _liger_run(LigerFusedLinearSimPOFunction, batch, None, -100, 2.0, 0.0, 0.05, False, False, 0.8)
+    ours = _ours_run(dpo_fast.fused_linear_cpo_loss, batch, backend, loss_type="simpo", beta=2.0, nll_weight=0.0,
+                     label_smoothing=0.05, simpo_gamma=0.8)  # fmt: skip
+    _check_liger(ours, liger, logps=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nll_from_prompt", [False, True])
+def test_orpo_equals_liger(backend, nll_from_prompt):
+    """Liger's NLL covers the completion unless given ``nll_target``; with the prompt there it is TRL's."""
+    batch = _liger_batch(seed=3)
+    nll_labels = batch["full_labels"] if nll_from_prompt else None
+    liger = _liger_run(LigerFusedLinearORPOFunction, batch, None, -100, 0.3, True, nll_labels, False)
+    ours = _ours_run(dpo_fast.fused_linear_orpo_loss, batch, backend, beta=0.3, nll_labels=nll_labels)
+    _check_liger(ours, liger, logps=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kl", [0.0, 0.4])
+def test_kto_equals_liger(backend, kl):
+    """Liger takes the reference's hidden states; dpo_fast its log-probs (here from ``sequence_logps``)."""
+    batch = _liger_batch(seed=4, rows=5)
+    ref_hidden = batch["hidden"] + 0.3 * torch.randn(batch["hidden"].shape, generator=torch.Generator().manual_seed(5))
+    desirable = torch.tensor([True, False, True, True, False])
+    liger = _liger_run(LigerFusedLinearKTOFunction, batch, desirable, None, ref_hidden, batch["weight"], None,
+                       torch.tensor(kl), -100, 0.7, False, True, False)  # fmt: skip
+    ref_logps = dpo_fast.sequence_logps(ref_hidden, batch["weight"], batch["labels"], backend="reference")
+    out, grad_hidden, grad_weight = _ours_run(dpo_fast.fused_linear_kto_loss, batch, backend, desirable=desirable,
+                                              ref_logps=ref_logps, kl=kl, beta=0.7)  # fmt: skip
+    liger_loss, liger_aux, liger_grad_hidden, liger_grad_weight = liger
+    _close("loss", out.loss, liger_loss, LIGER_TOLERANCE)
+    _close("logps of the desirable", out.logps[desirable].sum(), liger_aux[0], LIGER_TOLERANCE)
+    _close("logps of the undesirable", out.logps[~desirable].sum(), liger_aux[1], LIGER_TOLERANCE)
+    _close("d/dhidden", grad_hidden, liger_grad_hidden, LIGER_TOLERANCE)
+    _close("d/dweight", grad_weight, liger_grad_weight, LIGER_TOLERANCE)
