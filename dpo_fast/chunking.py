@@ -93,17 +93,12 @@ class _TokenMetrics:
     def store(self, rows: torch.Tensor, stats: ChunkStats) -> None:
         if self.wanted:
             self.entropy.index_copy_(0, rows, stats.entropy)
-            self.mean_logit.index_copy_(0, rows, _or_nan(stats.mean_logit, stats.entropy))
+            self.mean_logit.index_copy_(0, rows, stats.mean_logit)
             self.is_top1.index_copy_(0, rows, stats.is_top1)
-            self.log_sum_sq_probs.index_copy_(0, rows, _or_nan(stats.log_sum_sq_probs, stats.entropy))
+            self.log_sum_sq_probs.index_copy_(0, rows, stats.log_sum_sq_probs)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.entropy, self.mean_logit, self.is_top1, self.log_sum_sq_probs
-
-
-def _or_nan(metric: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """A metric field, or NaN (never a plausible 0) from a backend not yet on the contract's metric fields."""
-    return torch.full_like(like, float("nan")) if metric is None else metric
 
 
 def token_forward(
@@ -346,11 +341,6 @@ def preference_forward_with_grads(
         for start, end in chunks:
             stats = backend.logits_stats(hidden, weight, bias, rows[start:end], targets[start:end], head,
                                          with_metrics or wpo, end == token_end)  # fmt: skip
-            if wpo and stats.log_sum_sq_probs is None:
-                raise ValueError(
-                    f"backend={backend.NAME!r} does not return log sum_v p_v^2 yet, which WPO (use_weighting=True) "
-                    "needs: use backend='torch' or 'cpp'"
-                )
             group_logp.append(stats.logp)
             group_log_sum_sq_probs.append(stats.log_sum_sq_probs)
             _store(None, normalizer, rows[start:end], stats)

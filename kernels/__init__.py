@@ -1,12 +1,16 @@
-"""Triton kernels of dpo_fast (installed as ``dpo_fast.kernels``).
+"""Triton kernels of dpo_fast (installed as ``dpo_fast.kernels``), one kernel per module.
 
-- ``forward.lse_forward``: fused ``h W^T`` tiles, online logsumexp, target gather, entropy statistics.
-- ``backward.logits_grad``: ``dL/dx`` tiles from recomputed (or kept) logits, formed in registers.
+- ``logits_stats``: the forward row pass: fused ``h W^T`` tiles, online logsumexp, target gather and
+  the token metrics, returning the fields of ``dpo_fast.backends.contract.ChunkStats`` in order.
+- ``logits_grad``: ``dL/dx`` tiles from recomputed (or kept) logits, formed in registers.
+- ``logits_tile`` (device function): one tile of logits, shared by the two.
+- ``config``: launch parameters (tiles, warps, stages, precision), computable without a device.
+- ``aot``: ahead-of-time compile of every variant for a GPU target, with registers, spills and shared memory.
 
 They take tensors and numbers only and know nothing of the package around them.
 """
 
-from .backward import logits_grad
-from .forward import lse_forward
+from .logits_grad import logits_grad
+from .logits_stats import logits_stats
 
-__all__ = ["lse_forward", "logits_grad"]
+__all__ = ["logits_grad", "logits_stats"]

@@ -1,11 +1,14 @@
-"""One ``(BLOCK_N, BLOCK_V)`` tile of LM-head logits, computed in registers.
+"""One ``(BLOCK_N, BLOCK_V)`` tile of LM-head logits, computed in registers (a device function).
 
     x[n, v] = sum_k h[row_n, k] * W[v, k]  (+ b[v])
     z[n, v] = softcap * tanh(x / softcap) * inv_temperature      (softcap optional)
 
 ``h`` rows are addressed through ``row_offsets`` (element offsets, int64), so the caller picks any
-subset of tokens (the valid ones) without gathering them first. Accumulation is float32; bf16/fp16
-operands go through the tensor cores, float32 ones in ``INPUT_PRECISION`` ("ieee" or "tf32").
+subset of tokens (the valid ones) without gathering them first; ``h`` and ``W`` have unit stride
+along H, the bias is contiguous. Accumulation is float32; bf16/fp16 operands go through the tensor
+cores, float32 ones in ``INPUT_PRECISION`` ("ieee": exact products on the FMA units; "tf32": the
+tensor cores with TF32 operands). ``-inf`` in the bias gives ``z = -inf`` (``-softcap`` with a
+softcap); ``+inf``/NaN propagate.
 """
 
 import triton
@@ -32,7 +35,12 @@ def logits_tile(
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    if HAS_BIAS:
+        # the bias starts the accumulator: no registers of its own held across the product loop
+        bias = tl.load(bias_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32) + bias[None, :]
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     weight_rows = offs_v.to(tl.int64) * stride_weight
     for k_start in range(0, hidden_dim, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
@@ -48,9 +56,9 @@ def logits_tile(
             other=0.0,
         )
         acc = tl.dot(h, w, acc, input_precision=INPUT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
-        # tanh(y) = 2 * sigmoid(2y) - 1
-        acc = softcap * (2.0 * tl.sigmoid(2.0 * acc / softcap) - 1.0)
+        # softcap * tanh(x / softcap) with tanh(y) = 1 - 2 / (exp(2y) + 1): -inf/+inf give -softcap/+softcap;
+        # scalar factors keep the per-logit work to an exp, a division and two FMAs
+        exp_2y = tl.exp(acc * (2.0 / softcap))
+        acc = softcap - (2.0 * softcap) / (exp_2y + 1.0)
     return acc * inv_temperature

@@ -1,5 +1,6 @@
 """Test setup: Triton's interpreter on machines without CUDA, hypothesis profiles, the markers, the device check."""
 
+import importlib.util
 import os
 
 import torch
@@ -15,6 +16,11 @@ from hypothesis import HealthCheck, Phase, settings
 import dpo_fast
 from dpo_fast import backends
 
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+    from triton_interpreter import patch_bf16_dot
+
+    patch_bf16_dot()
+
 settings.register_profile(
     "ci", max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -23,6 +29,10 @@ settings.register_profile("thorough", max_examples=400, deadline=None, suppress_
 # under the device check a test ends at its first call into dpo_fast: one example, and no shrinking of a failure
 settings.register_profile("device_check", max_examples=1, deadline=None, phases=[Phase.explicit, Phase.generate])
 settings.load_profile("device_check" if DEVICE_CHECK else os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+if (
+    DEVICE_CHECK
+):  # tests that pick tokens by value (masks, nonzero) before calling dpo_fast get a shape for them on meta
+    torch.fx.experimental._config.meta_nonzero_assume_all_nonzero = True
 
 
 def pytest_configure(config):
@@ -97,6 +107,8 @@ def _device_check(request, monkeypatch):
         for name in ("logits_stats", "logits_grad"):
             monkeypatch.setattr(backends.get(adapter), name, _entry_point(f"backends.{adapter}.{name}", device))
     monkeypatch.setattr(torch.library, "opcheck", _entry_point("torch.library.opcheck", device))
+    # compiled functions run eagerly: the check needs the call itself, not a graph of it
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **options: fn if fn is not None else (lambda f: f))
 
 
 @pytest.hookimpl(wrapper=True)

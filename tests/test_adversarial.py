@@ -17,19 +17,7 @@ from helpers import BACKENDS, TOLERANCE, Case, device_of, grads, leaves, rel_err
 
 import dpo_fast
 
-# Backends still being brought to the contract's -inf/NaN rules (tests/test_contract.py's PENDING):
-# each name goes once its backend passes the contract tests.
-PENDING = {"triton"}
-
-
-def _marked(names):
-    return [
-        pytest.param(name, marks=pytest.mark.xfail(reason="not yet on the contract")) if name in PENDING else name
-        for name in names
-    ]
-
-
-ALL = _marked(["reference", *BACKENDS])
+ALL = ["reference", *BACKENDS]
 VOCAB = 29
 MASKED = [0, 3, 4, 17, 28]  # -inf bias entries: the first and last entry among them
 
@@ -184,7 +172,7 @@ def test_float16_logits_above_65504_do_not_overflow(backend):
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])
 def test_nan_hidden_state_at_an_ignored_position_reaches_no_gradient(backend):
     batch = _batch(device_of(backend))
-    ignored = (batch["labels"] == -100).nonzero()[0].tolist()
+    ignored = (_batch("cpu")["labels"] == -100).nonzero()[0].tolist()  # the same batch, read on the host
     clean = leaves(batch)
     _dpo(clean, backend).loss.backward()
     poisoned_batch = dict(batch)
@@ -224,7 +212,7 @@ def test_out_of_range_label_under_compile_gives_a_nan_loss(backend):
     value.backward()
 
 
-@pytest.mark.parametrize("backend", _marked(["reference", "torch"]))
+@pytest.mark.parametrize("backend", ["reference", "torch"])
 @pytest.mark.parametrize("label", [-1, VOCAB])
 def test_out_of_range_label_under_compile_poisons_only_its_token_and_sequence(backend, label):
     batch = _batch(device_of(backend))

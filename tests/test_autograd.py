@@ -8,8 +8,6 @@ import dpo_fast
 from dpo_fast import autograd, chunking, objectives
 from dpo_fast.backends import HeadSpec
 
-# Backends not yet returning the contract's mean_logit (tests/test_contract.py's PENDING): NaN there
-METRICS_PENDING = {"triton"}
 SMALL = Case(pairs=2, length=4, hidden_dim=5, vocab=7, dtype=torch.float64, bias=True, softcap=None, packed=False,
              seed=3)  # fmt: skip
 
@@ -199,14 +197,13 @@ def _preference_inputs(hidden, weight, bias, labels, backend, metrics, objective
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_custom_ops_pass_opcheck(backend):
     dtype = torch.float32 if backend in ("triton", "cuda") else torch.float64
-    metrics = backend not in METRICS_PENDING
     batch = Case(**{**SMALL.__dict__, "dtype": dtype}).build(device_of(backend))
     hidden, weight, bias, labels = batch["hidden"], batch["weight"], batch["bias"], batch["labels"].reshape(-1)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).clone().requires_grad_(True)
     weight = weight.clone().requires_grad_(True)
     scratch = chunking.scratch_bytes(flat_hidden.device, None)
     head = HeadSpec(2.0, 0.9)
-    token_inputs = autograd.TokenInputs(flat_hidden, weight, bias, labels, -100, head, metrics, backend, scratch)
+    token_inputs = autograd.TokenInputs(flat_hidden, weight, bias, labels, -100, head, True, backend, scratch)
     torch.library.opcheck(autograd.token_logps_forward, autograd.flatten(token_inputs))
     logp, entropy, _mean_logit, _is_top1, _log_sum_sq_probs, normalizer = autograd.token_logps(
         autograd.TokenInputs(flat_hidden.detach(), weight.detach(), bias, labels, -100, HeadSpec(), True, backend,
@@ -220,7 +217,7 @@ def test_custom_ops_pass_opcheck(backend):
     # inputs that require grad: opcheck then traces the op's autograd formula too (test_aot_dispatch_dynamic)
     objective = objectives.dpo_objective(["sigmoid", "sft"], ld_alpha=0.5)
     preference_inputs = _preference_inputs(
-        flat_hidden, weight, bias.clone().requires_grad_(True), labels, backend, metrics, objective, nll=True
+        flat_hidden, weight, bias.clone().requires_grad_(True), labels, backend, True, objective, nll=True
     )
     torch.library.opcheck(autograd.preference_loss_forward, autograd.flatten(preference_inputs))
 

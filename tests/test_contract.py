@@ -17,13 +17,6 @@ from dpo_fast.backends.contract import METRIC_FIELDS, STATS_FIELDS
 
 VOCAB, HIDDEN, TOKENS = 300, 20, 7
 
-# Backends still being brought to this contract: each name goes once its backend passes.
-PENDING = {"triton"}
-BACKENDS = [
-    pytest.param(name, marks=pytest.mark.xfail(reason="not yet on the contract")) if name in PENDING else name
-    for name in BACKENDS
-]
-
 
 def _problem(seed=0, dtype=torch.float32, masked=None, softcap=None, temperature=1.0):
     """hidden (12, H) of which 7 rows are picked, weight (V, H), bias with ``-inf`` on ``masked`` columns."""

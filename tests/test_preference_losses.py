@@ -21,8 +21,6 @@ from liger_kernel.chunked_loss.simpo_loss import LigerFusedLinearSimPOFunction
 
 import dpo_fast
 
-# Backends whose row pass does not return log sum_v p_v^2 yet (WPO): they refuse use_weighting=True
-WPO_PENDING = {"triton"}
 GRAD_FLOOR = 0.1
 
 
@@ -116,8 +114,6 @@ def test_entries_match_the_float64_reference(
     backend, case, entry, dpo, cpo_loss_type, kto_loss_type, nll_weight, alpha, with_nll_labels, reference_free, kl,
     beta, grad_output, logps_path, grads_in_forward, scratch_kib, data,
 ):  # fmt: skip
-    if entry == "dpo" and dpo.get("use_weighting"):
-        assume(backend not in WPO_PENDING)
     sorted_losses = entry == "dpo" and {"aot", "aot_unpaired"} & set(dpo["loss_type"])
     if sorted_losses:
         # sorting is discontinuous: 16-bit log-probs may order near-tied margins otherwise than float64
@@ -186,8 +182,6 @@ def test_many_groups_and_split_units_match_the_reference(backend, scratch_kib, n
     """Several pairs, budgets that split every unit across chunks (1 KiB) or group a few (4 KiB): the sorted losses
     (one group of every pair), the unpaired KTO units, the NLL tokens off the completion, LD-DPO and WPO."""
     entry, overrides = FIXED[name]
-    if overrides.get("dpo", {}).get("use_weighting") and backend in WPO_PENDING:
-        pytest.xfail("log sum p^2 not yet returned by this backend")
     batch = FIXED_CASE.build(device_of(backend))
     options = {
         "dpo": {}, "cpo_loss_type": "sigmoid", "kto_loss_type": "kto", "nll_weight": 1.0, "alpha": 0.0,

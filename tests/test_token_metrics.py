@@ -12,14 +12,7 @@ import dpo_fast
 from dpo_fast import backends, chunking, objectives
 from dpo_fast.backends import HeadSpec
 
-# Backends still being brought to the contract's metric fields (tests/test_contract.py): each name
-# goes once its backend returns them.
-PENDING = {"triton"}
-CHUNKED = [
-    pytest.param(name, marks=pytest.mark.xfail(reason="metric fields not yet on the contract")) if name in PENDING
-    else name
-    for name in BACKENDS
-]  # fmt: skip
+
 # the separation below which a float32 logit may order two entries differently from float64
 TIE = 1e-3
 
@@ -30,14 +23,20 @@ def _case(dtype, packed, bias=True, softcap=2.5, seed=11):
                 seed=seed)  # fmt: skip
 
 
-def _with_top1_targets(batch, softcap):
-    """Make every other valid target the float64 argmax, so that both answers of is_top1 occur."""
+def _with_top1_targets(case, softcap):
+    """``case``'s batch on the host, every other valid target made the float64 argmax, so that both
+    answers of is_top1 occur."""
+    batch = case.build("cpu")
     z = _oracle_logits(batch, softcap)
     labels = batch["labels"].clone()
     valid = (labels != -100).nonzero(as_tuple=True)
     chosen = tuple(index[::2] for index in valid)
-    labels[chosen] = z.argmax(-1)[chosen].to(labels.device)
+    labels[chosen] = z.argmax(-1)[chosen]
     return {**batch, "labels": labels}
+
+
+def _to(batch, device):
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 def _oracle_logits(batch, softcap, temperature=1.0):
@@ -99,14 +98,15 @@ def _assert_metrics_match(metrics, oracle, labels, dtype):
 PATHS = ["grads_in_forward", "recompute", "no_grad"]
 
 
-@pytest.mark.parametrize("backend", CHUNKED)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("path", PATHS)
 def test_fused_dpo_token_metrics_match_float64(backend, dtype, packed, path):
     softcap = 2.5
-    batch = _with_top1_targets(_case(dtype, packed).build(device_of(backend)), softcap)
-    oracle = _oracle_metrics(batch, softcap)
+    host_batch = _with_top1_targets(_case(dtype, packed), softcap)
+    oracle = _oracle_metrics(host_batch, softcap)
+    batch = _to(host_batch, device_of(backend))
     hidden = batch["hidden"].clone().requires_grad_(path != "no_grad")
     inputs = {**batch, "hidden": hidden}
     with torch.set_grad_enabled(path != "no_grad"):
@@ -120,17 +120,16 @@ def test_fused_dpo_token_metrics_match_float64(backend, dtype, packed, path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("packed", [False, True])
 def test_reference_backend_token_metrics_match_float64(dtype, packed):
-    batch = _with_top1_targets(_case(dtype, packed).build("cpu"), 2.5)
+    batch = _with_top1_targets(_case(dtype, packed), 2.5)
     out = _dpo(batch, "reference", 2.5)
     _assert_metrics_match(out.token_metrics, _oracle_metrics(batch, 2.5), batch["labels"], dtype)
 
 
-@pytest.mark.parametrize("backend", CHUNKED)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_token_metrics_without_bias_or_softcap_and_all_paths_agree(backend):
-    batch = _with_top1_targets(
-        _case(torch.float32, False, bias=False, softcap=None, seed=4).build(device_of(backend)), None
-    )
-    oracle = _oracle_metrics(batch, None)
+    host_batch = _with_top1_targets(_case(torch.float32, False, bias=False, softcap=None, seed=4), None)
+    oracle = _oracle_metrics(host_batch, None)
+    batch = _to(host_batch, device_of(backend))
     results = []
     for grads_in_forward in (True, False):
         hidden = batch["hidden"].clone().requires_grad_(True)
@@ -188,7 +187,7 @@ class _ProductSpy:
 def test_metrics_cost_no_extra_row_pass(monkeypatch, backend, scratch_kib):
     """One forward row pass and one gradient pass per valid token, metrics on or off, at any budget."""
     batch = _case(torch.float32, True).build(device_of(backend))
-    valid = int((batch["labels"] != -100).sum())
+    valid = int((_case(torch.float32, True).build("cpu")["labels"] != -100).sum())  # the same batch, on the host
     counts = {}
     for metrics in (False, True):
         spy = _ProductSpy(monkeypatch, backend)

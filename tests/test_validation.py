@@ -97,6 +97,7 @@ def test_unhelpful_inputs_get_a_value_error_naming_argument_value_and_expectatio
         _call(**overrides)
 
 
+@pytest.mark.cpu_only(reason="the argument is refused before any backend runs")
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])
 def test_scratch_mib_is_checked_on_every_backend(backend):
     for bad in (0, math.inf, "64"):

@@ -1,22 +1,31 @@
 """The ``triton`` backend: the fused kernels of ``dpo_fast.kernels`` on one chunk of tokens.
 
-Forward: one fused kernel (``h W^T`` tiles, online logsumexp, target gather) reads the valid rows
-in place; no logits exist outside registers unless they are kept for a gradient pass. Backward:
-one kernel forms ``dL/dx`` tiles in registers (from recomputed or kept logits) and writes them once
-in the compute dtype; the two products with it run as matmuls (cuBLAS) on that bounded chunk.
-Runs on CUDA tensors, and on CPU tensors inside Triton's interpreter (``TRITON_INTERPRET=1``).
+Forward: one fused kernel (``h W^T`` tiles, online logsumexp, target gather, token metrics) reads
+the valid rows in place; no logits exist outside registers unless they are kept for a gradient
+pass. Backward: one kernel forms ``dL/dx`` tiles in registers (from recomputed or kept logits) and
+writes them once in the compute dtype; the two products with it run as matmuls (cuBLAS) on that
+bounded chunk. ``kernels/README.md`` gives the launch configurations and their sm_90 compile report.
+Runs on CUDA tensors, and on CPU tensors inside Triton's interpreter (``TRITON_INTERPRET=1``; its
+``tl.dot`` multiplies bfloat16 bit patterns as integers in triton 3.6 to 3.9, which the tests patch:
+``tests/triton_interpreter.py``).
+
+The kernels read every tensor with unit stride along its last dimension and the 1-D ones
+contiguous; this adapter hands them such views (copying only what is not already laid out so), so
+that strided, sliced, transposed or expanded arguments give the contiguous answer and no read
+leaves their storage.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
 from types import ModuleType
 
 import torch
 
-from . import ChunkStats, HeadSpec
+from . import ChunkStats, HeadSpec, float32_matmul_precision
 
 NAME = "triton"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -41,10 +50,6 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 @functools.cache
 def _kernels() -> ModuleType:
-    if _interpreting():
-        from .triton_interpreter import patch_bf16_dot
-
-        patch_bf16_dot()
     return importlib.import_module("dpo_fast.kernels")
 
 
@@ -53,8 +58,14 @@ def scratch_bytes_per_logit(keep_logits: bool, dtype: torch.dtype) -> int:
     return (4 if keep_logits else 0) + dtype.itemsize
 
 
-def _unit_stride(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+def _unit_stride(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A view with unit stride along the last dimension (rows may be strided), copied only if needed."""
+    return tensor if tensor is None or tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def _contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """1-D arguments (bias, rows, targets, per-token statistics): read as dense arrays by the kernels."""
+    return None if tensor is None else tensor.contiguous()
 
 
 def logits_stats(
@@ -67,11 +78,10 @@ def logits_stats(
     with_metrics: bool,
     keep_logits: bool,
 ) -> ChunkStats:
-    max_logit, log_sum_exp, target_logit, mean_shifted, logits = _kernels().lse_forward(
-        _unit_stride(hidden), _unit_stride(weight), bias, rows, targets, head.softcap, head.temperature,
-        with_metrics, keep_logits,
-    )  # fmt: skip
-    return ChunkStats(max_logit, log_sum_exp, target_logit, mean_shifted, logits=logits)
+    return ChunkStats.from_kernel(_kernels().logits_stats(
+        _unit_stride(hidden), _unit_stride(weight), _contiguous(bias), _contiguous(rows), _contiguous(targets),
+        head.softcap, head.temperature, with_metrics, keep_logits, float32_matmul_precision(),
+    ))  # fmt: skip
 
 
 def logits_grad(
@@ -86,7 +96,9 @@ def logits_grad(
     head: HeadSpec,
 ) -> torch.Tensor:
     return _kernels().logits_grad(
-        _unit_stride(hidden), _unit_stride(weight), bias, rows, targets, stats.max_logit, stats.log_sum_exp,
-        None if grad_entropy is None else stats.mean_shifted, grad_logp,
-        grad_entropy, head.softcap, head.temperature, stats.logits,
+        _unit_stride(hidden), _unit_stride(weight), _contiguous(bias), _contiguous(rows), _contiguous(targets),
+        _contiguous(stats.max_logit), _contiguous(stats.log_sum_exp),
+        None if grad_entropy is None else _contiguous(stats.mean_shifted), _contiguous(grad_logp),
+        _contiguous(grad_entropy), head.softcap, head.temperature, _unit_stride(stats.logits),
+        float32_matmul_precision(),
     )  # fmt: skip

@@ -1,17 +1,21 @@
 """Backward: ``dL/dx`` for a chunk of tokens, formed tile by tile in registers.
 
 For token n (target y, normalizer ``max`` and ``log_sum_exp``, ``mean_shifted = E_p[z] - max``)
-and upstream gradients ``a = dL/dlogp_n`` and ``e = dL/dentropy_n``, with
+and upstream gradients ``a = dL/dlogp_n`` and ``e = dL/dentropy_n`` (``WITH_METRICS``), with
 ``p = exp((z - max) - log_sum_exp)``:
 
     dL/dz[n, v] = a * (onehot(y)[v] - p[v]) - e * p[v] * ((z[v] - max) - mean_shifted)
     dL/dx[n, v] = dL/dz * inv_temperature * (1 - (z * temperature / softcap)^2)   (softcap term optional)
 
-where ``x = h W^T + b`` and ``z = softcap(x) / temperature``. The logits tile is recomputed from
-``h`` and ``W`` (``logits_tile``), or read from the float32 logits kept by the forward pass
-(``LOAD_LOGITS``). Each program writes its ``(BLOCK_N, BLOCK_V)`` tile of ``dL/dx`` once, in the
-compute dtype; the two products ``dL/dx @ W`` and ``dL/dx^T @ h`` run as matmuls on that bounded
-chunk.
+where ``x = h W^T + b`` and ``z = softcap(x) / temperature``. A ``-inf`` logit has ``p = 0`` and
+gradient 0 (its ``p * (z - max)`` counts as 0, not ``0 * -inf``); a token whose target is outside
+``[0, V)`` gets a NaN row, and its target is never used as an address; NaN statistics (a token
+with ``+inf``/NaN logits) give NaN gradients.
+
+The logits tile is recomputed from ``h`` and ``W`` (``logits_tile``), or read from the float32
+logits kept by the forward pass (``LOAD_LOGITS``; the product, bias and precision then play no
+part). Each program writes its ``(BLOCK_N, BLOCK_V)`` tile of ``dL/dx`` once, in the compute
+dtype; the two products ``dL/dx @ W`` and ``dL/dx^T @ h`` run as matmuls on that bounded chunk.
 """
 
 import torch
@@ -47,7 +51,7 @@ def logits_grad_kernel(
     inv_temperature,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
-    WITH_ENTROPY: tl.constexpr,
+    WITH_METRICS: tl.constexpr,
     LOAD_LOGITS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -79,15 +83,21 @@ def logits_grad_kernel(
     targets = tl.load(targets_ptr + offs_n, mask=row_mask, other=-1)
     shifted = z - max_logit[:, None]
     p = tl.exp(shifted - log_sum_exp[:, None])
-    if WITH_ENTROPY:
+    if WITH_METRICS:
         mean_shifted = tl.load(mean_ptr + offs_n, mask=row_mask, other=0.0)
         grad_entropy = tl.load(grad_entropy_ptr + offs_n, mask=row_mask, other=0.0)
-        grad = -p * (grad_logp[:, None] + grad_entropy[:, None] * (shifted - mean_shifted[:, None]))
+        # p = 0 at a -inf logit: its (z - max) = -inf term counts as 0
+        deviation = tl.where(p > 0, shifted, 0.0) - mean_shifted[:, None]
+        grad = -p * (grad_logp[:, None] + grad_entropy[:, None] * deviation)
     else:
         grad = -p * grad_logp[:, None]
-    grad += tl.where(offs_v[None, :] == targets[:, None], grad_logp[:, None], 0.0)
+    in_vocab = (targets >= 0) & (targets < vocab)
+    # compared with the tile's columns as int32 (an int64 comparison costs two registers a logit)
+    target_column = tl.where(in_vocab, targets, -1).to(tl.int32)
+    grad += tl.where(offs_v[None, :] == target_column[:, None], grad_logp[:, None], 0.0)
+    grad = tl.where(in_vocab[:, None], grad, float("nan"))
     if HAS_SOFTCAP:
-        capped_fraction = z / (inv_temperature * softcap)
+        capped_fraction = z * (1.0 / (inv_temperature * softcap))
         grad *= 1.0 - capped_fraction * capped_fraction
     grad *= inv_temperature
     tl.store(
@@ -95,6 +105,16 @@ def logits_grad_kernel(
         grad.to(grad_ptr.dtype.element_ty),
         mask=tile_mask,
     )
+
+
+def flags(has_bias: bool, has_softcap: bool, with_metrics: bool, load_logits: bool) -> dict:
+    """The kernel's flag constexprs for a launch; kept logits already hold the bias (HAS_BIAS off)."""
+    return {
+        "HAS_BIAS": has_bias and not load_logits,
+        "HAS_SOFTCAP": has_softcap,
+        "WITH_METRICS": with_metrics,
+        "LOAD_LOGITS": load_logits,
+    }
 
 
 def logits_grad(
@@ -110,32 +130,33 @@ def logits_grad(
     grad_entropy: torch.Tensor | None,
     softcap: float | None,
     temperature: float,
-    logits: torch.Tensor | None = None,
+    logits: torch.Tensor | None,
+    float32_precision: str,
 ) -> torch.Tensor:
     """Launch ``logits_grad_kernel``: ``dL/dx`` for the tokens ``rows``.
 
     Args:
-        hidden: (N, H), weight: (V, H), bias: (V,) or None, as for ``lse_forward``;
-        rows, targets: (C,) int64; max_logit, log_sum_exp, grad_logp: (C,) float32;
-        mean_shifted, grad_entropy: (C,) float32, both given or both None;
-        logits: (C, V) float32 kept by ``lse_forward(store_logits=True)``, or None to recompute.
+        hidden: (N, H), weight: (V, H), bias: (V,) or None, as for ``logits_stats``;
+        rows, targets: (C,) int64, contiguous; max_logit, log_sum_exp, grad_logp: (C,) float32, contiguous;
+        mean_shifted, grad_entropy: (C,) float32 contiguous, both given or both None;
+        logits: (C, V) float32 kept by ``logits_stats(store_logits=True)``, or None to recompute.
+        float32_precision: ``"ieee"`` or ``"tf32"``, how float32 operands are multiplied (16-bit: unused).
     Returns:
         (C, V) in hidden's dtype.
     """
     num_rows, (vocab, hidden_dim) = rows.shape[0], weight.shape
-    cfg = launch_config(hidden, vocab)
+    kernel_flags = flags(bias is not None, softcap is not None, grad_entropy is not None, logits is not None)
+    cfg = launch_config("logits_grad", hidden, kernel_flags, float32_precision)
     grad = torch.empty((num_rows, vocab), dtype=hidden.dtype, device=hidden.device)
-    with_entropy = grad_entropy is not None
     grid = (triton.cdiv(num_rows, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
+    with_metrics = kernel_flags["WITH_METRICS"]
     logits_grad_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, rows, targets, max_logit, log_sum_exp,
-        mean_shifted if with_entropy else max_logit, grad_logp, grad_entropy if with_entropy else grad_logp,
-        logits if logits is not None else grad, grad,
+        mean_shifted if with_metrics else max_logit, grad_logp, grad_entropy if with_metrics else grad_logp,
+        logits if logits is not None else max_logit, grad,
         num_rows, vocab, hidden_dim, hidden.stride(0), weight.stride(0),
         logits.stride(0) if logits is not None else 0, grad.stride(0),
         float(softcap or 1.0), 1.0 / temperature,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=with_entropy,
-        LOAD_LOGITS=logits is not None, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-        INPUT_PRECISION=cfg.input_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **kernel_flags, **cfg.constexprs(), **cfg.options(),
     )  # fmt: skip
     return grad

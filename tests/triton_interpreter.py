@@ -1,4 +1,4 @@
-"""A fix for Triton's CPU interpreter (``TRITON_INTERPRET=1``), which is how CI runs the kernels.
+"""A fix for Triton's CPU interpreter (``TRITON_INTERPRET=1``), which is how CI runs the kernels (tests only).
 
 The interpreter stores bfloat16 values as raw uint16 and its ``tl.dot`` multiplies those integers
 (seen in triton 3.6 to 3.9), so bf16 products come out as nonsense. This wraps ``create_dot`` to
