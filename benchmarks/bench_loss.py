@@ -8,11 +8,11 @@ Out-of-memory and failures are recorded, and the run goes on; a peer that cannot
 listed with the reason.
 
 Suites (``--suite``):
-  gpu    on CUDA: headline (H=4096, V=128256, 8 pairs x 1024 tokens, half prompt, bf16) in the modes
-         dpo, frozen, forward and token; cce_paper (H=2304, V=256000, 8192 tokens all valid);
+  gpu    on CUDA: headline (H=4096, V=128256, 8 pairs x 1024 tokens, half prompt, bf16) in every
+         mode; cce_paper (H=2304, V=256000, 8192 tokens all valid);
          qwen2 (H=3584, V=152064); a sweep of 1k..64k tokens at the headline head.
-  cpu    on CPU: 4 pairs x 512 tokens, H=512, V=32000, half prompt, float32, each implementation in
-         its own process (time, and peak RSS growth; glibc's mmap threshold fixed), three rounds
+  cpu    on CPU: 4 pairs x 512 tokens, H=512, V=32000, half prompt, float32, modes dpo, simpo and kto;
+         each implementation in its own process (time, and peak RSS growth; glibc's mmap threshold fixed), three rounds
          round-robin, each row the median round.
   cpu-sweep  on CPU: the cpu case's head at 256, 512, 1024, 2048 and 4096 tokens, run as the cpu suite
          (one timed step per round after the memory step), for the plots of time and memory against
@@ -20,7 +20,9 @@ Suites (``--suite``):
   smoke  tiny shapes for CI, every mode (implementations that need torch.compile are left out on CPU).
 
 Modes: dpo (the full step), frozen (lm_head weight frozen), forward (no_grad: sequence log-probs
-only), token (per-token log-probs, backward with a random per-token upstream gradient).
+only), token (per-token log-probs, backward with a random per-token upstream gradient), simpo and kto
+(the full step of those objectives: dpo_fast's fused_linear_cpo_loss / fused_linear_kto_loss beside
+Liger's LigerFusedLinearSimPOLoss / LigerFusedLinearKTOLoss and the naive step).
 
 Writes ``<out>/<date>-<device>[-sweep|-smoke].json``, ``.md`` and, for a sweep, ``-time.png`` and
 ``-memory.png``; the JSON is rewritten after every measurement, so a run cut short keeps what it did.

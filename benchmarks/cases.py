@@ -11,10 +11,17 @@ log-probs are constants of the step, and Liger's API can only take them as a ref
 hidden states (an extra forward pass), so all implementations run without them. Random sequences
 differ in log-prob by tens of nats, so beta is 0.01: the sigmoid is not saturated, every pair's
 gradient counts, and the errors measure the kernels rather than the conditioning of a saturated loss.
+
+Two more objectives run on the same batch, beside Liger's fused versions: SimPO (reference-free by
+definition: the length-averaged log-probs, ``SIMPO_BETA``, ``SIMPO_GAMMA``, no NLL term) and KTO
+(rows [0, P) desirable, [P, 2P) undesirable, as TRL unpairs a preference batch; reference-free, with
+a constant KL estimate ``kto_kl(case)`` near the rows' expected log-prob, so that ``x - kl`` is a few
+tens of nats and beta 0.01 leaves the sigmoid unsaturated).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -30,10 +37,14 @@ BETA = 0.01
 #   token:   per-token log-probs, backward with a random per-token upstream gradient (3 products)
 #   dpo-metrics: the full step that also forms TRL's per-token metrics (entropy, mean logit, target
 #            top-1), as a DPO trainer that logs them runs it; the same 3 products
-GEMM_PRODUCTS = {"dpo": 3, "frozen": 2, "forward": 1, "token": 3, "dpo-metrics": 3}
+#   simpo, kto: the full step of those objectives (3 products)
+GEMM_PRODUCTS = {"dpo": 3, "frozen": 2, "forward": 1, "token": 3, "dpo-metrics": 3, "simpo": 3, "kto": 3}
 MODES = tuple(GEMM_PRODUCTS)
 # modes whose peers must form TRL's per-token metrics besides the loss
 METRICS_MODES = ("dpo-metrics",)
+# the modes of an objective other than DPO: run by dpo_fast, the naive step and Liger's fused losses
+OBJECTIVE_MODES = ("simpo", "kto")
+SIMPO_BETA, SIMPO_GAMMA = 2.0, 0.5
 
 
 @dataclass(frozen=True)
@@ -93,7 +104,7 @@ SUITES: dict[str, list[Case]] = {
         *_sweep([2**k * 1024 for k in range(7)], 4096, 128256, "bfloat16", 1024),
     ],
     # CPU: each implementation in its own process, time and peak RSS growth
-    "cpu": [Case("cpu", 4, 512, 512, 32000, 0.5, "float32", modes=("dpo", "dpo-metrics"))],
+    "cpu": [Case("cpu", 4, 512, 512, 32000, 0.5, "float32", modes=("dpo", "dpo-metrics", *OBJECTIVE_MODES))],
     # CPU: the cpu case's head, 256 to 4096 tokens (4096: the cpu case itself), for the plots
     "cpu-sweep": _sweep([2**k * 256 for k in range(5)], 512, 32000, "float32", 512),
     # CI: tiny shapes, every mode, a two-point sweep for the plots
@@ -147,6 +158,20 @@ def make_batch(case: Case, device: str | torch.device, mode: str) -> Batch:
     return Batch(case, hidden, weight, labels, upstream)
 
 
+def kto_kl(case: Case) -> float:
+    """The KTO mode's KL estimate: about a row's expected summed log-prob, ``-(valid tokens) * (ln V + 2)``.
+
+    The logits of ``make_batch`` are about ``N(0, 4)`` per entry, so ``log p`` of a random label is about
+    ``-(ln V + 2)`` (``logsumexp`` of V such logits is about ``ln V + 2``) with a spread of a couple of nats.
+    """
+    return -(case.length - case.prompt_length) * (math.log(case.vocab) + 2.0)
+
+
+def desirable(case: Case, device: str | torch.device) -> torch.Tensor:
+    """(2P,) bool: the KTO mode's rows [0, P) desirable, [P, 2P) undesirable (TRL's unpaired preference batch)."""
+    return torch.arange(2 * case.pairs, device=device) < case.pairs
+
+
 def dpo_loss(seq_logps: torch.Tensor) -> torch.Tensor:
     """The reference-free sigmoid DPO loss on (2P,) sequence log-probs: ``mean_p -logsigmoid(beta*(c_p - r_p))``."""
     chosen, rejected = seq_logps.chunk(2)
@@ -158,9 +183,9 @@ def reference(batch: Batch, mode: str) -> dict[str, torch.Tensor]:
     device memory that the measured implementations get).
 
     Each pair's loss term depends on its own two rows, so the logits are formed one pair (or, for
-    the per-token mode, one row) at a time, on valid tokens only. Returns the outputs that the mode
+    the per-token and KTO modes, one row) at a time, on valid tokens only. Returns the outputs that the mode
     has: ``loss``, ``seq_logps`` (2P,), ``token_logps`` (2P, T), ``grad_hidden`` (2P, T, H),
-    ``grad_weight`` (V, H).
+    ``grad_weight`` (V, H). The simpo mode's ``seq_logps`` are length-averaged (SimPO's and Liger's).
     """
     case = batch.case
     rows, width = 2 * case.pairs, case.hidden
@@ -169,7 +194,9 @@ def reference(batch: Batch, mode: str) -> dict[str, torch.Tensor]:
     seq_logps = torch.zeros(rows, dtype=torch.float64, device=weight.device)
     token_logps = torch.zeros(rows, case.length, dtype=torch.float64, device=weight.device)
     loss = torch.zeros((), dtype=torch.float64, device=weight.device)
-    groups = [[r] for r in range(rows)] if mode == "token" else [[p, case.pairs + p] for p in range(case.pairs)]
+    per_row = mode in ("token", "kto")
+    groups = [[r] for r in range(rows)] if per_row else [[p, case.pairs + p] for p in range(case.pairs)]
+    wanted = desirable(case, "cpu")
     for group in groups:
         labels = batch.labels[group]
         valid = labels != IGNORE
@@ -183,6 +210,13 @@ def reference(batch: Batch, mode: str) -> dict[str, torch.Tensor]:
                 continue
             if mode == "token":
                 term = (tokens * batch.upstream[group].double()).sum()
+            elif mode == "kto":
+                sign = 1.0 if wanted[group[0]] else -1.0
+                term = (1 - torch.sigmoid(sign * BETA * (tokens.sum() - kto_kl(case)))) / rows
+            elif mode == "simpo":
+                chosen, rejected = tokens.sum(-1) / valid.sum(-1).clamp(min=1)
+                seq_logps[group] = torch.stack([chosen, rejected]).detach()
+                term = -F.logsigmoid(SIMPO_BETA * (chosen - rejected) - SIMPO_GAMMA) / case.pairs
             else:
                 chosen, rejected = tokens.sum(-1)
                 term = -F.logsigmoid(BETA * (chosen - rejected)) / case.pairs
@@ -192,7 +226,7 @@ def reference(batch: Batch, mode: str) -> dict[str, torch.Tensor]:
     out = {"seq_logps": seq_logps} if mode == "forward" else {"loss": loss, "grad_hidden": grad_hidden}
     if mode == "token":
         out = {"token_logps": token_logps, **out}
-    elif mode != "forward":
+    elif mode not in ("forward", "kto"):  # Liger's KTO returns sums over the desirable and undesirable rows only
         out["seq_logps"] = seq_logps
     if weight.grad is not None:
         out["grad_weight"] = weight.grad

@@ -14,7 +14,9 @@ in ``make_step``, outside the timed region.
   per-sequence sums and DPO loss in PyTorch (``cases.dpo_loss``). In the ``dpo-metrics`` mode
   dpo_fast returns TRL's token metrics (``return_token_metrics=True``) and TRL's fused head is
   asked for the same statistics (entropy, mean logit, top-1); the other peers cannot form them.
-- ``liger``: Liger-Kernel's ``LigerFusedLinearDPOLoss``, which takes the padded batch.
+- ``liger``: Liger-Kernel's ``LigerFusedLinearDPOLoss``, which takes the padded batch; in the simpo
+  and kto modes its ``LigerFusedLinearSimPOLoss`` and ``LigerFusedLinearKTOLoss``, beside dpo_fast's
+  ``fused_linear_cpo_loss(loss_type="simpo")`` and ``fused_linear_kto_loss`` (and the naive step).
 - ``gemm``: the GEMM line, the mode's products on valid tokens into preallocated outputs.
 - ``quack``, ``liger-cute``: the CuTe-DSL kernels, reported with the reason they cannot run.
 """
@@ -31,7 +33,20 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from cases import BETA, GEMM_PRODUCTS, IGNORE, METRICS_MODES, MODES, Batch, dpo_loss
+from cases import (
+    BETA,
+    GEMM_PRODUCTS,
+    IGNORE,
+    METRICS_MODES,
+    MODES,
+    OBJECTIVE_MODES,
+    SIMPO_BETA,
+    SIMPO_GAMMA,
+    Batch,
+    desirable,
+    dpo_loss,
+    kto_kl,
+)  # fmt: skip
 from torch.utils.checkpoint import checkpoint
 
 # TRL's DPOTrainer passes this vocabulary tile width (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, trl 1.16)
@@ -111,6 +126,8 @@ def _dpo_fast_step(backend: str, grads_in_forward: bool | None) -> StepFactory:
     import dpo_fast
 
     def make_step(batch: Batch, mode: str) -> Callable[[], StepOutputs]:
+        rows_desirable = desirable(batch.case, batch.hidden.device)
+
         def forward() -> StepOutputs:
             if mode == "forward":
                 return StepOutputs(seq_logps=dpo_fast.sequence_logps(batch.hidden, batch.weight, batch.labels,
@@ -118,6 +135,18 @@ def _dpo_fast_step(backend: str, grads_in_forward: bool | None) -> StepFactory:
             if mode == "token":
                 tokens = dpo_fast.token_logps(batch.hidden, batch.weight, batch.labels, backend=backend)
                 return StepOutputs(loss=(tokens * batch.upstream).sum(), token_logps=tokens)
+            if mode == "simpo":
+                out = dpo_fast.fused_linear_cpo_loss(
+                    batch.hidden, batch.weight, batch.labels, loss_type="simpo", beta=SIMPO_BETA,
+                    simpo_gamma=SIMPO_GAMMA, nll_weight=0.0, backend=backend, grads_in_forward=grads_in_forward,
+                )  # fmt: skip
+                return StepOutputs(loss=out.loss, seq_logps=torch.cat([out.chosen_logps, out.rejected_logps]))
+            if mode == "kto":
+                out = dpo_fast.fused_linear_kto_loss(
+                    batch.hidden, batch.weight, batch.labels, desirable=rows_desirable, reference_free=True,
+                    kl=kto_kl(batch.case), beta=BETA, backend=backend, grads_in_forward=grads_in_forward,
+                )  # fmt: skip
+                return StepOutputs(loss=out.loss, seq_logps=out.logps)
             out = dpo_fast.fused_linear_dpo_loss(
                 batch.hidden, batch.weight, batch.labels, reference_free=True, beta=BETA, backend=backend,
                 grads_in_forward=grads_in_forward, return_token_metrics=mode in METRICS_MODES,
@@ -292,10 +321,26 @@ def _compiled_chunked() -> Callable:
 
 
 def _liger_step(batch: Batch, mode: str) -> Callable[[], StepOutputs]:
-    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss, LigerFusedLinearKTOLoss, LigerFusedLinearSimPOLoss
 
     # compiled on GPU (its default); on CPU uncompiled, as the issue asks
-    loss_fn = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=False, compiled=batch.hidden.is_cuda)
+    compiled = batch.hidden.is_cuda
+    if mode == "kto":
+        kto = LigerFusedLinearKTOLoss(beta=BETA, use_ref_model=False, compiled=compiled)
+        preference = desirable(batch.case, batch.hidden.device)
+        kl = torch.tensor(kto_kl(batch.case), device=batch.hidden.device)
+
+        def kto_forward() -> StepOutputs:
+            # (B, T, H) rows as Liger's unpaired base takes them; it returns sums over the desirable and the
+            # undesirable rows, not per-row log-probs
+            loss, _ = kto(batch.hidden, batch.weight, batch.labels, preference_labels=preference, kl=kl)
+            return StepOutputs(loss=loss)
+
+        return kto_forward
+    if mode == "simpo":
+        loss_fn = LigerFusedLinearSimPOLoss(beta=SIMPO_BETA, alpha=0.0, gamma=SIMPO_GAMMA, compiled=compiled)
+    else:
+        loss_fn = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=False, compiled=compiled)
 
     def forward() -> StepOutputs:
         loss, (chosen, rejected, *_) = loss_fn(batch.weight, batch.hidden, batch.labels)
@@ -348,19 +393,21 @@ def all_implementations() -> list[Implementation]:
         ("compiled-chunked", "torch.compile'd log_softmax on checkpointed chunks of valid tokens", _compiled_chunked,
          lambda device, dtype: None, True),
     ]  # fmt: skip
-    # the per-token peers that can form TRL's token metrics, and the modes of the others
+    # the per-token peers are followed by the DPO loss: they run the DPO modes; those that can form
+    # TRL's token metrics run the metrics mode too
     with_metrics = {"trl": _trl_with_metrics}
-    plain_modes = tuple(mode for mode in MODES if mode not in METRICS_MODES)
+    dpo_modes = tuple(mode for mode in MODES if mode not in OBJECTIVE_MODES)
+    plain_modes = tuple(mode for mode in dpo_modes if mode not in METRICS_MODES)
     return [
         *_dpo_fast_implementations(),
         Implementation("gemm", "the GEMM line: the mode's products on valid tokens, preallocated outputs", MODES,
                        lambda device, dtype: None, _gemm_step),
-        *[Implementation(name, text, MODES if name in with_metrics else plain_modes, reason,
+        *[Implementation(name, text, dpo_modes if name in with_metrics else plain_modes, reason,
                          _per_token_step(fn, with_metrics.get(name)), compiles)
           for name, text, fn, reason, compiles in per_token],
-        Implementation("liger", "Liger-Kernel LigerFusedLinearDPOLoss (compiled on GPU, compiled=False on CPU)",
-                       ("dpo", "frozen", "forward"), _import_reason("liger_kernel.chunked_loss", "pip install liger-kernel"),
-                       _liger_step),
+        Implementation("liger", "Liger-Kernel LigerFusedLinearDPOLoss, -SimPOLoss, -KTOLoss (compiled on GPU, "
+                       "compiled=False on CPU)", ("dpo", "frozen", "forward", *OBJECTIVE_MODES),
+                       _import_reason("liger_kernel.chunked_loss", "pip install liger-kernel"), _liger_step),
         Implementation("quack", "QuACK chunked_linear_cross_entropy (CuTe DSL; scalar CE only)", (),
                        _cute_dsl_reason("quack"), None),
         Implementation("liger-cute", "Liger LigerFusedLinearScaledCrossEntropy (CuTe DSL, Hopper)", (),

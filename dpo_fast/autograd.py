@@ -7,13 +7,14 @@ calls dpo_fast without a graph break and ``torch.library.opcheck`` can test it:
   the token metrics: entropy, mean logit, top-1) with gradients for any per-token upstream
   gradient of the log-probs and entropies; the backward recomputes each chunk's logits from the
   saved logsumexp.
-- ``dpo_fast::dpo_loss_forward``: the DPO loss (and the token metrics) with its gradients formed in
-  the forward pass; its backward scales them by ``grad_output`` (and recomputes only for a gradient
-  that reaches the returned log-probs by another path, such as an NLL term on the chosen log-probs).
+- ``dpo_fast::preference_loss_forward``: a preference objective's loss (``dpo_fast.objectives``, passed
+  as ``objectives.encode_objective``'s string) and the token metrics, with its gradients formed in the
+  forward pass; its backward scales them by ``grad_output`` (and recomputes only for a gradient that
+  reaches the returned per-sequence sums by another path, such as a loss added on the log-probs).
 
-Each op's arguments are one dataclass (``TokenInputs``, ``TokenGradInputs``, ``DPOInputs``) whose
-fields are the op's schema in order; the contract's dataclasses among them (``HeadSpec``,
-``Objective``, ``GradsNeeded``) expand to their fields (``head_softcap``, ...). The schema, the
+Each op's arguments are one dataclass (``TokenInputs``, ``TokenGradInputs``, ``PreferenceInputs``) whose
+fields are the op's schema in order; the dataclasses among them (``HeadSpec``, ``GradsNeeded``,
+``objectives.TokenWeights``) expand to their fields (``head_softcap``, ``weights_logps``, ...). The schema, the
 flat argument list, its unpacking in the autograd formulas and the ``None`` gradients of the
 non-tensor arguments are all derived from those dataclasses: adding an argument is one edit.
 
@@ -33,9 +34,10 @@ import torch
 import torch.utils._python_dispatch
 from torch import Tensor
 
-from . import backends, chunking
+from . import backends, chunking, objectives
 from .backends import HeadSpec, accumulate_dtype
-from .chunking import GradsNeeded, Objective
+from .chunking import GradsNeeded
+from .objectives import TokenWeights
 
 _EMPTY = (0,)
 
@@ -78,23 +80,32 @@ class TokenGradInputs:
 
 
 @dataclass(frozen=True)
-class DPOInputs:
-    """``dpo_loss_forward``: hidden (N, H), labels and segment_ids (N,), ref_logps (2P,) or None."""
+class PreferenceInputs:
+    """``preference_loss_forward``: hidden (N, H), labels and segment_ids (N,), the token weights (N,) each,
+    ref_logps (S,) or None, desirable (S,) bool or None, nll_tokens and kl () float64, ``objective`` the string of
+    ``objectives.encode_objective``, ``num_units`` its P pairs (S = 2P) or S unpaired sequences."""
 
     hidden: Tensor
     weight: Tensor
     bias: Tensor | None
     labels: Tensor
     segment_ids: Tensor
+    weights: TokenWeights
     ref_logps: Tensor | None
-    num_pairs: int
-    objective: Objective
+    desirable: Tensor | None
+    nll_tokens: Tensor
+    kl: Tensor
+    num_units: int
+    objective: str
     ignore_index: int
     softcap: float | None
     needs: GradsNeeded
     with_metrics: bool
     backend: str
     scratch_bytes: int
+
+    def num_sequences(self) -> int:
+        return 2 * self.num_units if objectives.decode_objective(self.objective).paired else self.num_units
 
 
 _SCHEMA_TYPES = {Tensor: "Tensor", int: "SymInt", float: "float", bool: "bool", str: "str"}
@@ -121,14 +132,14 @@ def _leaves(cls: type) -> tuple[tuple[str, tuple[str, ...], str], ...]:
     return tuple(leaves)
 
 
-_LEAVES = {cls: _leaves(cls) for cls in (TokenInputs, TokenGradInputs, DPOInputs)}
+_LEAVES = {cls: _leaves(cls) for cls in (TokenInputs, TokenGradInputs, PreferenceInputs)}
 
 
 def _schema(cls: type, returns: str) -> str:
     return "(" + ", ".join(f"{kind} {name}" for name, _, kind in _LEAVES[cls]) + ") -> " + returns
 
 
-def flatten(inputs: TokenInputs | TokenGradInputs | DPOInputs) -> tuple:
+def flatten(inputs: TokenInputs | TokenGradInputs | PreferenceInputs) -> tuple:
     """The op's positional arguments, in schema order."""
     flat = []
     for _, path, _ in _LEAVES[type(inputs)]:
@@ -182,15 +193,16 @@ def _check_not_double_backward(*tensors: Tensor | None) -> None:
 # Per-token log-probs
 
 
-# the token metrics an op returns: entropy, mean_logit, is_top1, each (N,), or (0,) when not asked for
-_METRICS = "Tensor, Tensor, Tensor"
+# the token metrics an op returns: entropy, mean_logit, is_top1, log_sum_sq_probs, each (N,), or (0,) when not
+# asked for
+_METRICS = "Tensor, Tensor, Tensor, Tensor"
 
 
 @torch.library.custom_op(
     "dpo_fast::token_logps_forward", mutates_args=(), schema=_schema(TokenInputs, f"(Tensor, {_METRICS}, Tensor)")
 )
-def token_logps_forward(*flat) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``TokenInputs`` -> logp (N,), entropy, mean_logit, is_top1 (N,) or (0,), normalizer (2, N).
+def token_logps_forward(*flat) -> tuple[Tensor, ...]:
+    """``TokenInputs`` -> logp (N,), entropy, mean_logit, is_top1, log_sum_sq_probs (N,) or (0,), normalizer (2, N).
 
     Float32 (float64 for float64 inputs), ``is_top1`` bool; the metrics are (0,) unless
     ``with_metrics``. The normalizer holds each token's max logit and ``log sum exp(z - max)``
@@ -215,12 +227,13 @@ def _(*flat):
     )
 
 
-def _fake_metrics(hidden: Tensor, num_tokens: int, with_metrics: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _fake_metrics(hidden: Tensor, num_tokens: int, with_metrics: bool) -> tuple[Tensor, ...]:
     size, acc = (num_tokens if with_metrics else 0), accumulate_dtype(hidden.dtype)
     return (
         hidden.new_empty(size, dtype=acc),
         hidden.new_empty(size, dtype=acc),
         hidden.new_empty(size, dtype=torch.bool),
+        hidden.new_empty(size, dtype=acc),
     )
 
 
@@ -259,8 +272,8 @@ def _needs(ctx, cls: type) -> GradsNeeded:
 
 def _token_setup_context(ctx, inputs, output):
     x = _unflatten(TokenInputs, inputs)
-    _logp, entropy, mean_logit, is_top1, normalizer = output
-    ctx.mark_non_differentiable(mean_logit, is_top1, normalizer)
+    _logp, entropy, mean_logit, is_top1, log_sum_sq_probs, normalizer = output
+    ctx.mark_non_differentiable(mean_logit, is_top1, log_sum_sq_probs, normalizer)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x.hidden, x.weight, x.bias, x.labels, normalizer, entropy if x.with_metrics else None)
     ctx.inputs = x
@@ -292,61 +305,72 @@ def _token_backward(ctx, grad_logp, grad_entropy, *_grads_of_nondifferentiable):
 token_logps_forward.register_autograd(_token_backward, setup_context=_token_setup_context)
 
 
-def token_logps(inputs: TokenInputs) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def token_logps(inputs: TokenInputs) -> tuple[Tensor, ...]:
     """Call ``dpo_fast::token_logps_forward`` with ``inputs``."""
     return token_logps_forward(*flatten(inputs))
 
 
 # ----------------------------------------------------------------------------------------------
-# The fused DPO loss, gradients formed in the forward pass
+# A preference objective's loss, gradients formed in the forward pass
 
 
 @torch.library.custom_op(
-    "dpo_fast::dpo_loss_forward", mutates_args=(),
-    schema=_schema(DPOInputs, f"(Tensor, Tensor, Tensor, {_METRICS}, Tensor, Tensor, Tensor)"),
+    "dpo_fast::preference_loss_forward", mutates_args=(),
+    schema=_schema(PreferenceInputs, f"(Tensor, Tensor, Tensor, Tensor, {_METRICS}, Tensor, Tensor, Tensor)"),
 )  # fmt: skip
-def dpo_loss_forward(*flat) -> tuple[Tensor, ...]:
-    """``DPOInputs`` -> loss (), seq_logps (2P,), normalizer (2, N), the metrics as ``token_logps_forward``'s,
-    and dL/dhidden, dL/dweight, dL/dbias for a unit grad_output ((0,) where not needed).
+def preference_loss_forward(*flat) -> tuple[Tensor, ...]:
+    """``PreferenceInputs`` -> loss (), logps (S,), nll_logps (S,) or (0,) without an NLL term, normalizer (2, N),
+    the metrics as ``token_logps_forward``'s, and dL/dhidden, dL/dweight, dL/dbias for a unit grad_output ((0,)
+    where not needed).
 
-    Differentiable: loss and seq_logps.
+    ``logps`` and ``nll_logps`` are the objective's per-sequence sums ``sum_t w[t] logp[t]`` and
+    ``sum_t m[t] logp[t]`` (``objectives.interface``), in the accumulate dtype. Differentiable: loss, logps and
+    nll_logps.
     """
-    x = _unflatten(DPOInputs, flat)
-    loss, seq_logps, normalizer, metrics, grads = chunking.dpo_forward_with_grads(
-        backends.get(x.backend), x.hidden, x.weight, x.bias, x.labels, x.segment_ids, x.num_pairs, x.ref_logps,
-        x.objective, HeadSpec(x.softcap), x.ignore_index, x.needs, x.with_metrics, x.scratch_bytes,
+    x = _unflatten(PreferenceInputs, flat)
+    objective = objectives.decode_objective(x.objective)
+    batch = objectives.BatchConstants(num_units=x.num_units, nll_tokens=x.nll_tokens, kl=x.kl)
+    loss, (logps, nll_logps), normalizer, metrics, grads = chunking.preference_forward_with_grads(
+        backends.get(x.backend), x.hidden, x.weight, x.bias, x.labels, x.segment_ids, x.weights, x.ref_logps,
+        x.desirable, batch, objective, HeadSpec(x.softcap), x.ignore_index, x.needs, x.with_metrics, x.scratch_bytes,
     )  # fmt: skip
-    return (loss, seq_logps, normalizer, *metrics, *(x.hidden.new_empty(_EMPTY) if g is None else g for g in grads))
+    acc = loss.dtype
+    return (
+        loss, logps.to(acc), x.hidden.new_empty(_EMPTY, dtype=acc) if nll_logps is None else nll_logps.to(acc),
+        normalizer, *metrics, *(x.hidden.new_empty(_EMPTY) if g is None else g for g in grads),
+    )  # fmt: skip
 
 
-@dpo_loss_forward.register_fake
+@preference_loss_forward.register_fake
 def _(*flat):
-    x = _unflatten(DPOInputs, flat)
-    acc = accumulate_dtype(x.hidden.dtype)
+    x = _unflatten(PreferenceInputs, flat)
+    acc, num_seq = accumulate_dtype(x.hidden.dtype), x.num_sequences()
     return (
         x.hidden.new_empty((), dtype=acc),
-        x.hidden.new_empty(2 * x.num_pairs, dtype=acc),
+        x.hidden.new_empty(num_seq, dtype=acc),
+        x.hidden.new_empty(_EMPTY if x.weights.nll is None else num_seq, dtype=acc),
         x.hidden.new_empty((2, x.labels.shape[0]), dtype=acc),
         *_fake_metrics(x.hidden, x.labels.shape[0], x.with_metrics),
         *_fake_grads(x.hidden, x.weight, x.bias, x.needs),
     )
 
 
-def _dpo_setup_context(ctx, inputs, output):
-    x = _unflatten(DPOInputs, inputs)
-    _loss, _seq_logps, normalizer, *metrics, grad_hidden, grad_weight, grad_bias = output
+def _preference_setup_context(ctx, inputs, output):
+    x = _unflatten(PreferenceInputs, inputs)
+    _loss, _logps, _nll_logps, normalizer, *metrics, grad_hidden, grad_weight, grad_bias = output
     ctx.mark_non_differentiable(normalizer, *metrics, grad_hidden, grad_weight, grad_bias)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(
-        x.hidden, x.weight, x.bias, x.labels, x.segment_ids, normalizer, grad_hidden, grad_weight, grad_bias
-    )
+        x.hidden, x.weight, x.bias, x.labels, x.segment_ids, x.weights.logps, x.weights.nll, normalizer, grad_hidden,
+        grad_weight, grad_bias,
+    )  # fmt: skip
     ctx.inputs = x
 
 
-def _dpo_backward(ctx, grad_loss, grad_seq_logps, *_grads_of_nondifferentiable):
-    hidden, weight, bias, labels, segment_ids, normalizer, *saved_grads = ctx.saved_tensors
-    needs = _needs(ctx, DPOInputs)
-    _check_not_double_backward(hidden, weight, bias, grad_loss, grad_seq_logps)
+def _preference_backward(ctx, grad_loss, grad_logps, grad_nll_logps, *_grads_of_nondifferentiable):
+    hidden, weight, bias, labels, segment_ids, logp_weights, nll_weights, normalizer, *saved_grads = ctx.saved_tensors
+    needs = _needs(ctx, PreferenceInputs)
+    _check_not_double_backward(hidden, weight, bias, grad_loss, grad_logps, grad_nll_logps)
     # With the usual grad_output of 1 the saved gradients are returned as they are (one scalar sync
     # to know it, skipped while a graph is traced): autograd then hands them to .grad without a
     # (V, H) copy. They are never modified here, so a retained graph can run backward again.
@@ -359,29 +383,30 @@ def _dpo_backward(ctx, grad_loss, grad_seq_logps, *_grads_of_nondifferentiable):
             grads.append(torch.zeros_like(saved))
         else:
             grads.append(saved if unit else saved * grad_loss.to(saved.dtype))
-    if grad_seq_logps is not None and any((needs.hidden, needs.weight, needs.bias)):
-        grads = _add_sequence_logps_grads(ctx.inputs, needs, grads, grad_seq_logps, hidden, weight, bias, labels,
-                                          segment_ids, normalizer)  # fmt: skip
-    return _input_grads(DPOInputs, hidden=grads[0], weight=grads[1], bias=grads[2])
+    if nll_weights is None:
+        grad_nll_logps = None
+    if (grad_logps is not None or grad_nll_logps is not None) and any((needs.hidden, needs.weight, needs.bias)):
+        # a gradient that reaches the per-sequence sums by another path: recompute, per token
+        x = ctx.inputs
+        if grad_logps is None:
+            grad_logps = logp_weights.new_zeros(x.num_sequences())
+        per_sequence = objectives.ObjectiveValue(
+            loss=None, grad_logps=grad_logps.double(),
+            grad_nll_logps=None if grad_nll_logps is None else grad_nll_logps.double(),
+        )  # fmt: skip
+        weights = TokenWeights(logp_weights, nll_weights, completion=None)
+        grad_logp = objectives.token_grads(per_sequence, segment_ids, weights).to(normalizer.dtype)
+        extra = token_logps_backward(*flatten(TokenGradInputs(
+            grad_logp, None, hidden, weight, bias, labels, normalizer, None, x.ignore_index, HeadSpec(x.softcap),
+            needs, x.backend, x.scratch_bytes,
+        )))  # fmt: skip
+        grads = [grad if grad is None else grad + more for grad, more in zip(grads, extra)]
+    return _input_grads(PreferenceInputs, hidden=grads[0], weight=grads[1], bias=grads[2])
 
 
-def _add_sequence_logps_grads(x, needs, grads, grad_seq_logps, hidden, weight, bias, labels, segment_ids, normalizer):
-    """A gradient that reaches the returned log-probs by another path: recompute, per token."""
-    acc = normalizer.dtype
-    scale = chunking.sequence_scale(
-        labels, segment_ids, 2 * x.num_pairs, x.ignore_index, x.objective.average_log_prob, acc
-    )
-    grad_logp = (grad_seq_logps.to(acc) * scale).index_select(0, segment_ids)
-    extra = token_logps_backward(*flatten(TokenGradInputs(
-        grad_logp, None, hidden, weight, bias, labels, normalizer, None, x.ignore_index, HeadSpec(x.softcap), needs,
-        x.backend, x.scratch_bytes,
-    )))  # fmt: skip
-    return [grad if grad is None else grad + more for grad, more in zip(grads, extra)]
+preference_loss_forward.register_autograd(_preference_backward, setup_context=_preference_setup_context)
 
 
-dpo_loss_forward.register_autograd(_dpo_backward, setup_context=_dpo_setup_context)
-
-
-def dpo_loss(inputs: DPOInputs) -> tuple[Tensor, ...]:
-    """Call ``dpo_fast::dpo_loss_forward`` with ``inputs``."""
-    return dpo_loss_forward(*flatten(inputs))
+def preference_loss(inputs: PreferenceInputs) -> tuple[Tensor, ...]:
+    """Call ``dpo_fast::preference_loss_forward`` with ``inputs``."""
+    return preference_loss_forward(*flatten(inputs))

@@ -8,16 +8,18 @@ memory budget; the budget, not ``N``, bounds the extra memory.
 Three passes are built here from a backend's ``logits_stats`` / ``logits_grad``:
 
 - ``token_forward``: per-token log-prob, logsumexp and the token metrics (entropy, mean logit,
-  top-1) (``2*N*H*V`` FLOPs, nothing kept).
+  top-1, ``log sum_v p_v^2``) (``2*N*H*V`` FLOPs, nothing kept).
 - ``token_backward``: recomputes each chunk's logits from the saved logsumexp and forms
   ``dL/dh``, ``dL/dW``, ``dL/db`` for any per-token upstream gradient (``6*N*H*V``, or
   ``4*N*H*V`` with a frozen weight).
-- ``dpo_forward_with_grads``: the fused DPO loss with its gradients formed during the forward
-  pass. A pair's gradient depends only on its own two sequences, so valid tokens are grouped by
-  whole pairs; a group that fits the budget keeps its logits between the log-prob pass and the
-  gradient pass (``6*N*H*V`` in all, ``4*N*H*V`` with a frozen weight); a pair too long for the
-  budget keeps the logits of as many of its last tokens as fit and recomputes the chunks before
-  them (between ``6`` and ``8*N*H*V``). The token metrics come from its log-prob pass.
+- ``preference_forward_with_grads``: a preference objective's loss (``dpo_fast.objectives``) with its
+  gradients formed during the forward pass. A pair-local objective's gradients for a unit (a pair,
+  or one sequence for KTO) depend only on that unit's own sums, so valid tokens are grouped by whole
+  units; a group that fits the budget keeps its logits between the log-prob pass and the gradient
+  pass (``6*N*H*V`` in all, ``4*N*H*V`` with a frozen weight); a unit too long for the budget keeps
+  the logits of as many of its last tokens as fit and recomputes the chunks before them (between
+  ``6`` and ``8*N*H*V``). An objective that is not pair-local (TRL's ``aot``: it sorts across the
+  batch) is one group of every unit. The token metrics come from its log-prob pass.
 
 The token metrics are by-products of the row pass that forms the log-softmax (``ChunkStats``'s
 ``with_metrics`` fields): asking for them adds no product and no pass over the vocabulary.
@@ -63,14 +65,6 @@ class GradsNeeded:
     bias: bool
 
 
-@dataclass(frozen=True)
-class Objective:
-    beta: float
-    loss_type: str
-    label_smoothing: float
-    average_log_prob: bool
-
-
 def _rows_per_chunk(backend: ModuleType, vocab: int, dtype: torch.dtype, keep_logits: bool, budget: int) -> int:
     return max(1, budget // (vocab * backend.scratch_bytes_per_logit(keep_logits, dtype)))
 
@@ -81,10 +75,11 @@ def _valid_rows(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, 
 
 
 class _TokenMetrics:
-    """Per-token entropy, mean logit and top-1 flag (``ChunkStats``'s metrics), filled chunk by chunk.
+    """Per-token entropy, mean logit, top-1 flag and ``log sum_v p_v^2`` (``ChunkStats``'s metrics), filled
+    chunk by chunk.
 
-    ``entropy``, ``mean_logit``: (N,) in the accumulate dtype; ``is_top1``: (N,) bool; 0 (False) at
-    ignored tokens; each (0,) when the metrics were not asked for.
+    ``entropy``, ``mean_logit``, ``log_sum_sq_probs``: (N,) in the accumulate dtype; ``is_top1``: (N,) bool;
+    0 (False) at ignored tokens; each (0,) when the metrics were not asked for.
     """
 
     def __init__(self, num_tokens: int, hidden: torch.Tensor, wanted: bool):
@@ -93,15 +88,17 @@ class _TokenMetrics:
         self.entropy = hidden.new_zeros(size, dtype=acc)
         self.mean_logit = hidden.new_zeros(size, dtype=acc)
         self.is_top1 = hidden.new_zeros(size, dtype=torch.bool)
+        self.log_sum_sq_probs = hidden.new_zeros(size, dtype=acc)
 
     def store(self, rows: torch.Tensor, stats: ChunkStats) -> None:
         if self.wanted:
             self.entropy.index_copy_(0, rows, stats.entropy)
             self.mean_logit.index_copy_(0, rows, stats.mean_logit)
             self.is_top1.index_copy_(0, rows, stats.is_top1)
+            self.log_sum_sq_probs.index_copy_(0, rows, stats.log_sum_sq_probs)
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.entropy, self.mean_logit, self.is_top1
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.entropy, self.mean_logit, self.is_top1, self.log_sum_sq_probs
 
 
 def token_forward(
@@ -114,15 +111,15 @@ def token_forward(
     ignore_index: int,
     with_metrics: bool,
     budget: int,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
     """Per-token log-probs, logsumexps and token metrics.
 
     Args:
         hidden: (N, H); weight: (V, H); bias: (V,) or None; labels: (N,) int64.
     Returns:
         logp (N,); the normalizer (2, N): each token's ``max_logit`` and ``log_sum_exp`` (see
-        ``ChunkStats``); and the metrics (entropy, mean_logit, is_top1), each (N,) when asked for,
-        (0,) otherwise. Float32 (float64 for float64 inputs), 0 at ignored tokens.
+        ``ChunkStats``); and the metrics (entropy, mean_logit, is_top1, log_sum_sq_probs), each (N,) when
+        asked for, (0,) otherwise. Float32 (float64 for float64 inputs), 0 at ignored tokens.
     """
     num_tokens, vocab = labels.shape[0], weight.shape[0]
     acc = accumulate_dtype(hidden.dtype)
@@ -229,18 +226,18 @@ def token_backward(
     return grads.results(bias)
 
 
-def _pair_groups(tokens_per_pair: list[int], cap: int) -> list[tuple[int, int, int, int]]:
-    """Greedy groups of consecutive pairs whose tokens fit ``cap``: (first pair, end pair, first token, end token).
+def _unit_groups(tokens_per_unit: list[int], cap: int) -> list[tuple[int, int, int, int]]:
+    """Greedy groups of consecutive units whose tokens fit ``cap``: (first unit, end unit, first token, end token).
 
-    A pair with more than ``cap`` tokens forms a group of its own.
+    A unit with more than ``cap`` tokens forms a group of its own.
     """
-    groups, pair_start, token_start, tokens = [], 0, 0, 0
-    for pair, count in enumerate(tokens_per_pair):
+    groups, unit_start, token_start, tokens = [], 0, 0, 0
+    for unit, count in enumerate(tokens_per_unit):
         if tokens and tokens + count > cap:
-            groups.append((pair_start, pair, token_start, token_start + tokens))
-            pair_start, token_start, tokens = pair, token_start + tokens, 0
+            groups.append((unit_start, unit, token_start, token_start + tokens))
+            unit_start, token_start, tokens = unit, token_start + tokens, 0
         tokens += count
-    groups.append((pair_start, len(tokens_per_pair), token_start, token_start + tokens))
+    groups.append((unit_start, len(tokens_per_unit), token_start, token_start + tokens))
     return groups
 
 
@@ -254,94 +251,136 @@ def sequence_scale(labels: torch.Tensor, segment_ids: torch.Tensor, num_segments
     return 1.0 / counts.clamp(min=1)
 
 
-def dpo_forward_with_grads(
+def _sums(hidden: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    return hidden.new_zeros(num_sequences, dtype=torch.float64)
+
+
+def _select_weights(weights: objectives.TokenWeights, rows: torch.Tensor) -> objectives.TokenWeights:
+    """The weights of the tokens ``rows`` (C,), in that order."""
+    return objectives.TokenWeights(
+        logps=weights.logps.index_select(0, rows),
+        nll=None if weights.nll is None else weights.nll.index_select(0, rows),
+        completion=weights.completion.index_select(0, rows),
+    )
+
+
+def _slice_weights(weights: objectives.TokenWeights, start: int, end: int) -> objectives.TokenWeights:
+    return objectives.TokenWeights(
+        logps=weights.logps[start:end],
+        nll=None if weights.nll is None else weights.nll[start:end],
+        completion=weights.completion[start:end],
+    )
+
+
+def preference_forward_with_grads(
     backend: ModuleType,
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     labels: torch.Tensor,
     segment_ids: torch.Tensor,
-    num_pairs: int,
+    weights: objectives.TokenWeights,
     ref_logps: torch.Tensor | None,
-    objective: Objective,
+    desirable: torch.Tensor | None,
+    batch: objectives.BatchConstants,
+    objective: objectives.Objective,
     head: HeadSpec,
     ignore_index: int,
     needs: GradsNeeded,
     with_metrics: bool,
     budget: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
-    """The DPO loss and, in the same pass, its gradients for hidden, weight and bias.
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None], torch.Tensor, tuple[torch.Tensor, ...],
+           tuple[torch.Tensor | None, ...]]:  # fmt: skip
+    """A preference objective's loss and, in the same pass, its gradients for hidden, weight and bias.
 
     Args:
-        hidden: (N, H); labels: (N,); segment_ids: (N,) in [0, 2P): rows [0, P) chosen, [P, 2P) rejected.
-        ref_logps: (2P,) reference log-probs (already averaged when ``average_log_prob``), or None for 0.
+        hidden: (N, H); labels: (N,), the target of every token of a sum (completion or NLL token),
+            ``ignore_index`` elsewhere; segment_ids: (N,) in [0, S), S = 2 * ``batch.num_units`` sequences for a
+            paired objective (rows [0, P) chosen, [P, 2P) rejected), ``batch.num_units`` for an unpaired one.
+        weights: ``objectives.TokenWeights`` of the N tokens (0 where the label is ``ignore_index``).
+        ref_logps: (S,) summed reference log-probs (same weights), or None for 0; desirable: (S,) bool or None.
+        batch: ``objectives.BatchConstants`` (``num_units``, ``nll_tokens``, ``kl``).
         with_metrics: also form the token metrics, in the log-prob pass.
     Returns:
-        loss: () mean over pairs; seq_logps: (2P,); normalizer: (2, N) and metrics as ``token_forward``'s;
-        grads: (dL/dhidden, dL/dweight, dL/dbias) for a unit upstream gradient, None where not needed.
+        loss: () the objective (the sum of each group's share); (logps, nll_logps): (S,) float64 sums
+        ``sum_t w[t] logp[t]`` and ``sum_t m[t] logp[t]`` (None without an NLL term); normalizer: (2, N) and
+        metrics as ``token_forward``'s; grads: (dL/dhidden, dL/dweight, dL/dbias) for a unit upstream
+        gradient, None where not needed.
     """
-    num_seq, vocab = 2 * num_pairs, weight.shape[0]
+    num_units, vocab = batch.num_units, weight.shape[0]
+    num_seq = 2 * num_units if objective.paired else num_units
     acc = accumulate_dtype(hidden.dtype)
     rows, targets = _valid_rows(labels, ignore_index)
     seq_of_row = segment_ids.index_select(0, rows)
-    order = torch.argsort(seq_of_row % num_pairs, stable=True)
-    rows, targets, seq_of_row = rows[order], targets[order], seq_of_row[order]
-    tokens_per_pair = torch.bincount(seq_of_row % num_pairs, minlength=num_pairs).tolist()
+    # a unit: pair p holds sequences p and P + p; an unpaired sequence is its own unit
+    unit_of_row = seq_of_row % num_units
+    order = torch.argsort(unit_of_row, stable=True)
+    rows, targets, seq_of_row, unit_of_row = rows[order], targets[order], seq_of_row[order], unit_of_row[order]
+    row_weights = _select_weights(weights, rows)
+    tokens_per_unit = torch.bincount(unit_of_row, minlength=num_units).tolist()
 
-    scale = sequence_scale(labels, segment_ids, num_seq, ignore_index, objective.average_log_prob, acc)
-    # the 2P sums and the objective in float64: free, and a sum of thousands of float32 log-probs
-    # added chunk by chunk would otherwise carry the largest rounding error of the whole step
-    ref = hidden.new_zeros(num_seq, dtype=torch.float64) if ref_logps is None else ref_logps.double()
-    sums = hidden.new_zeros(num_seq, dtype=torch.float64)
+    wpo = objective.needs.wpo
+    logps, nll_logps = _sums(hidden, num_seq), None if weights.nll is None else _sums(hidden, num_seq)
+    grad_logps, grad_nll = _sums(hidden, num_seq), None if weights.nll is None else _sums(hidden, num_seq)
     normalizer = hidden.new_zeros((2, labels.shape[0]), dtype=acc)
     metrics = _TokenMetrics(labels.shape[0], hidden, with_metrics)
     keep_cap = _rows_per_chunk(backend, vocab, hidden.dtype, True, budget)
     step = _rows_per_chunk(backend, vocab, hidden.dtype, False, budget)
     # all valid tokens within keep_cap: one group of one chunk
     grads = _GradAccumulator(hidden, weight, bias, needs, one_chunk=rows.shape[0] <= keep_cap)
+    groups = _unit_groups(tokens_per_unit, keep_cap) if objective.local else [(0, num_units, 0, rows.shape[0])]
+    loss = hidden.new_zeros((), dtype=torch.float64)
 
-    for pair_start, pair_end, token_start, token_end in _pair_groups(tokens_per_pair, keep_cap):
-        # the group's last ``keep_cap`` tokens keep their logits for the gradient pass; a pair too
-        # long for that recomputes only the chunks before them
+    for unit_start, unit_end, token_start, token_end in groups:
+        # the group's last ``keep_cap`` tokens keep their logits for the gradient pass; a unit too long for
+        # that recomputes only the chunks before them
         kept_start = max(token_start, token_end - keep_cap)
         chunks = [(start, min(start + step, kept_start)) for start in range(token_start, kept_start, step)]
         chunks.append((kept_start, token_end))
-        chunk_stats = []
+        chunk_stats, group_logp, group_log_sum_sq_probs = [], [], []
         for start, end in chunks:
-            keep_logits = end == token_end
-            stats = backend.logits_stats(
-                hidden, weight, bias, rows[start:end], targets[start:end], head, with_metrics, keep_logits
-            )
-            sums.index_add_(0, seq_of_row[start:end], stats.logp.double())
+            stats = backend.logits_stats(hidden, weight, bias, rows[start:end], targets[start:end], head,
+                                         with_metrics or wpo, end == token_end)  # fmt: skip
+            group_logp.append(stats.logp)
+            group_log_sum_sq_probs.append(stats.log_sum_sq_probs)
             _store(None, normalizer, rows[start:end], stats)
             metrics.store(rows[start:end], stats)
             chunk_stats.append(ChunkStats(stats.max_logit, stats.log_sum_exp, logits=stats.logits))
         del stats  # the kept logits are held by chunk_stats alone, and go as soon as they are used
 
-        chosen = torch.arange(pair_start, pair_end, device=hidden.device)
-        seq = torch.cat([chosen, chosen + num_pairs])
-        logratios = sums.index_select(0, seq) * scale.index_select(0, seq) - ref.index_select(0, seq)
-        grad_chosen, grad_rejected = objectives.pair_loss_grads(
-            *logratios.chunk(2), beta=objective.beta, loss_type=objective.loss_type,
-            label_smoothing=objective.label_smoothing,
+        # the group's sequences are whole: their sums, from the contract's own function, are final
+        group = objectives.sequence_inputs(
+            torch.cat(group_logp), seq_of_row[token_start:token_end], num_seq,
+            _slice_weights(row_weights, token_start, token_end), ref_logps=ref_logps,
+            log_sum_sq_probs=torch.cat(group_log_sum_sq_probs) if wpo else None, desirable=desirable,
         )  # fmt: skip
-        grad_seq = hidden.new_zeros(num_seq, dtype=acc)
-        grad_seq.index_copy_(
-            0, seq, (torch.cat([grad_chosen, grad_rejected]) * scale.index_select(0, seq) / num_pairs).to(acc)
-        )
+        seqs = torch.arange(unit_start, unit_end, device=hidden.device)
+        if objective.paired:
+            seqs = torch.cat([seqs, seqs + num_units])
+        value = objective.evaluate(_select_sequences(group, seqs), batch)
+        loss = loss + value.loss
+        logps += group.logps.detach()
+        grad_logps.index_copy_(0, seqs, value.grad_logps)
+        if nll_logps is not None:
+            nll_logps += group.nll_logps.detach()
+            grad_nll.index_copy_(0, seqs, value.grad_nll_logps)
+        group_grads = objectives.ObjectiveValue(loss=value.loss, grad_logps=grad_logps, grad_nll_logps=grad_nll)
 
         for start, end in reversed(chunks):  # the kept chunk first: its logits go before any recompute
+            chunk_weights = _slice_weights(row_weights, start, end)
+            grad_logp = objectives.token_grads(group_grads, seq_of_row[start:end], chunk_weights)
             grad_logits = backend.logits_grad(
-                hidden, weight, bias, rows[start:end], targets[start:end], chunk_stats.pop(),
-                grad_seq.index_select(0, seq_of_row[start:end]), None, head,
+                hidden, weight, bias, rows[start:end], targets[start:end], chunk_stats.pop(), grad_logp.to(acc), None,
+                head,
             )  # fmt: skip
             grads.add(rows[start:end], grad_logits)
             del grad_logits  # freed before the next chunk's is formed: one (C, V) dL/dx at a time
 
-    seq_logps = sums * scale
-    chosen_logratios, rejected_logratios = (seq_logps - ref).chunk(2)
-    loss = objectives.pair_losses(
-        chosen_logratios, rejected_logratios, beta=objective.beta, loss_type=objective.loss_type,
-        label_smoothing=objective.label_smoothing,
-    ).mean()  # fmt: skip
-    return loss.to(acc), seq_logps.to(acc), normalizer, metrics.tensors(), grads.results(bias)
+    return loss.to(acc), (logps, nll_logps), normalizer, metrics.tensors(), grads.results(bias)
+
+
+def _select_sequences(seqs: objectives.SequenceInputs, index: torch.Tensor) -> objectives.SequenceInputs:
+    """The sequences ``index`` of ``seqs``."""
+    return objectives.SequenceInputs(
+        **{name: None if value is None else value.index_select(0, index) for name, value in vars(seqs).items()}
+    )

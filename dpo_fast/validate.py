@@ -17,7 +17,6 @@ import numbers
 import torch
 
 from .backends import NAMES as BACKENDS
-from .objectives import LOSS_TYPES
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -111,14 +110,14 @@ def check_head(
     check_ignore_index(ignore_index)
 
 
-def check_label_values(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+def check_label_values(labels: torch.Tensor, vocab: int, ignore_index: int, name: str = "labels") -> None:
     if _compiling() or labels.numel() == 0:
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
         value = int(labels[bad][0])
         raise ValueError(
-            f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {value}. "
+            f"{name} must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {value}. "
             "Mask prompt and padding positions with ignore_index."
         )
 
@@ -162,48 +161,73 @@ def segment_values(
     return labels, segment_ids
 
 
-def check_objective(beta: float, loss_type: str, label_smoothing: float) -> None:
-    if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    check_number("beta", beta)
-    if not (isinstance(label_smoothing, numbers.Real) and not isinstance(label_smoothing, bool)):
-        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
-    if loss_type == "sigmoid" and not 0 <= label_smoothing <= 0.5:
+def check_desirable(desirable: object, num_sequences: int, device: torch.device) -> None:
+    """KTO's (B,) bool labels: True for a desirable completion."""
+    if not isinstance(desirable, torch.Tensor) or desirable.dtype != torch.bool or tuple(desirable.shape) != (
+        num_sequences,
+    ):
         raise ValueError(
-            f"label_smoothing must lie in [0, 0.5] for loss_type='sigmoid' (cDPO's probability that a pair's "
-            f"preference is flipped; above 0.5 the loss prefers the rejected completion), got {label_smoothing!r}"
+            f"desirable must be a ({num_sequences},) bool tensor, True for a desirable completion (TRL's label), "
+            f"got {_describe(desirable)}"
         )
-    if loss_type == "robust" and not 0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust', got {label_smoothing!r}")
-    if loss_type == "exo_pair" and not 0 < label_smoothing < 1:
+    if desirable.device != device:
+        raise ValueError(f"desirable is on {desirable.device} but hidden is on {device}")
+
+
+def check_kl(kl: object, device: torch.device) -> None:
+    """KTO's KL estimate: a finite number or a () / (1,) floating-point tensor (values unchecked: it may be traced)."""
+    if isinstance(kl, torch.Tensor):
+        if not kl.is_floating_point() or kl.numel() != 1 or kl.dim() > 1:
+            raise ValueError(f"kl must be a number or a () floating-point tensor, got {_describe(kl)}")
+        if kl.device != device:
+            raise ValueError(f"kl is on {kl.device} but hidden is on {device}")
+        return
+    if not (isinstance(kl, numbers.Real) and not isinstance(kl, bool) and math.isfinite(kl)):
         raise ValueError(
-            f"label_smoothing must lie in (0, 1) for loss_type='exo_pair' (it is EXO's epsilon; the paper uses 1e-3), "
-            f"got {label_smoothing!r}"
+            f"kl must be a finite number or a () tensor (the batch's KL estimate, e.g. "
+            f"dpo_fast.objectives.kto_kl_estimate), got {kl!r}"
         )
-    if not 0 <= label_smoothing <= 1:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
+
+
+def check_nll_labels(nll_labels: object, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """ORPO's NLL targets: labels' shape, and the same target wherever both hold one (a token has one target)."""
+    if not isinstance(nll_labels, torch.Tensor) or nll_labels.dtype not in INDEX_DTYPES:
+        raise ValueError(f"nll_labels must be an int64 (or int32) tensor, got {_describe(nll_labels)}")
+    if tuple(nll_labels.shape) != tuple(labels.shape) or nll_labels.device != labels.device:
+        raise ValueError(
+            f"nll_labels must have labels' shape {tuple(labels.shape)} and device {labels.device}, got "
+            f"{_describe(nll_labels)} on {nll_labels.device}"
+        )
+    check_label_values(nll_labels, vocab, ignore_index, name="nll_labels")
+    if _compiling():
+        return
+    both = (labels != ignore_index) & (nll_labels != ignore_index)
+    if bool((both & (labels != nll_labels)).any()):
+        raise ValueError(
+            "nll_labels must equal labels wherever both are not ignore_index (each position has one next token: "
+            "nll_labels only unmask more of them, e.g. the prompt's)"
+        )
 
 
 def check_reference(
-    ref_chosen_logps: torch.Tensor | None,
-    ref_rejected_logps: torch.Tensor | None,
-    reference_free: bool,
-    num_pairs: int,
-    device: torch.device,
+    ref_chosen_logps: torch.Tensor | None, ref_rejected_logps: torch.Tensor | None, num_pairs: int, device: torch.device
 ) -> None:
-    given = (ref_chosen_logps is not None, ref_rejected_logps is not None)
-    if reference_free:
-        return
-    if given != (True, True):
+    """A pairwise objective's reference log-probs, (P,) each."""
+    if ref_chosen_logps is None or ref_rejected_logps is None:
         raise ValueError(
             "ref_chosen_logps and ref_rejected_logps are both required (the reference model's summed log-probs, "
             "e.g. from dpo_fast.sequence_logps under torch.no_grad()); pass reference_free=True to train without them"
         )
     for name, ref in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
-        if not isinstance(ref, torch.Tensor) or not ref.is_floating_point() or tuple(ref.shape) != (num_pairs,):
-            raise ValueError(f"{name} must be a ({num_pairs},) floating-point tensor, got {_describe(ref)}")
-        if ref.device != device:
-            raise ValueError(f"{name} is on {ref.device} but hidden is on {device}")
+        check_sequence_values(name, ref, num_pairs, device)
+
+
+def check_sequence_values(name: str, values: object, size: int, device: torch.device) -> None:
+    """A (size,) floating-point tensor of per-sequence values (reference log-probs) on ``device``."""
+    if not isinstance(values, torch.Tensor) or not values.is_floating_point() or tuple(values.shape) != (size,):
+        raise ValueError(f"{name} must be a ({size},) floating-point tensor, got {_describe(values)}")
+    if values.device != device:
+        raise ValueError(f"{name} is on {values.device} but hidden is on {device}")
 
 
 def _describe(value: object) -> str:

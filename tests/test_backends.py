@@ -56,6 +56,8 @@ def test_fused_dpo_loss_matches_float64_reference(
     grads_in_forward,
 ):  # fmt: skip
     assume(loss_type != "exo_pair" or label_smoothing > 0)  # EXO's epsilon must be positive
+    # aot sorts margins: 16-bit log-probs may order near-tied ones otherwise than float64 (a discontinuity)
+    assume(loss_type not in ("aot", "aot_unpaired") or case.dtype == torch.float32)
     batch = case.build(device_of(backend))
     batch["softcap"] = case.softcap
     options = dict(

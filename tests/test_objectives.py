@@ -25,6 +25,10 @@ from dpo_fast.objectives import (
     elementwise,
 )
 
+_SINGLE_PAIR_TYPES = (
+    "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
+)  # fmt: skip
+
 
 def _trl_formula(c: torch.Tensor, r: torch.Tensor, beta: float, loss_type: str, ls: float) -> torch.Tensor:
     """One pair's loss, written out from TRL 1.16's ``DPOTrainer._compute_loss`` (cDPO for ``sigmoid``)."""
@@ -58,35 +62,30 @@ objective_options = {
     "chosen": logratios,
     "shift": st.floats(-10, 10),
     "beta": st.floats(0.01, 5),
-    "loss_type": st.sampled_from(objectives.LOSS_TYPES),
+    "loss_type": st.sampled_from(_SINGLE_PAIR_TYPES),
     "label_smoothing": st.sampled_from([0.0, 0.1, 0.3]),
 }
 
 
 @given(**objective_options)
-def test_pair_losses_and_grads_follow_the_formulas(chosen, shift, beta, loss_type, label_smoothing):
+def test_single_loss_types_follow_the_formulas(chosen, shift, beta, loss_type, label_smoothing):
+    """``dpo_objective`` of one loss type (``fused_linear_dpo_loss``'s semantics: cDPO for sigmoid) on summed
+    log-ratios: the mean of TRL's per-pair formula, and its gradient."""
     assume(loss_type != "exo_pair" or label_smoothing > 0)
     chosen_t = torch.tensor(chosen, dtype=torch.float64, requires_grad=True)
     rejected_t = (chosen_t.detach() * 0.5 + shift).requires_grad_(True)
     if loss_type == "hinge":  # away from the kink, where the subgradient is a convention
         assume(bool((1 - beta * (chosen_t - rejected_t)).abs().min() > 1e-6))
-    want = _trl_formula(chosen_t, rejected_t, beta, loss_type, label_smoothing)
-    want.sum().backward()
-    options = {"beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing}
-    got = objectives.pair_losses(chosen_t.detach(), rejected_t.detach(), **options)
-    torch.testing.assert_close(got, want.detach(), rtol=1e-9, atol=1e-12)
-    grad_chosen, grad_rejected = objectives.pair_loss_grads(chosen_t.detach(), rejected_t.detach(), **options)
-    torch.testing.assert_close(grad_chosen, chosen_t.grad, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(grad_rejected, rejected_t.grad, rtol=1e-9, atol=1e-12)
-
-
-def test_pair_losses_are_differentiable_with_the_closed_form_gradient():
-    chosen = torch.tensor([0.3, -2.0, 5.0], requires_grad=True)
-    rejected = torch.tensor([1.0, -4.0, 2.0], requires_grad=True)
-    objectives.pair_losses(chosen, rejected, beta=0.5, loss_type="apo_down").sum().backward()
-    grads = objectives.pair_loss_grads(chosen.detach(), rejected.detach(), beta=0.5, loss_type="apo_down")
-    torch.testing.assert_close((chosen.grad, rejected.grad), grads)
-    assert objectives.pair_losses(chosen, rejected, beta=0.5, loss_type="ipo").dtype == torch.float32
+    want = _trl_formula(chosen_t, rejected_t, beta, loss_type, label_smoothing).mean()
+    want.backward()
+    objective = objectives.dpo_objective(loss_type, beta=beta, label_smoothing=label_smoothing, average_log_prob=False)
+    logps = torch.cat([chosen_t, rejected_t]).detach()
+    value = objective.evaluate(
+        objectives.SequenceInputs(logps=logps, token_counts=torch.ones_like(logps)),
+        BatchConstants(num_units=len(chosen)),
+    )
+    torch.testing.assert_close(value.loss, want.detach(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(value.grad_logps, torch.cat([chosen_t.grad, rejected_t.grad]), rtol=1e-9, atol=1e-12)
 
 
 def _slope_by_autograd(function, x: torch.Tensor) -> torch.Tensor:
@@ -156,16 +155,56 @@ def test_log1mexp_value_and_slope(x):
 
 
 def test_default_average_log_prob():
-    assert objectives.default_average_log_prob("ipo") and objectives.default_average_log_prob("sigmoid_norm")
-    assert not any(objectives.default_average_log_prob(t) for t in objectives.LOSS_TYPES if t != "ipo")
+    averaged = [t for t in objectives.DPO_LOSS_TYPES if objectives.default_average_log_prob(t)]
+    assert averaged == ["ipo", "sigmoid_norm"]
 
 
-def test_unknown_loss_type_is_refused():
-    x = torch.zeros(2)
-    with pytest.raises(ValueError, match="loss_type"):
-        objectives.pair_losses(x, x, beta=0.1, loss_type="kto")
-    with pytest.raises(ValueError, match="loss_type"):
-        objectives.pair_loss_grads(x, x, beta=0.1, loss_type="kto")
+def test_reported_units_are_averaged_when_every_pairwise_term_is():
+    assert objectives.dpo_objective("ipo").averaged and objectives.dpo_objective(["ipo", "sft"]).averaged
+    assert not objectives.dpo_objective(["ipo", "sigmoid"]).averaged and not objectives.dpo_objective("sft").averaged
+    assert objectives.dpo_objective("sigmoid", average_log_prob=True).averaged
+    assert not objectives.dpo_objective("ipo", average_log_prob=False).averaged
+    assert CPOObjective(loss_type="simpo").averaged and ORPOObjective().averaged and not KTOObjective().averaged
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"loss_type": "kto"}, r"loss_type must be one of .*got 'kto'"),
+        ({"loss_type": None}, r"loss_type must be one of .*got None"),
+        ({"loss_type": []}, r"loss_type must be one of .*non-empty list of them, got \[\]"),
+        ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "one weight per loss_type"),
+        ({"loss_type": "sigmoid", "loss_weights": 1.0}, "loss_weights must be a list"),
+        ({"loss_type": "sigmoid", "label_smoothing": 0.6}, r"\[0, 0.5\] for loss_type='sigmoid'"),
+        ({"loss_type": "sigmoid_norm", "label_smoothing": 0.6}, r"\[0, 0.5\] for loss_type='sigmoid_norm'"),
+        (
+            {"loss_type": "sigmoid", "label_smoothing": "0.1"},
+            r"label_smoothing must be a number in \[0, 1\], got '0.1'",
+        ),
+        ({"loss_type": "sigmoid", "beta": torch.tensor(0.1)}, r"beta must be a positive number, got tensor"),
+        (
+            {"loss_type": "sigmoid", "loss_weights": [float("nan")]},
+            "the weight of loss_type='sigmoid' must be a finite",
+        ),
+        ({"loss_type": "sigmoid", "use_weighting": 1}, "use_weighting must be True or False, got 1"),
+        ({"loss_type": "sigmoid", "average_log_prob": "yes"}, "average_log_prob must be True or False or None"),
+        ({"loss_type": "sigmoid", "ld_alpha": "0.5"}, r"ld_alpha must be a number in \[0, 1\]"),
+    ],
+)
+def test_dpo_objective_refuses_bad_options_by_name(options, match):
+    with pytest.raises(ValueError, match=match):
+        objectives.dpo_objective(**options)
+
+
+def test_options_are_stored_as_python_floats():
+    """Whatever number type they came as: the objective stays hashable and crosses a custom op as JSON."""
+    numpy = pytest.importorskip("numpy")
+    objective = objectives.dpo_objective("ipo", beta=numpy.float32(0.25), loss_weights=[numpy.int64(2)], ld_alpha=1)
+    assert type(objective.beta) is float and type(objective.terms[0].weight) is float
+    assert type(objective.ld_alpha) is float and objective.beta == 0.25
+    assert objectives.decode_objective(objectives.encode_objective(objective)) == objective
+    kto = KTOObjective(beta=numpy.float64(0.5), desirable_weight=2)
+    assert type(kto.desirable_weight) is float and hash(kto) == hash(KTOObjective(beta=0.5, desirable_weight=2.0))
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 1.0])

@@ -260,23 +260,25 @@ def test_wpo_with_sft_is_refused_as_trl_itself_fails_on_it():
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "make, match",
     [
-        ({"terms": (PairTerm("kto"),)}, "loss_type must be one of"),
-        ({"terms": ()}, "terms must hold"),
-        ({"beta": 0.0}, "beta must be a positive number"),
-        ({"terms": (PairTerm("robust", label_smoothing=0.5),)}, r"\[0, 0.5\) for loss_type='robust'"),
-        ({"terms": (PairTerm("exo_pair"),)}, r"\(0, 1\) for loss_type='exo_pair'"),
-        ({"f_divergence_type": "kl"}, "f_divergence_type must be one of"),
-        ({"f_divergence_type": "js_divergence", "terms": (PairTerm("nca_pair"),)}, "applies only to the loss types"),
-        ({"use_weighting": True, "terms": (PairTerm("aot"),)}, "use_weighting=True"),
-        ({"ld_alpha": 1.5}, "ld_alpha must lie in"),
-        ({"discopop_tau": 0.0}, "discopop_tau must be a positive number"),
+        (lambda: PairTerm("kto"), "loss_type must be one of"),
+        (lambda: DPOObjective(terms=()), "terms must hold"),
+        (lambda: DPOObjective(terms=("sigmoid",)), "terms must be a sequence of PairTerm"),
+        (lambda: DPOObjective(beta=0.0), "beta must be a positive number"),
+        (lambda: PairTerm("robust", label_smoothing=0.5), r"\[0, 0.5\) for loss_type='robust'"),
+        (lambda: PairTerm("exo_pair"), r"\(0, 1\) for loss_type='exo_pair'"),
+        (lambda: DPOObjective(f_divergence_type="kl"), "f_divergence_type must be one of"),
+        (lambda: DPOObjective(f_divergence_type="js_divergence", terms=(PairTerm("nca_pair"),)),
+         "applies only to the loss types"),
+        (lambda: DPOObjective(use_weighting=True, terms=(PairTerm("aot"),)), "use_weighting=True"),
+        (lambda: DPOObjective(ld_alpha=1.5), "ld_alpha must lie in"),
+        (lambda: DPOObjective(discopop_tau=0.0), "discopop_tau must be a positive number"),
     ],
-)
-def test_invalid_options_are_refused_by_name(kwargs, match):
+)  # fmt: skip
+def test_invalid_options_are_refused_by_name(make, match):
     with pytest.raises(ValueError, match=match):
-        DPOObjective(**kwargs)
+        make()
 
 
 def test_loss_weights_must_match_loss_types():

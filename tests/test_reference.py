@@ -24,7 +24,7 @@ def test_reference_token_logps_and_entropy_by_hand(tokens, hidden_dim, vocab, so
     bias = torch.randn(vocab, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, vocab, (tokens,), generator=gen)
     labels[0] = -100
-    logp, (entropy, mean_logit, is_top1) = reference.token_logps(
+    logp, (entropy, mean_logit, is_top1, log_sum_sq_probs) = reference.token_logps(
         hidden, weight, labels, bias, HeadSpec(softcap, temperature), -100, True
     )
     for n in range(tokens):
@@ -37,8 +37,10 @@ def test_reference_token_logps_and_entropy_by_hand(tokens, hidden_dim, vocab, so
         p = [math.exp(x - lse) for x in z]
         if labels[n] == -100:
             assert logp[n].item() == 0 and entropy[n].item() == 0 and mean_logit[n].item() == 0 and not is_top1[n]
+            assert log_sum_sq_probs[n].item() == 0
             continue
         assert math.isclose(logp[n].item(), z[labels[n]] - lse, rel_tol=1e-12, abs_tol=1e-12)
         assert math.isclose(entropy[n].item(), -sum(q * math.log(q) for q in p), rel_tol=1e-10, abs_tol=1e-12)
         assert math.isclose(mean_logit[n].item(), sum(z) / vocab, rel_tol=1e-12, abs_tol=1e-12)
         assert bool(is_top1[n]) == (max(range(vocab), key=z.__getitem__) == labels[n])
+        assert math.isclose(log_sum_sq_probs[n].item(), math.log(sum(q * q for q in p)), rel_tol=1e-10, abs_tol=1e-12)

@@ -9,7 +9,7 @@ import torch
 from helpers import BACKENDS, TOLERANCE, Case, device_of, rel_err
 
 import dpo_fast
-from dpo_fast import backends, chunking
+from dpo_fast import backends, chunking, objectives
 from dpo_fast.backends import HeadSpec
 
 
@@ -209,7 +209,7 @@ def test_metrics_cost_no_extra_row_pass(monkeypatch, backend, scratch_kib):
 def test_fused_pass_with_metrics_runs_six_products_per_token():
     """FLOPs of the matmuls in the fused DPO pass: ``6*N*H*V`` with a trainable head, metrics on or off.
 
-    The pass is run as the custom op runs it (``chunking.dpo_forward_with_grads``): torch's FLOP
+    The pass is run as the custom op runs it (``chunking.preference_forward_with_grads``): torch's FLOP
     counter does not look inside a custom op, and it is told the in-place ``addmm_`` that accumulates dL/dW.
     """
     from torch.utils.flop_counter import FlopCounterMode
@@ -222,12 +222,14 @@ def test_fused_pass_with_metrics_runs_six_products_per_token():
     valid = int((labels != -100).sum())
     vocab, hidden_dim = batch["weight"].shape
     segment_ids = torch.arange(4).repeat_interleave(batch["labels"].shape[1])
+    objective = objectives.dpo_objective("sigmoid")
     flops = {}
     for metrics in (False, True):
         with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_flop}) as counter:
-            chunking.dpo_forward_with_grads(
+            chunking.preference_forward_with_grads(
                 backends.get("torch"), batch["hidden"].reshape(-1, hidden_dim), batch["weight"], batch["bias"],
-                labels, segment_ids, 2, None, chunking.Objective(0.1, "sigmoid", 0.0, False), HeadSpec(2.5), -100,
+                labels, segment_ids, objectives.token_weights(objective, labels != -100, segment_ids, 4), None, None,
+                objectives.BatchConstants(num_units=2), objective, HeadSpec(2.5), -100,
                 chunking.GradsNeeded(True, True, True), metrics, chunking.scratch_bytes(torch.device("cpu"), None),
             )  # fmt: skip
         flops[metrics] = counter.get_total_flops()

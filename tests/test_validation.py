@@ -189,3 +189,70 @@ def test_all_tokens_ignored(backend):
     out = dpo_fast.fused_linear_dpo_loss(hidden, batch["weight"], labels, reference_free=True, backend=backend)
     out.loss.backward()
     assert torch.isfinite(out.loss) and (out.chosen_logps == 0).all() and (hidden.grad == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# The other entries: CPO, ORPO, KTO, and the DPO entry's TRL options
+
+DESIRABLE = torch.tensor([True, False, True, False])
+REF = torch.randn(4)
+NLL_LABELS = BATCH["labels"].masked_fill(BATCH["labels"] == -100, 3)
+
+
+def _entry(name, **overrides):
+    hidden, weight, labels = (overrides.pop(k, BATCH[k]) for k in ("hidden", "weight", "labels"))
+    if name == "cpo":
+        return dpo_fast.fused_linear_cpo_loss(hidden, weight, labels, backend="torch", **overrides)
+    if name == "orpo":
+        return dpo_fast.fused_linear_orpo_loss(hidden, weight, labels, backend="torch", **overrides)
+    if name == "kto":
+        options = {"desirable": DESIRABLE, "ref_logps": REF, "kl": 0.1, **overrides}
+        return dpo_fast.fused_linear_kto_loss(hidden, weight, labels, backend="torch", **options)
+    return _call(hidden=hidden, weight=weight, labels=labels, **overrides)
+
+
+@pytest.mark.parametrize(
+    "entry, overrides, match",
+    [
+        ("cpo", {"loss_type": "kto"}, r"loss_type must be one of \('sigmoid', 'hinge', 'ipo', 'simpo'\), got 'kto'"),
+        ("cpo", {"nll_weight": float("nan")}, "nll_weight must be a finite number, got nan"),
+        ("cpo", {"beta": -1}, "beta must be a positive number, got -1"),
+        ("cpo", {"average_log_prob": 1}, "average_log_prob must be True or False or None, got 1"),
+        ("cpo", {**PACKED}, r"pass num_pairs \(P, with segment ids in \[0, 2P\)\)"),
+        ("orpo", {"nll_labels": NLL_LABELS[:, :3]}, "nll_labels must have labels' shape"),
+        ("orpo", {"nll_labels": NLL_LABELS.float()}, r"nll_labels must be an int64 \(or int32\) tensor"),
+        ("orpo", {"nll_labels": NLL_LABELS.masked_fill(NLL_LABELS == 3, 11)}, r"nll_labels must lie in \[0, 11\)"),
+        ("orpo", {"nll_labels": (BATCH["labels"] + 1) % 11}, "nll_labels must equal labels wherever both"),
+        ("orpo", {"labels": NLL_LABELS.masked_fill(torch.arange(4)[:, None] == 2, -100)},
+         "labels: sequence 2 has no completion token"),
+        ("kto", {"desirable": DESIRABLE.long()}, r"desirable must be a \(4,\) bool tensor"),
+        ("kto", {"desirable": DESIRABLE[:3]}, r"desirable must be a \(4,\) bool tensor"),
+        ("kto", {"desirable": None}, r"desirable must be a \(4,\) bool tensor"),
+        ("kto", {"kl": None}, "kl is required for loss_type='kto'"),
+        ("kto", {"kl": "0.1"}, "kl must be a finite number or a .* got '0.1'"),
+        ("kto", {"kl": torch.zeros(2)}, r"kl must be a number or a \(\) floating-point tensor"),
+        ("kto", {"ref_logps": None}, "ref_logps is required"),
+        ("kto", {"ref_logps": REF[:2]}, r"ref_logps must be a \(4,\) floating-point tensor"),
+        ("kto", {"loss_type": "sigmoid"}, r"loss_type must be one of \('kto', 'apo_zero_unpaired'\)"),
+        ("kto", {"undesirable_weight": -1.0}, "undesirable_weight must be a non-negative number, got -1.0"),
+        ("kto", {"hidden": BATCH["hidden"].reshape(-1, 6), "labels": BATCH["labels"].reshape(-1),
+                 "segment_ids": torch.arange(4).repeat_interleave(5), "desirable": None},
+         r"desirable must be a \(B,\) bool tensor"),
+        ("dpo", {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "one weight per loss_type: 1 weights"),
+        ("dpo", {"loss_type": "nca_pair", "f_divergence_type": "forward_kl"}, "applies only to the loss types"),
+        ("dpo", {"f_divergence_type": "kl"}, "f_divergence_type must be one of"),
+        ("dpo", {"loss_type": ["sigmoid", "sft"], "use_weighting": True}, r"use_weighting=True \(WPO\) cannot weight"),
+        ("dpo", {"ld_alpha": 2.0}, r"ld_alpha must lie in \[0, 1\]"),
+        ("dpo", {"discopop_tau": 0}, "discopop_tau must be a positive number"),
+    ],
+)  # fmt: skip
+def test_other_entries_name_the_argument(entry, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _entry(entry, **overrides)
+
+
+def test_sft_alone_needs_no_reference_and_apo_zero_unpaired_no_kl():
+    out = _call(loss_type="sft", ref_chosen_logps=None, ref_rejected_logps=None)
+    assert torch.isfinite(out.loss) and torch.equal(out.loss, out.nll_loss)
+    kto = _entry("kto", loss_type="apo_zero_unpaired", kl=None)
+    assert torch.isfinite(kto.loss) and kto.kl == 0

@@ -26,16 +26,16 @@ def token_logps(
     head: HeadSpec,
     ignore_index: int,
     with_metrics: bool,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """Per-token log-probs (and token metrics) with the full logits in memory.
 
     Args:
         hidden: (..., H); weight: (V, H); labels: (...) int64; bias: (V,) or None.
     Returns:
         logp: labels' shape, float32 (float64 for float64 inputs), 0 at ignored tokens;
-        metrics: None unless asked for, else (entropy, mean_logit, is_top1) of labels' shape, 0 (False)
-        at ignored tokens, with the definitions of ``ChunkStats`` (``is_top1``: the target's logit
-        is the largest).
+        metrics: None unless asked for, else (entropy, mean_logit, is_top1, log_sum_sq_probs) of labels'
+        shape, 0 (False) at ignored tokens, with the definitions of ``ChunkStats`` (``is_top1``: the
+        target's logit is the largest); all but the entropy detached.
     """
     vocab = weight.shape[0]
     valid = labels != ignore_index
@@ -66,4 +66,8 @@ def token_logps(
     with torch.no_grad():
         mean_logit = logits.mean(-1)
         is_top1 = logits.gather(-1, targets).squeeze(-1) == logits.max(-1).values
-    return logp, (torch.where(valid, entropy, 0.0), torch.where(valid, mean_logit, 0.0), is_top1 & valid & in_range)
+        log_sum_sq_probs = torch.logsumexp(2 * logprobs, dim=-1)
+    return logp, (
+        torch.where(valid, entropy, 0.0), torch.where(valid, mean_logit, 0.0), is_top1 & valid & in_range,
+        torch.where(valid, log_sum_sq_probs, 0.0),
+    )  # fmt: skip

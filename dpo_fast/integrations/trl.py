@@ -31,7 +31,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter
 
-from .. import validate
+from .. import objectives, validate
 from .hf import HeadRows, LMHead, add_dpo_fast_head, token_metric_means, token_metric_sums
 from .prefix_sharing import check_model, collate_shared, pairs_from_trl_batch
 
@@ -100,7 +100,7 @@ def trl_objective(args: DPOConfig) -> TrlObjective:
         )
     name, average, takes_smoothing = PAIR_LOSSES[pair_types[0]]
     label_smoothing = args.label_smoothing if takes_smoothing else 0.0
-    validate.check_objective(args.beta, name, label_smoothing)
+    objectives.dpo_objective(name, beta=args.beta, label_smoothing=label_smoothing)
     return TrlObjective(
         loss_type=name,
         beta=args.beta,

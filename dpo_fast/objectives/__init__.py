@@ -28,16 +28,7 @@ written once with its slope beside it (``elementwise``) and the objectives chain
 tests check every gradient against float64 autograd of TRL's own code and against finite differences.
 """
 
-from .dpo import (
-    DPO_LOSS_TYPES,
-    LOSS_TYPES,
-    DPOObjective,
-    PairTerm,
-    default_average_log_prob,
-    pair_loss_grads,
-    pair_losses,
-    trl_dpo_objective,
-)
+from .dpo import DPO_LOSS_TYPES, DPOObjective, PairTerm, default_average_log_prob, dpo_objective, trl_dpo_objective
 from .interface import (
     BatchConstants,
     Needs,
@@ -58,7 +49,6 @@ __all__ = [
     "CPO_LOSS_TYPES",
     "DPO_LOSS_TYPES",
     "KTO_LOSS_TYPES",
-    "LOSS_TYPES",
     "BatchConstants",
     "CPOObjective",
     "DPOObjective",
@@ -72,11 +62,10 @@ __all__ = [
     "TokenWeights",
     "decode_objective",
     "default_average_log_prob",
+    "dpo_objective",
     "encode_objective",
     "kto_kl_estimate",
     "objective_loss",
-    "pair_loss_grads",
-    "pair_losses",
     "sequence_inputs",
     "token_grads",
     "token_weights",

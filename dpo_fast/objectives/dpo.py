@@ -24,24 +24,25 @@ reference alike. ``use_weighting`` (WPO) multiplies each pair's terms by
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from . import checks
 from .elementwise import F_DIVERGENCES, f_divergence_score, margin_loss, sigmoid_slope
 from .interface import BatchConstants, Needs, ObjectiveValue, SequenceInputs, chosen_nll
 
-# dpo_fast's pairwise loss types of ``fused_linear_dpo_loss`` today (pair-local, one at a time).
-LOSS_TYPES = (
-    "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
-)  # fmt: skip
 SORTED_LOSSES = ("aot", "aot_unpaired")
-DPO_LOSS_TYPES = LOSS_TYPES + ("sigmoid_norm", "discopop") + SORTED_LOSSES + ("sft",)
+DPO_LOSS_TYPES = (
+    "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
+    "sigmoid_norm", "discopop", *SORTED_LOSSES, "sft",
+)  # fmt: skip
 AVERAGED_BY_DEFAULT = ("ipo", "sigmoid_norm")
 TAKES_LABEL_SMOOTHING = ("sigmoid", "sigmoid_norm", "robust", "exo_pair", "aot", "aot_unpaired")
+# TRL 1.16 reads label_smoothing in these only (its sigmoid has no cDPO term)
+TRL_TAKES_LABEL_SMOOTHING = ("robust", "exo_pair", "aot", "aot_unpaired")
 # TRL 1.16: the losses built on the chosen-rejected score difference, the only ones f-DPO generalizes
 F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 _MARGIN_KIND = {
@@ -68,6 +69,28 @@ class PairTerm:
     loss_type: str
     weight: float = 1.0
     label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        kind = self.loss_type
+        if not isinstance(kind, str) or kind not in DPO_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {kind!r}")
+        checks.store(self, "weight", checks.number(f"the weight of loss_type={kind!r}", self.weight))
+        ls = checks.number("label_smoothing", self.label_smoothing, "a number in [0, 1]")
+        checks.store(self, "label_smoothing", ls)
+        if kind in ("sigmoid", "sigmoid_norm") and not 0 <= ls <= 0.5:
+            raise ValueError(
+                f"label_smoothing must lie in [0, 0.5] for loss_type={kind!r} (cDPO's probability that a pair's "
+                f"preference is flipped; above 0.5 the loss prefers the rejected completion), got {ls!r}"
+            )
+        if kind == "robust" and not 0 <= ls < 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust', got {ls!r}")
+        if kind == "exo_pair" and not 0 < ls < 1:
+            raise ValueError(
+                f"label_smoothing must lie in (0, 1) for loss_type='exo_pair' (it is EXO's epsilon; the paper uses "
+                f"1e-3), got {ls!r}"
+            )
+        if not 0 <= ls <= 1:
+            raise ValueError(f"label_smoothing must lie in [0, 1], got {ls!r}")
 
 
 @dataclass(frozen=True)
@@ -97,30 +120,46 @@ class DPOObjective:
     paired = True
 
     def __post_init__(self):
-        _check_positive("beta", self.beta)
+        checks.store(self, "beta", checks.positive("beta", self.beta))
+        if isinstance(self.terms, PairTerm) or not all(isinstance(term, PairTerm) for term in self.terms):
+            raise ValueError(f"terms must be a sequence of PairTerm, got {self.terms!r}")
+        checks.store(self, "terms", tuple(self.terms))
         if not self.terms:
             raise ValueError("terms must hold at least one PairTerm, e.g. (PairTerm('sigmoid'),)")
         types = [term.loss_type for term in self.terms]
-        for term in self.terms:
-            _check_term(term)
-        if self.f_divergence_type not in F_DIVERGENCES:
+        if not isinstance(self.f_divergence_type, str) or self.f_divergence_type not in F_DIVERGENCES:
             raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {self.f_divergence_type!r}")
-        if not math.isfinite(self.f_alpha_divergence_coef):
-            raise ValueError(f"f_alpha_divergence_coef must be a finite number, got {self.f_alpha_divergence_coef!r}")
+        checks.store(self, "f_alpha_divergence_coef", checks.number("f_alpha_divergence_coef", self.f_alpha_divergence_coef))
         if self.f_divergence_type != "reverse_kl" and not set(types) <= set(F_DIVERGENCE_LOSS_TYPES):
             raise ValueError(
                 f"f_divergence_type={self.f_divergence_type!r} applies only to the loss types "
                 f"{F_DIVERGENCE_LOSS_TYPES} (as in TRL 1.16), got {types}; use f_divergence_type='reverse_kl'"
             )
-        _check_positive("discopop_tau", self.discopop_tau)
+        checks.store(self, "discopop_tau", checks.positive("discopop_tau", self.discopop_tau))
+        for name, optional in (("use_weighting", False), ("average_log_prob", True)):
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or (optional and value is None)):
+                raise ValueError(f"{name} must be True or False{' or None' if optional else ''}, got {value!r}")
         if self.use_weighting and set(types) & {"aot", "aot_unpaired", "sft"}:
             raise ValueError(
                 f"use_weighting=True (WPO) cannot weight {sorted(set(types) & {'aot', 'aot_unpaired', 'sft'})}: aot "
                 "and aot_unpaired sort pairs across the batch (TRL 1.16 refuses them too), and TRL 1.16 fails on "
                 "'sft' with weighting (an in-place product on an expanded tensor), so its meaning is undefined"
             )
-        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
-            raise ValueError(f"ld_alpha must lie in [0, 1] (LD-DPO) or be None, got {self.ld_alpha!r}")
+        if self.ld_alpha is not None:
+            ld_alpha = checks.number("ld_alpha", self.ld_alpha, "a number in [0, 1] (LD-DPO) or None")
+            if not 0.0 <= ld_alpha <= 1.0:
+                raise ValueError(f"ld_alpha must lie in [0, 1] (LD-DPO) or be None, got {self.ld_alpha!r}")
+            checks.store(self, "ld_alpha", ld_alpha)
+
+    @property
+    def averaged(self) -> bool:
+        """Every pairwise term sees length-averaged log-probs (with ``average_log_prob=None``: every one of them
+        is ``ipo`` or ``sigmoid_norm``): the units in which a caller reports log-probs and rewards."""
+        pairwise = [term.loss_type for term in self.terms if term.loss_type != "sft"]
+        if self.average_log_prob is not None:
+            return self.average_log_prob and bool(pairwise)
+        return bool(pairwise) and all(default_average_log_prob(kind) for kind in pairwise)
 
     @property
     def local(self) -> bool:
@@ -228,26 +267,30 @@ def _wpo_pair_weights(wpo_logps: torch.Tensor | None, counts: torch.Tensor) -> t
     return chosen * rejected
 
 
-def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+def dpo_objective(
+    loss_type: str | Sequence[str],
+    *,
+    beta: float = 0.1,
+    loss_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    use_weighting: bool = False,
+    ld_alpha: float | None = None,
+    average_log_prob: bool | None = None,
+) -> DPOObjective:
+    """The ``DPOObjective`` of ``fused_linear_dpo_loss``'s options: TRL 1.16's names and defaults, and
+    ``label_smoothing`` in every type of ``TAKES_LABEL_SMOOTHING`` (``sigmoid`` with it is cDPO).
 
-
-def _check_term(term: PairTerm) -> None:
-    if term.loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {term.loss_type!r}")
-    if not math.isfinite(term.weight):
-        raise ValueError(f"the weight of loss_type={term.loss_type!r} must be a finite number, got {term.weight!r}")
-    ls = term.label_smoothing
-    if term.loss_type == "robust" and not 0 <= ls < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust', got {ls!r}")
-    if term.loss_type == "exo_pair" and not 0 < ls < 1:
-        raise ValueError(
-            f"label_smoothing must lie in (0, 1) for loss_type='exo_pair' (it is EXO's epsilon; the paper uses 1e-3), "
-            f"got {ls!r}"
-        )
-    if not 0 <= ls <= 1:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {ls!r}")
+    Args:
+        loss_type: one of ``DPO_LOSS_TYPES``, or several (summed with ``loss_weights``, default 1 each).
+    """
+    return DPOObjective(
+        beta=beta, terms=_terms(loss_type, loss_weights, label_smoothing, TAKES_LABEL_SMOOTHING),
+        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+        discopop_tau=discopop_tau, use_weighting=use_weighting, ld_alpha=ld_alpha, average_log_prob=average_log_prob,
+    )  # fmt: skip
 
 
 def trl_dpo_objective(
@@ -267,74 +310,32 @@ def trl_dpo_objective(
     TRL applies ``label_smoothing`` to ``robust``, ``exo_pair``, ``aot`` and ``aot_unpaired`` only (its
     ``sigmoid`` has no cDPO term); the length-averaged types are ``ipo`` and ``sigmoid_norm``.
     """
-    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
-    if len(weights) != len(loss_types):
-        raise ValueError(
-            f"loss_weights must have one weight per loss_type: {len(weights)} weights for {len(loss_types)} loss types"
-        )
-    terms = tuple(
-        PairTerm(t, w, label_smoothing if t in ("robust", "exo_pair", "aot", "aot_unpaired") else 0.0)
-        for t, w in zip(loss_types, weights)
-    )
     return DPOObjective(
-        beta=beta, terms=terms, f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+        beta=beta, terms=_terms(loss_type, loss_weights, label_smoothing, TRL_TAKES_LABEL_SMOOTHING),
+        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
         discopop_tau=discopop_tau, use_weighting=use_weighting, ld_alpha=ld_alpha,
     )  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------------
-# The single-loss form of today's ``fused_linear_dpo_loss`` and ``dpo_forward_with_grads``
-
-
-def _single_pair_terms(c, r, beta, loss_type, label_smoothing):
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if loss_type in _MARGIN_KIND:
-        values, slope = margin_loss(_MARGIN_KIND[loss_type], c - r, beta, label_smoothing)
-        return values, slope, -slope
-    return _two_sided_term(loss_type, c, r, beta)
-
-
-def pair_losses(
-    chosen_logratios: torch.Tensor,
-    rejected_logratios: torch.Tensor,
-    *,
-    beta: float,
-    loss_type: str,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """Per-pair loss terms of one of ``LOSS_TYPES``, differentiable (first derivatives).
-
-    Args:
-        chosen_logratios: (P,) float32/float64, policy minus reference log-prob of each chosen completion.
-        rejected_logratios: (P,) the same for the rejected completions.
-    Returns:
-        (P,) loss terms in the inputs' dtype; the DPO loss is their mean. ``label_smoothing`` enters
-        ``sigmoid`` (cDPO), ``robust`` and ``exo_pair`` only.
-    """
-    values, grad_c, grad_r = _single_pair_terms(
-        chosen_logratios.detach(), rejected_logratios.detach(), beta, loss_type, label_smoothing
+def _terms(loss_type, loss_weights, label_smoothing, smoothed: tuple[str, ...]) -> tuple[PairTerm, ...]:
+    """One ``PairTerm`` per loss type, with its weight, and ``label_smoothing`` where ``smoothed`` takes it."""
+    if isinstance(loss_type, str):
+        loss_types = [loss_type]
+    elif isinstance(loss_type, (list, tuple)) and loss_type:
+        loss_types = list(loss_type)
+    else:
+        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES} or a non-empty list of them, got {loss_type!r}")
+    if loss_weights is None:
+        weights = [1.0] * len(loss_types)
+    elif isinstance(loss_weights, (list, tuple)):
+        weights = list(loss_weights)
+    else:
+        raise ValueError(f"loss_weights must be a list of numbers, one per loss_type, or None, got {loss_weights!r}")
+    if len(weights) != len(loss_types):
+        raise ValueError(
+            f"loss_weights must have one weight per loss_type: {len(weights)} weights for {len(loss_types)} loss types"
+        )
+    return tuple(
+        PairTerm(kind, weight, label_smoothing if kind in smoothed else 0.0)
+        for kind, weight in zip(loss_types, weights)
     )
-    return (
-        values
-        + grad_c * (chosen_logratios - chosen_logratios.detach())
-        + grad_r * (rejected_logratios - rejected_logratios.detach())
-    )
-
-
-def pair_loss_grads(
-    chosen_logratios: torch.Tensor,
-    rejected_logratios: torch.Tensor,
-    *,
-    beta: float,
-    loss_type: str,
-    label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Closed-form ``d pair_losses / d chosen_logratios`` (and rejected), elementwise.
-
-    Returns:
-        (grad_chosen, grad_rejected): (P,) each, in the inputs' dtype.
-    """
-    _, grad_c, grad_r = _single_pair_terms(chosen_logratios, rejected_logratios, beta, loss_type, label_smoothing)
-    return grad_c, grad_r

@@ -115,6 +115,11 @@ class Objective(Protocol):
     def needs(self) -> Needs: ...
 
     @property
+    def averaged(self) -> bool:
+        """The objective compares length-averaged log-probs: the units in which a caller reports log-probs and
+        rewards (the sums it takes stay sums)."""
+
+    @property
     def ld_alpha(self) -> float | None:
         """LD-DPO's weight of the tokens past a pair's shared length (``TokenWeights.logps``), or None."""
 

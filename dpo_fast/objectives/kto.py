@@ -13,11 +13,11 @@ Liger's fused KTO loss is the same with weights 1 and ``kl`` passed in (it does 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from . import checks
 from .elementwise import sigmoid_slope
 from .interface import BatchConstants, Needs, ObjectiveValue, SequenceInputs
 
@@ -54,15 +54,14 @@ class KTOObjective:
     paired = False
     local = True
     ld_alpha = None
+    averaged = False
 
     def __post_init__(self):
-        if self.loss_type not in KTO_LOSS_TYPES:
+        if not isinstance(self.loss_type, str) or self.loss_type not in KTO_LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {KTO_LOSS_TYPES}, got {self.loss_type!r}")
-        if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"beta must be a positive number, got {self.beta!r}")
+        checks.store(self, "beta", checks.positive("beta", self.beta))
         for name in ("desirable_weight", "undesirable_weight"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise ValueError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
+            checks.store(self, name, checks.non_negative(name, getattr(self, name)))
 
     @property
     def needs(self) -> Needs:

@@ -22,12 +22,12 @@ unless given ``nll_target``): which tokens is the caller's choice (``interface.t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from . import checks
 from .elementwise import log1mexp, margin_loss
 from .interface import BatchConstants, Needs, ObjectiveValue, SequenceInputs, chosen_nll
 
@@ -61,29 +61,41 @@ class CPOObjective:
     ld_alpha = None
 
     def __post_init__(self):
-        if self.loss_type not in CPO_LOSS_TYPES:
+        if not isinstance(self.loss_type, str) or self.loss_type not in CPO_LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {CPO_LOSS_TYPES}, got {self.loss_type!r}")
-        if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"beta must be a positive number, got {self.beta!r}")
-        if not 0 <= self.label_smoothing <= 1:
+        checks.store(self, "beta", checks.positive("beta", self.beta))
+        label_smoothing = checks.number("label_smoothing", self.label_smoothing, "a number in [0, 1]")
+        if not 0 <= label_smoothing <= 1:
             raise ValueError(f"label_smoothing must lie in [0, 1], got {self.label_smoothing!r}")
+        checks.store(self, "label_smoothing", label_smoothing)
         for name in ("nll_weight", "simpo_gamma", "alpha"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+            checks.store(self, name, checks.number(name, getattr(self, name)))
+        if not (self.average_log_prob is None or isinstance(self.average_log_prob, bool)):
+            raise ValueError(f"average_log_prob must be True or False or None, got {self.average_log_prob!r}")
+
+    @property
+    def averaged(self) -> bool:
+        """The log-probs are length-averaged (``average_log_prob``, or by default for ``ipo`` and ``simpo``)."""
+        return self.loss_type in _AVERAGED if self.average_log_prob is None else self.average_log_prob
 
     @property
     def needs(self) -> Needs:
         return Needs(nll=self.nll_weight != 0)
 
+    def rewards(self, logps: torch.Tensor) -> torch.Tensor:
+        """TRL's logged rewards ``beta * rho(logps)`` of (already averaged, where ``averaged``) log-probs, detached."""
+        return self.beta * self._reward(logps.detach())[0]
+
+    def _reward(self, logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rho(logps)``: the log-probs, or AlphaPO's ``(1 - exp(-alpha * lp)) / alpha``; and its slope."""
+        if self.alpha == 0:
+            return logps, torch.ones_like(logps)
+        return -torch.expm1(-self.alpha * logps) / self.alpha, torch.exp(-self.alpha * logps)
+
     def evaluate(self, seqs: SequenceInputs, batch: BatchConstants) -> ObjectiveValue:
         logps = seqs.logps.detach().double()
-        average = self.loss_type in _AVERAGED if self.average_log_prob is None else self.average_log_prob
-        scale = 1.0 / seqs.token_counts.detach().double().clamp(min=1) if average else torch.ones_like(logps)
-        scaled = logps * scale
-        if self.alpha != 0:
-            rewards, slopes = -torch.expm1(-self.alpha * scaled) / self.alpha, torch.exp(-self.alpha * scaled)
-        else:
-            rewards, slopes = scaled, torch.ones_like(scaled)
+        scale = 1.0 / seqs.token_counts.detach().double().clamp(min=1) if self.averaged else torch.ones_like(logps)
+        rewards, slopes = self._reward(logps * scale)
         reward_c, reward_r = rewards.chunk(2)
         margin = reward_c - reward_r
         if self.loss_type == "simpo":
@@ -115,9 +127,10 @@ class ORPOObjective:
     ld_alpha = None
     needs = Needs(nll=True)
 
+    averaged = True
+
     def __post_init__(self):
-        if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"beta must be a positive number, got {self.beta!r}")
+        checks.store(self, "beta", checks.positive("beta", self.beta))
 
     def evaluate(self, seqs: SequenceInputs, batch: BatchConstants) -> ObjectiveValue:
         scale = 1.0 / seqs.token_counts.detach().double().clamp(min=1)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import torch
+
 from .dpo import DPOObjective, PairTerm
 from .interface import Objective
 from .kto import KTOObjective
@@ -18,6 +20,9 @@ from .reference_free import CPOObjective, ORPOObjective
 _CLASSES = {cls.__name__: cls for cls in (DPOObjective, CPOObjective, ORPOObjective, KTOObjective)}
 
 
+# Run, not traced, under torch.compile (json is not traceable): an objective is a frozen dataclass of Python
+# scalars, so its string is a constant of the graph.
+@torch.compiler.assume_constant_result
 def encode_objective(objective: Objective) -> str:
     """``'{"type": "DPOObjective", "beta": 0.1, "terms": [...], ...}'``: every field, keys sorted."""
     if type(objective).__name__ not in _CLASSES:

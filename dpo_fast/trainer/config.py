@@ -21,9 +21,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import validate
+from .. import objectives
 from ..backends import CHUNKED_BACKENDS
-from ..objectives import LOSS_TYPES
+from ..objectives import DPO_LOSS_TYPES
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "default"
 DEFAULT_CONFIG = DEFAULT_DIR / "config.yaml"
@@ -78,7 +78,7 @@ class TrainConfig:
     )  # fmt: skip
     # objective and reference
     beta: float = field(default=0.1, metadata={"help": "DPO beta"})
-    loss_type: str = field(default="sigmoid", metadata={"help": f"one of {' | '.join(LOSS_TYPES)}"})
+    loss_type: str = field(default="sigmoid", metadata={"help": f"one of {' | '.join(DPO_LOSS_TYPES)}"})
     label_smoothing: float = field(default=0.0, metadata={"help": "cDPO / robust label smoothing; EXO's epsilon"})
     reference: str = field(default="precompute", metadata={"help": f"one of {' | '.join(REFERENCE_MODES)}"})
     reference_cache_dir: str = field(
@@ -213,7 +213,7 @@ def _check(cfg: TrainConfig) -> None:
     for key in ("adam_beta1", "adam_beta2", "lora_dropout"):
         if not getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be < 1, got {getattr(cfg, key)}")
-    validate.check_objective(cfg.beta, cfg.loss_type, cfg.label_smoothing)
+    objectives.dpo_objective(cfg.loss_type, beta=cfg.beta, label_smoothing=cfg.label_smoothing)
     for key, allowed in (("reference", REFERENCE_MODES), ("backend", BACKENDS), ("dtype", DTYPES)):
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{key} must be one of {' | '.join(allowed)}, got {getattr(cfg, key)!r}")
