@@ -235,7 +235,8 @@ def naive_step(model, batch, ref_logps, beta):
     log_probs = logits.log_softmax(-1)
     token_logps = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     seq_logps = (token_logps * valid).sum(-1) - ref_logps
-    loss = objectives.pair_losses(*seq_logps.chunk(2), beta=beta, loss_type="sigmoid").mean()
+    chosen_logratios, rejected_logratios = seq_logps.chunk(2)
+    loss = -torch.nn.functional.logsigmoid(beta * (chosen_logratios - rejected_logratios)).mean()
     chosen = valid.clone()
     chosen[chosen.shape[0] // 2 :] = False
     with torch.no_grad():
