@@ -66,6 +66,9 @@ def pytest_collection_modifyitems(config, items):
 # first call into dpo_fast (a public function, an adapter's chunk entry point, or an op under opcheck). That call
 # fails the test if any tensor it is given lies elsewhere, and otherwise ends the test as a pass: meta tensors
 # hold no values to compute with.
+PUBLIC_ENTRIES = tuple(name for name in dpo_fast.__all__ if name.startswith("fused_linear_") or name.endswith("_logps"))
+
+
 class DeviceChecked(BaseException):
     """Every tensor of a test's first call into dpo_fast was on the declared device (a BaseException: hypothesis
     passes it through rather than shrinking on it)."""
@@ -101,7 +104,7 @@ def _device_check(request, monkeypatch):
     if not DEVICE_CHECK or backend is None:
         return
     device = device_of(backend)
-    for name in ("fused_linear_dpo_loss", "token_logps", "sequence_logps"):
+    for name in PUBLIC_ENTRIES:
         monkeypatch.setattr(dpo_fast, name, _entry_point(f"dpo_fast.{name}", device))
     for adapter in backends.CHUNKED_BACKENDS:
         for name in ("logits_stats", "logits_grad"):

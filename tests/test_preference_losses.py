@@ -234,9 +234,12 @@ def _liger_run(function, batch: dict, *args):
 
 
 def _ours_run(entry, batch: dict, backend: str, **options):
-    hidden = batch["hidden"].clone().requires_grad_(True)
-    weight = batch["weight"].clone().requires_grad_(True)
-    out = entry(hidden, weight, batch["labels"], backend=backend, **options)
+    """The entry on the backend's device (Liger's reference ran on CPU); tensor options move there too."""
+    device = device_of(backend)
+    hidden = batch["hidden"].to(device).requires_grad_(True)
+    weight = batch["weight"].to(device).requires_grad_(True)
+    options = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in options.items()}
+    out = entry(hidden, weight, batch["labels"].to(device), backend=backend, **options)
     out.loss.backward()
     return out, hidden.grad, weight.grad
 
@@ -244,11 +247,12 @@ def _ours_run(entry, batch: dict, backend: str, **options):
 def _check_liger(ours, liger, logps=None):
     out, grad_hidden, grad_weight = ours
     liger_loss, liger_aux, liger_grad_hidden, liger_grad_weight = liger
-    _close("loss", out.loss, liger_loss, LIGER_TOLERANCE)
+    _close("loss", out.loss.cpu(), liger_loss, LIGER_TOLERANCE)
     if logps is not None:
-        _close("logps", torch.cat([out.chosen_logps, out.rejected_logps]), torch.cat(liger_aux[:2]), LIGER_TOLERANCE)
-    _close("d/dhidden", grad_hidden, liger_grad_hidden, LIGER_TOLERANCE)
-    _close("d/dweight", grad_weight, liger_grad_weight, LIGER_TOLERANCE)
+        logps = torch.cat([out.chosen_logps, out.rejected_logps]).cpu()
+        _close("logps", logps, torch.cat(liger_aux[:2]), LIGER_TOLERANCE)
+    _close("d/dhidden", grad_hidden.cpu(), liger_grad_hidden, LIGER_TOLERANCE)
+    _close("d/dweight", grad_weight.cpu(), liger_grad_weight, LIGER_TOLERANCE)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -290,12 +294,15 @@ def test_kto_equals_liger(backend, kl):
     desirable = torch.tensor([True, False, True, True, False])
     liger = _liger_run(LigerFusedLinearKTOFunction, batch, desirable, None, ref_hidden, batch["weight"], None,
                        torch.tensor(kl), -100, 0.7, False, True, False)  # fmt: skip
-    ref_logps = dpo_fast.sequence_logps(ref_hidden, batch["weight"], batch["labels"], backend="reference")
+    device = device_of(backend)
+    ref_logps = dpo_fast.sequence_logps(ref_hidden.to(device), batch["weight"].to(device), batch["labels"].to(device),
+                                        backend="reference")  # fmt: skip
     out, grad_hidden, grad_weight = _ours_run(dpo_fast.fused_linear_kto_loss, batch, backend, desirable=desirable,
                                               ref_logps=ref_logps, kl=kl, beta=0.7)  # fmt: skip
     liger_loss, liger_aux, liger_grad_hidden, liger_grad_weight = liger
-    _close("loss", out.loss, liger_loss, LIGER_TOLERANCE)
-    _close("logps of the desirable", out.logps[desirable].sum(), liger_aux[0], LIGER_TOLERANCE)
-    _close("logps of the undesirable", out.logps[~desirable].sum(), liger_aux[1], LIGER_TOLERANCE)
-    _close("d/dhidden", grad_hidden, liger_grad_hidden, LIGER_TOLERANCE)
-    _close("d/dweight", grad_weight, liger_grad_weight, LIGER_TOLERANCE)
+    logps = out.logps.cpu()
+    _close("loss", out.loss.cpu(), liger_loss, LIGER_TOLERANCE)
+    _close("logps of the desirable", logps[desirable].sum(), liger_aux[0], LIGER_TOLERANCE)
+    _close("logps of the undesirable", logps[~desirable].sum(), liger_aux[1], LIGER_TOLERANCE)
+    _close("d/dhidden", grad_hidden.cpu(), liger_grad_hidden, LIGER_TOLERANCE)
+    _close("d/dweight", grad_weight.cpu(), liger_grad_weight, LIGER_TOLERANCE)
