@@ -115,6 +115,9 @@ def assert_logs_match(fast_logs: list[dict], stock_logs: list[dict], beta: float
                 continue
             assert math.isfinite(fast[key]), key
             floor = 1e-2
+            if key.endswith("kl"):
+                # KTO's KL estimate: a mean of differences of summed log-probs, each rounded at ~1e-7 of |logps|
+                floor = 1e-2 * max(abs(stock[f"{key[:-2]}logps/chosen"]), abs(stock[f"{key[:-2]}logps/rejected"]))
             if "rewards/" in key:
                 prefix = key.split("rewards/")[0]
                 floor = beta * max(abs(stock[f"{prefix}logps/chosen"]), abs(stock[f"{prefix}logps/rejected"]))

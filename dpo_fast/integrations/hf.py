@@ -155,6 +155,21 @@ class LMHead:
                 **rows.layout(), **options,
             )  # fmt: skip
 
+    def kto_loss(self, rows: HeadRows, **options) -> api.KTOOutput:
+        """``dpo_fast.fused_linear_kto_loss`` of ``rows`` (B unpaired completions) through this head.
+
+        Args:
+            options: the loss's other keyword arguments (``desirable``, ``ref_logps``, ``kl``, ``beta``, ``loss_type``,
+                ``return_token_metrics``, ``backend``, ...); the head, the layout and ``ignore_index`` come from here.
+        """
+        hidden, bias = self.prepare(rows.hidden)
+        layout = {} if rows.segment_ids is None else {"segment_ids": rows.segment_ids}
+        with torch.autocast(hidden.device.type, enabled=False):
+            return api.fused_linear_kto_loss(
+                hidden, self.weight, rows.labels, bias=bias, softcap=self.softcap, ignore_index=IGNORE_INDEX,
+                **layout, **options,
+            )  # fmt: skip
+
     def sequence_logps(self, rows: HeadRows, *, ld_alpha: float | None = None, **options) -> torch.Tensor:
         """(2P,) float32 ``dpo_fast.sequence_logps`` of ``rows`` through this head, chosen first.
 

@@ -28,15 +28,17 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import is_peft_model
 from transformers.utils import ModelOutput
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter
 
 from .. import objectives, validate
-from .hf import HeadRows, LMHead, add_dpo_fast_head, token_metric_means, token_metric_sums
+from .hf import HeadRows, LMHead, token_metric_means, token_metric_sums
+from .kto import FastKTOTrainer
 from .prefix_sharing import check_model, collate_shared, pairs_from_trl_batch
+from .trl_heads import ReferenceHead, install_head, reference_context
+
+__all__ = ["FastDPOTrainer", "FastKTOTrainer", "trl_objective"]
 
 IGNORE_INDEX = -100
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
@@ -75,13 +77,6 @@ class PolicyOutput(ModelOutput):
     logps: torch.Tensor | None = None
     token_sums: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
-
-
-@dataclass
-class ReferenceOutput(ModelOutput):
-    """``logps``: (2P,) float32 summed completion log-probs of the reference model (LD-DPO-weighted likewise)."""
-
-    logps: torch.Tensor | None = None
 
 
 @dataclass
@@ -125,21 +120,6 @@ class PolicyHead:
             token_sums=token_sums,
             aux_loss=None if aux_loss is None else aux_loss.detach(),
         )
-
-
-@dataclass
-class ReferenceHead:
-    """Summed completion log-probs of the reference model, forward only; called inside its forward.
-
-    Attributes:
-        ld_alpha: LD-DPO's weight of the tokens past a pair's shared completion length, or None.
-    """
-
-    backend: str
-    ld_alpha: float | None = None
-
-    def __call__(self, rows: HeadRows, head: LMHead) -> ReferenceOutput:
-        return ReferenceOutput(logps=head.sequence_logps(rows, ld_alpha=self.ld_alpha, backend=self.backend))
 
 
 class FastDPOTrainer(DPOTrainer):
@@ -192,19 +172,10 @@ class FastDPOTrainer(DPOTrainer):
                     check_model(causal_lm, self.accelerator.device if trains else None)
 
     def _install_head(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Patch the causal LM inside ``model``'s wrappers (``hf.add_dpo_fast_head``); returns that causal LM."""
-        causal_lm = self.accelerator.unwrap_model(model)
-        if is_peft_model(causal_lm):
-            causal_lm = causal_lm.get_base_model()
-        add_dpo_fast_head(causal_lm, gather=maybe_gather_lm_head_ctx)
-        return causal_lm
+        return install_head(self, model)
 
     def _reference_context(self) -> contextlib.AbstractContextManager:
-        """A PEFT policy without a separate reference runs as the reference with its adapters off (or "ref" on)."""
-        if self.ref_model is None and is_peft_model(self.model):
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        return contextlib.nullcontext()
+        return reference_context(self)
 
     def _head_inputs(self, inputs: dict) -> dict:
         """The keywords that give the patched forward its rows: TRL's padded batch and labels, or the shared layout."""
