@@ -288,6 +288,8 @@ SHARING_CASES = {
     "ipo-precompute": {"loss_type": ["ipo"], "precompute_ref_log_probs": True},
     "sigmoid+sft-checkpointing": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5],
                                   "gradient_checkpointing": True},
+    # LD-DPO's weights by position within each completion, WPO's from the same pass, in the shared layout
+    "ld_alpha-use_weighting": {"loss_type": ["sigmoid", "ipo"], "ld_alpha": 0.5, "use_weighting": True},
 }  # fmt: skip
 
 
