@@ -319,6 +319,9 @@ def test_prefix_sharing_refuses_what_it_cannot_share(tmp_path):
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(TOKENIZER), n_embd=16, n_layer=1, n_head=2, n_positions=64))
     with pytest.raises(ValueError, match="verified for model types.*'gpt2'"):
         train(FastDPOTrainer, tmp_path, steps=1, base=gpt2, trainer_kwargs={"prefix_sharing": True})
+    # the router would see each prompt once, not twice as in TRL: its load-balancing loss would differ
+    with pytest.raises(ValueError, match=r"router_aux_loss_coef=0\.3"):
+        train(FastDPOTrainer, tmp_path, steps=1, base=tiny_moe("mixtral"), trainer_kwargs={"prefix_sharing": True})
 
 
 def test_every_trl_loss_type_is_supported():
