@@ -19,6 +19,7 @@ the reference backend, per-token log-probs and ``objectives.objective_loss``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -212,6 +213,7 @@ def fused_linear_dpo_loss(
     scratch_mib: int | None = None,
     grads_in_forward: bool | None = None,
     return_token_metrics: bool = False,
+    objective: objectives.DPOObjective | None = None,
 ) -> DPOOutput:
     """The DPO loss (every loss type of TRL 1.16's ``DPOTrainer``) straight from the last hidden states and the
     lm_head weight.
@@ -254,6 +256,10 @@ def fused_linear_dpo_loss(
         return_token_metrics: also return the policy's per-token entropy, mean logit and top-1 flag
             (``DPOOutput.token_metrics``), formed in the row pass that forms the log-probs: no extra
             product, no second pass over the vocabulary.
+        objective: a ``dpo_fast.objectives.DPOObjective`` in place of the objective's keywords (``beta`` through
+            ``average_log_prob``, which must then keep their defaults), e.g. ``objectives.trl_dpo_objective(...)``:
+            TRL's reading of ``label_smoothing`` (none for ``sigmoid``), which one ``label_smoothing`` for every
+            loss type cannot say when ``sigmoid`` is combined with ``robust``, ``exo_pair`` or ``aot``.
     Returns:
         ``DPOOutput``. Gradients come back in the inputs' dtypes; ``dL/dW`` accumulates in float32
         and is rounded to the weight's dtype once (``dpo_fast.chunking``).
@@ -265,11 +271,15 @@ def fused_linear_dpo_loss(
     Gradients are first-order only: a backward with ``create_graph=True`` raises on the chunked
     backends.
     """
-    objective = objectives.dpo_objective(
-        loss_type, beta=beta, loss_weights=loss_weights, label_smoothing=label_smoothing,
+    options = dict(
+        beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
         f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
         discopop_tau=discopop_tau, use_weighting=use_weighting, ld_alpha=ld_alpha, average_log_prob=average_log_prob,
     )  # fmt: skip
+    if objective is None:
+        objective = objectives.dpo_objective(**options)
+    else:
+        _check_objective_alone(objective, options)
     validate.check_flag("reference_free", reference_free)
     pairs = _num_pairs(hidden, segment_ids, num_pairs, None if reference_free else ref_chosen_logps)
     ref = None
@@ -282,8 +292,20 @@ def fused_linear_dpo_loss(
         grads_in_forward=grads_in_forward, return_token_metrics=return_token_metrics,
     )  # fmt: skip
     logps = result.reported_logps(objective)
-    rewards = beta * (logps.detach() if ref is None else logps.detach() - ref.to(logps))
+    rewards = objective.beta * (logps.detach() if ref is None else logps.detach() - ref.to(logps))
     return _pair_output(result, logps, rewards)
+
+
+def _check_objective_alone(objective: object, options: dict) -> None:
+    """``fused_linear_dpo_loss(objective=...)`` takes none of the keywords the objective replaces."""
+    if not isinstance(objective, objectives.DPOObjective):
+        raise ValueError(f"objective must be a dpo_fast.objectives.DPOObjective or None, got {objective!r}")
+    defaults = inspect.signature(fused_linear_dpo_loss).parameters
+    given = [name for name, value in options.items() if value != defaults[name].default]
+    if given:
+        raise ValueError(
+            f"objective= replaces the objective's keywords; got also {given}: set them in the DPOObjective instead"
+        )
 
 
 def fused_linear_cpo_loss(

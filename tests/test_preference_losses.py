@@ -306,3 +306,31 @@ def test_kto_equals_liger(backend, kl):
     _close("logps of the undesirable", logps[~desirable].sum(), liger_aux[1], LIGER_TOLERANCE)
     _close("d/dhidden", grad_hidden.cpu(), liger_grad_hidden, LIGER_TOLERANCE)
     _close("d/dweight", grad_weight.cpu(), liger_grad_weight, LIGER_TOLERANCE)
+
+
+def test_dpo_loss_takes_a_prebuilt_objective():
+    """``objective=`` runs a ``DPOObjective`` the keywords cannot say: TRL's sigmoid (no label smoothing) beside its
+    robust (with it); the same as the two losses apart, weighted. The keywords it replaces are refused beside it."""
+    batch = _liger_batch(seed=3)
+    hidden, weight, labels = batch["hidden"].requires_grad_(), batch["weight"].requires_grad_(), batch["labels"]
+    pairs = hidden.shape[0] // 2
+    ref = torch.randn(2 * pairs, generator=torch.Generator().manual_seed(4), dtype=hidden.dtype) - 20
+    common = dict(ref_chosen_logps=ref[:pairs], ref_rejected_logps=ref[pairs:], backend="torch")
+
+    def run(**options):
+        hidden.grad = weight.grad = None
+        out = dpo_fast.fused_linear_dpo_loss(hidden, weight, labels, **common, **options)
+        out.loss.backward()
+        return out.loss.detach(), hidden.grad.clone(), weight.grad.clone()
+
+    objective = dpo_fast.objectives.trl_dpo_objective(["sigmoid", "robust"], loss_weights=[1.0, 0.5],
+                                                      label_smoothing=0.1, beta=0.2)  # fmt: skip
+    combined = run(objective=objective)
+    sigmoid = run(loss_type="sigmoid", beta=0.2)
+    robust = run(loss_type="robust", label_smoothing=0.1, beta=0.2)
+    for name, actual, a, b in zip(("loss", "dL/dhidden", "dL/dW"), combined, sigmoid, robust):
+        _close(name, actual, a + 0.5 * b, 1e-5)
+    with pytest.raises(ValueError, match=r"objective= replaces .*\['beta'\]"):
+        dpo_fast.fused_linear_dpo_loss(hidden, weight, labels, **common, objective=objective, beta=0.3)
+    with pytest.raises(ValueError, match="objective must be a dpo_fast.objectives.DPOObjective"):
+        dpo_fast.fused_linear_dpo_loss(hidden, weight, labels, **common, objective="sigmoid")

@@ -22,7 +22,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
-from dpo_fast.integrations.trl import PAIR_LOSSES, REFUSED_LOSSES, FastDPOTrainer  # noqa: E402
+from dpo_fast.integrations.trl import FastDPOTrainer  # noqa: E402
+from dpo_fast.objectives import DPO_LOSS_TYPES  # noqa: E402
 
 TOLERANCE = 1e-4
 # Logged values that are not the math: timings, and TRL's running token count (checked equal apart)
@@ -114,6 +115,9 @@ def assert_logs_match(fast_logs: list[dict], stock_logs: list[dict], beta: float
                 continue
             assert math.isfinite(fast[key]), key
             floor = 1e-2
+            if key.endswith("kl"):
+                # KTO's KL estimate: a mean of differences of summed log-probs, each rounded at ~1e-7 of |logps|
+                floor = 1e-2 * max(abs(stock[f"{key[:-2]}logps/chosen"]), abs(stock[f"{key[:-2]}logps/rejected"]))
             if "rewards/" in key:
                 prefix = key.split("rewards/")[0]
                 floor = beta * max(abs(stock[f"{prefix}logps/chosen"]), abs(stock[f"{prefix}logps/rejected"]))
@@ -161,7 +165,68 @@ def test_matches_trl(case, tmp_path):
     print(f"{case}: max relative difference: logs {logs:.1e}, eval {evals:.1e}, weight updates {updates:.1e}")
 
 
-@pytest.mark.parametrize("loss_type", sorted(set(PAIR_LOSSES) - {"sigmoid", "robust", "hinge", "ipo"}))
+# Issue 17: what FastDPOTrainer refused before (each raised a ValueError naming the option)
+FORMERLY_REFUSED = {
+    "forward_kl": dict(f_divergence_type="forward_kl"),
+    "js_divergence": dict(f_divergence_type="js_divergence", loss_type=["sigmoid_norm"]),
+    "alpha_divergence": dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
+    "ld_alpha": dict(ld_alpha=0.5),
+    "ld_alpha-ipo-precompute": dict(ld_alpha=0.3, loss_type=["ipo"], precompute_ref_log_probs=True),
+    "use_weighting": dict(use_weighting=True, loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.5]),
+    "aot": dict(loss_type=["aot"], label_smoothing=0.1),
+    # sorted within each micro-batch of 2 pairs, as TRL sorts
+    "aot_unpaired-accumulation": dict(loss_type=["aot_unpaired"], per_device_train_batch_size=2,
+                                      gradient_accumulation_steps=2),
+    "discopop": dict(loss_type=["discopop"], discopop_tau=0.2),
+    # TRL reads label_smoothing in robust, not in sigmoid
+    "two-pairwise-types": dict(loss_type=["sigmoid", "robust"], loss_weights=[1.0, 0.5], label_smoothing=0.1),
+    "sft-alone": dict(loss_type=["sft"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", FORMERLY_REFUSED)
+def test_formerly_refused_options_match_trl(case, tmp_path):
+    options = FORMERLY_REFUSED[case]
+    fast_logs, fast_eval, fast_updates = train(FastDPOTrainer, tmp_path, steps=2, **options)
+    stock_logs, stock_eval, stock_updates = train(DPOTrainer, tmp_path, steps=2, **options)
+    logs = assert_logs_match(fast_logs + [fast_eval], stock_logs + [stock_eval], beta=0.1)
+    updates = assert_updates_match(fast_updates, stock_updates)
+    print(f"{case}: max relative difference: logs {logs:.1e}, weight updates {updates:.1e}")
+
+
+def tiny_moe(model_type: str):
+    """A 2-layer MoE causal LM of 4 experts, 2 per token, built from a config (no hub)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, num_experts_per_tok=2,
+                 tie_word_embeddings=False, router_aux_loss_coef=0.3)  # fmt: skip
+    experts = {"mixtral": dict(num_local_experts=4), "qwen3_moe": dict(num_experts=4, moe_intermediate_size=16)}
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes, **experts[model_type])).float()
+
+
+@pytest.mark.parametrize("model_type, coef", [("mixtral", None), ("qwen3_moe", 0.05)])
+def test_moe_router_aux_loss_matches_trl(model_type, coef, tmp_path):
+    """The MoE load-balancing loss, weighted by the config's router_aux_loss_coef (None) or DPOConfig's, is added
+    to the loss and logged as ``aux_loss``, as TRL does."""
+    base = tiny_moe(model_type)
+    fast_logs, fast_eval, fast_updates = train(FastDPOTrainer, tmp_path, steps=2, base=base, router_aux_loss_coef=coef)
+    stock_logs, stock_eval, stock_updates = train(DPOTrainer, tmp_path, steps=2, base=base, router_aux_loss_coef=coef)
+    assert "aux_loss" in stock_logs[0] and "eval_aux_loss" in stock_eval
+    logs = assert_logs_match(fast_logs + [fast_eval], stock_logs + [stock_eval], beta=0.1)
+    updates = assert_updates_match(fast_updates, stock_updates)
+    gate = next(name for name in stock_updates if "gate" in name and "experts" not in name)
+    assert stock_updates[gate].norm() > 0  # the router trains
+    print(f"{model_type}: max relative difference: logs {logs:.1e}, weight updates {updates:.1e}")
+
+
+# the loss types no other case covers
+OTHER_LOSS_TYPES = sorted(set(DPO_LOSS_TYPES) - {"sigmoid", "robust", "hinge", "ipo", "sft", "aot", "aot_unpaired",
+                                                 "discopop"})  # fmt: skip
+
+
+@pytest.mark.parametrize("loss_type", OTHER_LOSS_TYPES)
 def test_other_loss_types_match_trl(loss_type, tmp_path):
     options = dict(loss_type=[loss_type], label_smoothing=1e-3 if loss_type == "exo_pair" else 0.0)
     fast_logs, _, fast_updates = train(FastDPOTrainer, tmp_path, steps=2, **options)
@@ -223,6 +288,8 @@ SHARING_CASES = {
     "ipo-precompute": {"loss_type": ["ipo"], "precompute_ref_log_probs": True},
     "sigmoid+sft-checkpointing": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5],
                                   "gradient_checkpointing": True},
+    # LD-DPO's weights by position within each completion, WPO's from the same pass, in the shared layout
+    "ld_alpha-use_weighting": {"loss_type": ["sigmoid", "ipo"], "ld_alpha": 0.5, "use_weighting": True},
 }  # fmt: skip
 
 
@@ -252,15 +319,18 @@ def test_prefix_sharing_refuses_what_it_cannot_share(tmp_path):
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(TOKENIZER), n_embd=16, n_layer=1, n_head=2, n_positions=64))
     with pytest.raises(ValueError, match="verified for model types.*'gpt2'"):
         train(FastDPOTrainer, tmp_path, steps=1, base=gpt2, trainer_kwargs={"prefix_sharing": True})
+    # the router would see each prompt once, not twice as in TRL: its load-balancing loss would differ
+    with pytest.raises(ValueError, match=r"router_aux_loss_coef=0\.3"):
+        train(FastDPOTrainer, tmp_path, steps=1, base=tiny_moe("mixtral"), trainer_kwargs={"prefix_sharing": True})
 
 
-def test_every_trl_loss_type_is_supported_or_refused():
-    """The loss types TRL's DPOConfig lists, read from the installed TRL."""
+def test_every_trl_loss_type_is_supported():
+    """The loss types TRL's DPOConfig lists, read from the installed TRL: FastDPOTrainer refuses none."""
     help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
     listed = set(help_text.split("Possible values are:")[1].split(". If multiple")[0].replace("`", "").replace("'", "")
                  .replace(" ", "").split(","))  # fmt: skip
     assert "sigmoid" in listed and "apo_down" in listed
-    assert listed == set(PAIR_LOSSES) | set(REFUSED_LOSSES) | {"sft"}
+    assert listed == set(DPO_LOSS_TYPES)
 
 
 # ---------------------------------------------------------------------------------------------- products per step

@@ -35,7 +35,7 @@ from typing import TypeVar
 import torch
 from torch.distributed.tensor import DTensor
 
-from .. import api
+from .. import api, objectives
 from .prefix_sharing import SharedPrefixBatch, shared_attention_mask
 
 IGNORE_INDEX = -100
@@ -57,16 +57,19 @@ class HeadRows:
         labels: (2P, T) or (N,) int64, ``IGNORE_INDEX`` off the completion tokens.
         segment_ids: None (padded), or (N,) int64 in [0, 2P): p for pair p's chosen tokens, P + p for its rejected.
         num_pairs: P; None for packed rows of a pass that does not know it (read from the segment ids then).
+        aux_loss: () a MoE backbone's load-balancing loss (``router_aux_loss``, unweighted) when it was called
+            with ``output_router_logits=True``; else None.
     """
 
     hidden: torch.Tensor
     labels: torch.Tensor
     segment_ids: torch.Tensor | None = None
     num_pairs: int | None = None
+    aux_loss: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> HeadRows:
         segment_ids = None if self.segment_ids is None else self.segment_ids.to(device)
-        return HeadRows(self.hidden.to(device), self.labels.to(device), segment_ids, self.num_pairs)
+        return HeadRows(self.hidden.to(device), self.labels.to(device), segment_ids, self.num_pairs, self.aux_loss)
 
     @property
     def pairs(self) -> int:
@@ -140,8 +143,10 @@ class LMHead:
         """``dpo_fast.fused_linear_dpo_loss`` of ``rows`` through this head.
 
         Args:
-            options: the loss's other keyword arguments (``ref_chosen_logps``, ``beta``, ``loss_type``,
-                ``return_token_metrics``, ``backend``, ...); the head, the layout and ``ignore_index`` come from here.
+            options: the loss's other keyword arguments (``ref_chosen_logps``, ``beta``, ``loss_type``, every
+                objective option, or ``objective=`` a prebuilt ``DPOObjective`` such as
+                ``objectives.trl_dpo_objective(...)``; ``return_token_metrics``, ``backend``, ...); the head, the
+                layout and ``ignore_index`` come from here.
         """
         hidden, bias = self.prepare(rows.hidden)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -150,12 +155,32 @@ class LMHead:
                 **rows.layout(), **options,
             )  # fmt: skip
 
-    def sequence_logps(self, rows: HeadRows, **options) -> torch.Tensor:
+    def kto_loss(self, rows: HeadRows, **options) -> api.KTOOutput:
+        """``dpo_fast.fused_linear_kto_loss`` of ``rows`` (B unpaired completions) through this head.
+
+        Args:
+            options: the loss's other keyword arguments (``desirable``, ``ref_logps``, ``kl``, ``beta``, ``loss_type``,
+                ``return_token_metrics``, ``backend``, ...); the head, the layout and ``ignore_index`` come from here.
+        """
+        hidden, bias = self.prepare(rows.hidden)
+        layout = {} if rows.segment_ids is None else {"segment_ids": rows.segment_ids}
+        with torch.autocast(hidden.device.type, enabled=False):
+            return api.fused_linear_kto_loss(
+                hidden, self.weight, rows.labels, bias=bias, softcap=self.softcap, ignore_index=IGNORE_INDEX,
+                **layout, **options,
+            )  # fmt: skip
+
+    def sequence_logps(self, rows: HeadRows, *, ld_alpha: float | None = None, **options) -> torch.Tensor:
         """(2P,) float32 ``dpo_fast.sequence_logps`` of ``rows`` through this head, chosen first.
 
         Args:
+            ld_alpha: LD-DPO (TRL 1.16): the completion tokens past the shorter completion of each pair count
+                ``ld_alpha`` in the sums (the reference log-probs of ``fused_linear_dpo_loss(..., ld_alpha=...)``);
+                None: plain sums.
             options: ``average_log_prob``, ``backend``, ``scratch_mib``.
         """
+        if ld_alpha is not None:
+            return self._ld_weighted_logps(rows, ld_alpha, **options)
         hidden, bias = self.prepare(rows.hidden)
         layout = {}
         if rows.segment_ids is not None:
@@ -165,6 +190,22 @@ class LMHead:
                 hidden, self.weight, rows.labels, bias=bias, softcap=self.softcap, ignore_index=IGNORE_INDEX,
                 **layout, **options,
             )  # fmt: skip
+
+    def _ld_weighted_logps(self, rows: HeadRows, ld_alpha: float, average_log_prob: bool = False,
+                           **options) -> torch.Tensor:  # fmt: skip
+        """(2P,) the LD-DPO-weighted sums (``objectives.token_weights``) of the per-token log-probs."""
+        hidden, bias = self.prepare(rows.hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
+            logp = api.token_logps(
+                hidden, self.weight, rows.labels, bias=bias, softcap=self.softcap, ignore_index=IGNORE_INDEX, **options
+            ).reshape(-1)
+        completion, sequences = (rows.labels != IGNORE_INDEX).reshape(-1), rows.sequence_of_tokens()
+        objective = objectives.DPOObjective(ld_alpha=ld_alpha)
+        weights = objectives.token_weights(objective, completion, sequences, 2 * rows.pairs).logps
+        sums = logp.new_zeros(2 * rows.pairs, dtype=torch.float64).index_add_(0, sequences, logp.double() * weights)
+        if average_log_prob:
+            sums = sums / rows.completion_lengths().clamp(min=1)
+        return sums.to(logp.dtype)
 
 
 def logit_scale(text_config) -> float:
@@ -186,6 +227,18 @@ def last_hidden_state(model: torch.nn.Module, *args, **inputs) -> torch.Tensor:
     return model.base_model(*args, **{**inputs, "use_cache": False}).last_hidden_state
 
 
+def router_aux_loss(model: torch.nn.Module, router_logits, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """() the MoE load-balancing loss of a backbone's router logits, unweighted, as the model's own forward and
+    TRL 1.16's fused head compute it (Mixtral's ``load_balancing_loss_func``, which every MoE family shares;
+    padding excluded by ``attention_mask``)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    text_config = model.config.get_text_config()
+    return load_balancing_loss_func(
+        router_logits, text_config.num_experts, text_config.num_experts_per_tok, attention_mask
+    )
+
+
 def head_rows(
     model: torch.nn.Module,
     *args,
@@ -205,6 +258,7 @@ def head_rows(
             ``labels[t + 1]``, so the last position and the first label are dropped. Otherwise
             ``labels[t]`` is already the target of position t.
         segment_ids: (N,) for packed input (``input_ids`` (1, N)), with ``num_pairs``.
+        inputs["output_router_logits"]: True for a MoE backbone: the rows carry its load-balancing loss.
         shared: a prefix-shared batch (``prefix_sharing.collate_shared``) instead of all of the above;
             ``inputs`` may then only hold what the shared layout replaces (None values are ignored).
     """
@@ -224,12 +278,15 @@ def head_rows(
         return HeadRows(shared.gather(hidden), shared.labels, shared.segment_ids, shared.num_pairs)
     if labels is None:
         raise ValueError("the fused head needs labels: the input ids with -100 off the completion tokens")
-    hidden = last_hidden_state(model, *args, **inputs)
+    outputs = model.base_model(*args, **{**inputs, "use_cache": False})
+    hidden, aux_loss = outputs.last_hidden_state, None
+    if inputs.get("output_router_logits"):
+        aux_loss = router_aux_loss(model, outputs.router_logits, inputs.get("attention_mask"))
     if segment_ids is not None:
-        return HeadRows(hidden.squeeze(0), labels, segment_ids, num_pairs)
+        return HeadRows(hidden.squeeze(0), labels, segment_ids, num_pairs, aux_loss)
     if shift_labels:
-        return HeadRows(hidden[:, :-1], labels[:, 1:])
-    return HeadRows(hidden, labels)
+        return HeadRows(hidden[:, :-1], labels[:, 1:], aux_loss=aux_loss)
+    return HeadRows(hidden, labels, aux_loss=aux_loss)
 
 
 def _no_gather(*params: torch.Tensor | None) -> contextlib.AbstractContextManager:

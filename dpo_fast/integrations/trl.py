@@ -14,8 +14,11 @@ forward pass, prompt and padding tokens never multiplied) and the reference log-
 ``dpo_fast.sequence_logps``: never the ``N x V`` logits. Both run inside the model's forward
 (``dpo_fast.integrations.hf``), so wrappers that shard parameters see an ordinary forward.
 
-Tested with TRL 1.16 (the ``trl`` extra pins the range). Each ``DPOConfig`` option that changes the
-math and that dpo_fast does not implement raises a ``ValueError`` naming it; none is dropped silently.
+Tested with TRL 1.16 (the ``trl`` extra pins the range). Every ``DPOConfig`` option of TRL 1.16's
+``DPOTrainer`` keeps its meaning (``trl_objective``: every loss type, several at once with
+``loss_weights``, f-divergences, ``discopop_tau``, WPO's ``use_weighting``, LD-DPO's ``ld_alpha``), and a
+MoE policy's load-balancing loss is added as TRL adds it (``router_aux_loss_coef``, logged as ``aux_loss``).
+``aot`` and ``aot_unpaired`` sort within each micro-batch, as TRL's do.
 """
 
 from __future__ import annotations
@@ -25,111 +28,36 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import is_peft_model
 from transformers.utils import ModelOutput
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter
 
 from .. import objectives, validate
-from .hf import HeadRows, LMHead, add_dpo_fast_head, token_metric_means, token_metric_sums
+from .hf import HeadRows, LMHead, token_metric_means, token_metric_sums
+from .kto import FastKTOTrainer
 from .prefix_sharing import check_model, collate_shared, pairs_from_trl_batch
+from .trl_heads import ReferenceHead, install_head, reference_context
+
+__all__ = ["FastDPOTrainer", "FastKTOTrainer", "trl_objective"]
 
 IGNORE_INDEX = -100
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
-
-# TRL 1.16 loss type -> (dpo_fast loss type, on length-averaged log-probs, takes label_smoothing).
-# TRL's "sigmoid" ignores label_smoothing (cDPO is dpo_fast's sigmoid with label_smoothing > 0).
-PAIR_LOSSES = {
-    "sigmoid": ("sigmoid", False, False),
-    "sigmoid_norm": ("sigmoid", True, False),
-    "robust": ("robust", False, True),
-    "hinge": ("hinge", False, False),
-    "ipo": ("ipo", True, False),
-    "exo_pair": ("exo_pair", False, True),
-    "nca_pair": ("nca_pair", False, False),
-    "bco_pair": ("bco_pair", False, False),
-    "sppo_hard": ("sppo_hard", False, False),
-    "apo_zero": ("apo_zero", False, False),
-    "apo_down": ("apo_down", False, False),
-}
-REFUSED_LOSSES = {
-    "aot": "it sorts the log-ratios across the batch, so a pair's gradient is not its own",
-    "aot_unpaired": "it sorts the log-ratios across the batch, so a pair's gradient is not its own",
-    "discopop": "it needs discopop_tau, which dpo_fast's objectives do not take yet",
-}
+# TRL 1.16's loss types that divide each score by its completion's token count
+AVERAGED_LOSSES = ("ipo", "sigmoid_norm")
 
 
-@dataclass(frozen=True)
-class TrlObjective:
-    """TRL's loss as dpo_fast computes it: ``weight * mean pair loss + sft_weight * chosen-token NLL``.
+def trl_objective(args: DPOConfig) -> objectives.DPOObjective:
+    """The objective of a ``DPOConfig`` with TRL 1.16's semantics (``objectives.trl_dpo_objective``).
 
-    Attributes:
-        loss_type: dpo_fast's name of the pairwise loss (``dpo_fast.LOSS_TYPES``).
-        average_log_prob: the pair loss sees length-averaged log-ratios (TRL's ipo, sigmoid_norm).
-        label_smoothing: what TRL 1.16 applies for this loss type (0 where it ignores the option).
-        weight, sft_weight: the ``loss_weights`` of the pair loss and of ``"sft"`` (0 without it).
+    Every loss type, ``loss_weights``, ``label_smoothing`` where TRL reads it, the f-divergences,
+    ``discopop_tau``, ``use_weighting`` (WPO) and ``ld_alpha`` (LD-DPO). A ``ValueError`` names an option
+    TRL itself cannot run (e.g. ``use_weighting`` with ``aot``, or with ``"sft"`` where its in-place product fails).
     """
-
-    loss_type: str
-    beta: float
-    label_smoothing: float
-    average_log_prob: bool
-    weight: float
-    sft_weight: float
-
-
-def trl_objective(args: DPOConfig) -> TrlObjective:
-    """The objective of a ``DPOConfig``, or a ``ValueError`` naming the option dpo_fast cannot honour."""
-    _refuse_unsupported_options(args)
-    loss_types = list(args.loss_type)
-    weights = list(args.loss_weights or [1.0] * len(loss_types))
-    for loss_type in loss_types:
-        if loss_type in REFUSED_LOSSES:
-            raise ValueError(
-                f"FastDPOTrainer does not support DPOConfig(loss_type={loss_type!r}): {REFUSED_LOSSES[loss_type]}. "
-                f"Use one of {sorted(PAIR_LOSSES)} (optionally with 'sft'), or trl.DPOTrainer for this loss."
-            )
-        if loss_type not in PAIR_LOSSES and loss_type != "sft":
-            raise ValueError(f"DPOConfig(loss_type={loss_type!r}) is not a loss type TRL 1.16 knows")
-    pair_types = [t for t in loss_types if t != "sft"]
-    if len(pair_types) != 1 or loss_types.count("sft") > 1:
-        raise ValueError(
-            f"FastDPOTrainer supports one pairwise loss type, optionally with 'sft' (RPO's NLL term); got "
-            f"DPOConfig(loss_type={loss_types}). Combine several pairwise losses with trl.DPOTrainer."
-        )
-    name, average, takes_smoothing = PAIR_LOSSES[pair_types[0]]
-    label_smoothing = args.label_smoothing if takes_smoothing else 0.0
-    objectives.dpo_objective(name, beta=args.beta, label_smoothing=label_smoothing)
-    return TrlObjective(
-        loss_type=name,
-        beta=args.beta,
-        label_smoothing=label_smoothing,
-        average_log_prob=average,
-        weight=weights[loss_types.index(pair_types[0])],
-        sft_weight=weights[loss_types.index("sft")] if "sft" in loss_types else 0.0,
-    )
-
-
-def _refuse_unsupported_options(args: DPOConfig) -> None:
-    if args.ld_alpha is not None:
-        raise ValueError(
-            f"FastDPOTrainer does not support DPOConfig(ld_alpha={args.ld_alpha}) (LD-DPO's weighting of the tokens "
-            "past the shared length): set ld_alpha=None, or use trl.DPOTrainer"
-        )
-    if args.use_weighting:
-        raise ValueError(
-            "FastDPOTrainer does not support DPOConfig(use_weighting=True) (WPO's pair weights need sum_v p_v^2 per "
-            "token): set use_weighting=False, or use trl.DPOTrainer"
-        )
-    reverse_kl = args.f_divergence_type == "reverse_kl" or (
-        args.f_divergence_type == "alpha_divergence" and abs(args.f_alpha_divergence_coef - 1.0) < 1e-6
-    )  # TRL's alpha-divergence at alpha = 1 is reverse KL
-    if not reverse_kl:
-        raise ValueError(
-            f"FastDPOTrainer does not support DPOConfig(f_divergence_type={args.f_divergence_type!r}): only "
-            "'reverse_kl' (standard DPO); use trl.DPOTrainer for f-DPO"
-        )
+    return objectives.trl_dpo_objective(
+        list(args.loss_type), beta=args.beta, loss_weights=args.loss_weights, label_smoothing=args.label_smoothing,
+        f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef,
+        discopop_tau=args.discopop_tau, use_weighting=args.use_weighting, ld_alpha=args.ld_alpha,
+    )  # fmt: skip
 
 
 @dataclass
@@ -137,22 +65,18 @@ class PolicyOutput(ModelOutput):
     """What the policy's forward returns under ``FastDPOTrainer``.
 
     Attributes:
-        loss: () float32, differentiable.
-        logps: (2P,) float32 summed completion log-probs, chosen rows first, detached.
+        loss: () float32, differentiable: the objective, plus ``router_aux_loss_coef * aux_loss`` for a MoE policy.
+        logps: (2P,) float32 summed completion log-probs (LD-DPO-weighted with ``ld_alpha``), chosen rows first,
+            detached.
         token_sums: (8,) float64 sums and counts behind TRL's per-token metrics (``hf.token_metric_sums``), from
             the fused pass; None without ``token_metrics``.
+        aux_loss: () the MoE load-balancing loss (unweighted), detached; None unless the router loss is on.
     """
 
     loss: torch.Tensor | None = None
     logps: torch.Tensor | None = None
     token_sums: torch.Tensor | None = None
-
-
-@dataclass
-class ReferenceOutput(ModelOutput):
-    """``logps``: (2P,) float32 summed completion log-probs of the reference model."""
-
-    logps: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 @dataclass
@@ -161,43 +85,41 @@ class PolicyHead:
 
     Attributes:
         ref_logps: (2P,) summed reference log-probs, chosen rows first.
+        router_aux_loss_coef: the weight of the rows' MoE load-balancing loss (0: none).
     """
 
     ref_logps: torch.Tensor
-    objective: TrlObjective
+    objective: objectives.DPOObjective
     token_metrics: bool
     backend: str
+    router_aux_loss_coef: float = 0.0
 
     def __call__(self, rows: HeadRows, head: LMHead) -> PolicyOutput:
         objective, pairs = self.objective, rows.pairs
         counts = rows.completion_lengths()
         ref = self.ref_logps.to(device=rows.hidden.device, dtype=torch.float32)
-        if objective.average_log_prob:
+        if objective.averaged:  # the loss's units: every pairwise term is on length-averaged log-probs
             ref = ref / counts.clamp(min=1)
         out = head.dpo_loss(
-            rows, ref_chosen_logps=ref[:pairs], ref_rejected_logps=ref[pairs:], beta=objective.beta,
-            loss_type=objective.loss_type, label_smoothing=objective.label_smoothing,
-            average_log_prob=objective.average_log_prob, return_token_metrics=self.token_metrics, backend=self.backend,
+            rows, ref_chosen_logps=ref[:pairs], ref_rejected_logps=ref[pairs:], objective=objective,
+            return_token_metrics=self.token_metrics, backend=self.backend,
         )  # fmt: skip
         logps = torch.cat([out.chosen_logps, out.rejected_logps])
-        if objective.average_log_prob:
+        if objective.averaged:
             logps = logps * counts
-        loss = objective.weight * out.loss
-        if objective.sft_weight:
-            # TRL's "sft": the mean NLL over all chosen completion tokens of the batch
-            loss = loss - objective.sft_weight * logps[:pairs].sum() / counts[:pairs].sum().clamp(min=1)
+        loss, aux_loss = out.loss, None
+        if self.router_aux_loss_coef:
+            if rows.aux_loss is None:
+                raise ValueError("the router auxiliary loss is on but the backbone returned no router logits")
+            aux_loss = rows.aux_loss
+            loss = loss + self.router_aux_loss_coef * aux_loss.to(loss)
         token_sums = token_metric_sums(out.token_metrics, rows) if self.token_metrics else None
-        return PolicyOutput(loss=loss, logps=logps.detach(), token_sums=token_sums)
-
-
-@dataclass
-class ReferenceHead:
-    """Summed completion log-probs of the reference model, forward only; called inside its forward."""
-
-    backend: str
-
-    def __call__(self, rows: HeadRows, head: LMHead) -> ReferenceOutput:
-        return ReferenceOutput(logps=head.sequence_logps(rows, backend=self.backend))
+        return PolicyOutput(
+            loss=loss,
+            logps=logps.detach(),
+            token_sums=token_sums,
+            aux_loss=None if aux_loss is None else aux_loss.detach(),
+        )
 
 
 class FastDPOTrainer(DPOTrainer):
@@ -225,20 +147,21 @@ class FastDPOTrainer(DPOTrainer):
         validate.check_backend(backend)
         for flag, value in (("token_metrics", token_metrics), ("prefix_sharing", prefix_sharing)):
             validate.check_flag(flag, value)
-        if args is not None:
-            trl_objective(args)  # refuse before TRL loads, tokenizes or precomputes anything
-            if prefix_sharing and args.truncation_mode == "keep_end" and args.max_length is not None:
-                raise ValueError(
-                    "FastDPOTrainer(prefix_sharing=True) needs DPOConfig(truncation_mode='keep_start'): 'keep_end' "
-                    "cuts each sequence's prompt by its own length, so a pair's two prompts may differ"
-                )
+        # refuse before TRL loads, tokenizes or precomputes anything (the precomputed reference reads ld_alpha)
+        self._objective = None if args is None else trl_objective(args)
+        if prefix_sharing and args is not None and args.truncation_mode == "keep_end" and args.max_length is not None:
+            raise ValueError(
+                "FastDPOTrainer(prefix_sharing=True) needs DPOConfig(truncation_mode='keep_start'): 'keep_end' "
+                "cuts each sequence's prompt by its own length, so a pair's two prompts may differ"
+            )
         self._token_metrics, self._prefix_sharing, self._backend = token_metrics, prefix_sharing, backend
         super().__init__(model, ref_model, args, *trainer_args, **trainer_kwargs)
         self._objective = trl_objective(self.args)
-        if self.aux_loss_enabled:
+        if prefix_sharing and self.aux_loss_enabled:
             raise ValueError(
-                f"FastDPOTrainer does not add the MoE load-balancing loss (router_aux_loss_coef="
-                f"{self.router_aux_loss_coef}): set DPOConfig(router_aux_loss_coef=0.0), or use trl.DPOTrainer"
+                f"FastDPOTrainer(prefix_sharing=True) cannot reproduce TRL's MoE load-balancing loss "
+                f"(router_aux_loss_coef={self.router_aux_loss_coef}): the router sees each prompt once instead of "
+                "twice. Set DPOConfig(router_aux_loss_coef=0.0), or prefix_sharing=False"
             )
         if prefix_sharing and self._is_vision_dataset:
             raise ValueError("FastDPOTrainer(prefix_sharing=True) takes text-only preference data, not vision data")
@@ -249,19 +172,10 @@ class FastDPOTrainer(DPOTrainer):
                     check_model(causal_lm, self.accelerator.device if trains else None)
 
     def _install_head(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Patch the causal LM inside ``model``'s wrappers (``hf.add_dpo_fast_head``); returns that causal LM."""
-        causal_lm = self.accelerator.unwrap_model(model)
-        if is_peft_model(causal_lm):
-            causal_lm = causal_lm.get_base_model()
-        add_dpo_fast_head(causal_lm, gather=maybe_gather_lm_head_ctx)
-        return causal_lm
+        return install_head(self, model)
 
     def _reference_context(self) -> contextlib.AbstractContextManager:
-        """A PEFT policy without a separate reference runs as the reference with its adapters off (or "ref" on)."""
-        if self.ref_model is None and is_peft_model(self.model):
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        return contextlib.nullcontext()
+        return reference_context(self)
 
     def _head_inputs(self, inputs: dict) -> dict:
         """The keywords that give the patched forward its rows: TRL's padded batch and labels, or the shared layout."""
@@ -281,7 +195,7 @@ class FastDPOTrainer(DPOTrainer):
             self._reference_context(),
             self.accelerator.autocast(),
         ):
-            return model(**head_inputs, dpo_fast_head=ReferenceHead(self._backend)).logps
+            return model(**head_inputs, dpo_fast_head=ReferenceHead(self._backend, self._objective.ld_alpha)).logps
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one padded batch (TRL calls it to precompute them): (P,), (P,)."""
@@ -291,7 +205,8 @@ class FastDPOTrainer(DPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         completion_mask = inputs["completion_mask"]
-        if self._objective.average_log_prob and bool(completion_mask[:, 0].any()):
+        averages = any(term.loss_type in AVERAGED_LOSSES for term in self._objective.terms)
+        if averages and bool(completion_mask[:, 0].any()):
             raise ValueError(
                 "a completion starts at the first token of its sequence (an empty prompt): TRL's length-averaged "
                 "losses (ipo, sigmoid_norm) then count a token that has no log-prob, which dpo_fast does not. "
@@ -303,8 +218,11 @@ class FastDPOTrainer(DPOTrainer):
         else:
             ref_model = self.model if self.ref_model is None else self.ref_model
             ref_logps = self._reference_logps(ref_model, head_inputs)
-        head = PolicyHead(ref_logps, self._objective, self._token_metrics, self._backend)
-        outputs = model(**head_inputs, dpo_fast_head=head)
+        aux_coef = self.router_aux_loss_coef if self.aux_loss_enabled else 0.0
+        head = PolicyHead(ref_logps, self._objective, self._token_metrics, self._backend, aux_coef)
+        # MoE: the backbone returns its router logits (TRL passes output_router_logits to the policy only)
+        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        outputs = model(**head_inputs, **router, dpo_fast_head=head)
         self._record_metrics(mode, inputs, outputs, ref_logps)
         if not return_outputs:
             return outputs.loss
@@ -320,6 +238,8 @@ class FastDPOTrainer(DPOTrainer):
     def _record_metrics(self, mode: str, inputs: dict, outputs: PolicyOutput, ref_logps: torch.Tensor) -> None:
         """Append this step's metrics under TRL 1.16's names, gathered across processes as TRL gathers them."""
         metrics, gather = self._metrics[mode], self.accelerator.gather
+        if outputs.aux_loss is not None:
+            metrics["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
         if outputs.token_sums is not None:
             # each process's sums and counts, added up: TRL's token-weighted means over all processes
             sums = self.accelerator.gather_for_metrics(outputs.token_sums[None]).sum(0)

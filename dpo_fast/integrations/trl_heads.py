@@ -1,0 +1,59 @@
+"""What TRL's trainers and their dpo_fast drop-ins share: the fused head installed inside a TRL trainer's models,
+the reference pass (forward-only summed log-probs) and the PEFT reference context, as TRL 1.16 runs them.
+
+``dpo_fast.integrations.trl`` (``FastDPOTrainer``) and ``dpo_fast.integrations.kto`` (``FastKTOTrainer``) build on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import is_peft_model
+from transformers.utils import ModelOutput
+from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter
+
+from .hf import HeadRows, LMHead, add_dpo_fast_head
+
+
+@dataclass
+class ReferenceOutput(ModelOutput):
+    """``logps``: (R,) float32 summed completion log-probs of R sequences (LD-DPO-weighted with ``ld_alpha``)."""
+
+    logps: torch.Tensor | None = None
+
+
+@dataclass
+class ReferenceHead:
+    """Summed completion log-probs (a reference's, or KTO's mismatched pairs'), forward only; called inside the model's
+    forward.
+
+    Attributes:
+        ld_alpha: LD-DPO's weight of the tokens past a pair's shared completion length, or None.
+    """
+
+    backend: str
+    ld_alpha: float | None = None
+
+    def __call__(self, rows: HeadRows, head: LMHead) -> ReferenceOutput:
+        return ReferenceOutput(logps=head.sequence_logps(rows, ld_alpha=self.ld_alpha, backend=self.backend))
+
+
+def install_head(trainer, model: torch.nn.Module) -> torch.nn.Module:
+    """Patch the causal LM inside ``model``'s wrappers (``hf.add_dpo_fast_head``) for a TRL ``trainer``; returns that
+    causal LM."""
+    causal_lm = trainer.accelerator.unwrap_model(model)
+    if is_peft_model(causal_lm):
+        causal_lm = causal_lm.get_base_model()
+    add_dpo_fast_head(causal_lm, gather=maybe_gather_lm_head_ctx)
+    return causal_lm
+
+
+def reference_context(trainer) -> contextlib.AbstractContextManager:
+    """A PEFT policy without a separate reference runs as the reference with its adapters off (or "ref" on), as
+    TRL's trainers run it."""
+    if trainer.ref_model is None and is_peft_model(trainer.model):
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+    return contextlib.nullcontext()
