@@ -109,9 +109,9 @@ class TrainConfig:
     cpo_alpha: float = field(default=1.0, metadata={"help": "cpo: weight of the chosen NLL (SimPO's paper: 0)"})
     simpo_gamma: float = field(default=0.5, metadata={"help": "cpo: SimPO's target margin (loss_type simpo)"})
     alpha: float = field(default=0.0, metadata={"help": "cpo: AlphaPO's reward shape; 0: log-prob rewards"})
-    reference: str | None = field(
-        default=None,
-        metadata={"help": f"one of {' | '.join(REFERENCE_MODES)}; null: precompute where the objective reads a "
+    reference: str = field(
+        default="auto",
+        metadata={"help": f"one of auto | {' | '.join(REFERENCE_MODES)}; auto: precompute where the objective reads a "
                   "reference (dpo, unless loss_type is sft alone), none otherwise"},
     )  # fmt: skip
     reference_cache_dir: str = field(
@@ -173,7 +173,7 @@ class TrainConfig:
     @property
     def reference_mode(self) -> str:
         """``reference`` as the run uses it: set, or ``precompute`` where the objective reads a reference, else ``none``."""
-        if self.reference is not None:
+        if self.reference != "auto":
             return self.reference
         return "precompute" if objective_lib.needs_reference(self) else "none"
 
@@ -263,14 +263,14 @@ def _check(cfg: TrainConfig) -> None:
         if not getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be < 1, got {getattr(cfg, key)}")
     objective = objective_lib.build(cfg)
-    for key, allowed in (("reference", REFERENCE_MODES), ("backend", BACKENDS), ("dtype", DTYPES)):
-        if getattr(cfg, key) not in allowed and not (key == "reference" and cfg.reference is None):
+    for key, allowed in (("reference", ("auto", *REFERENCE_MODES)), ("backend", BACKENDS), ("dtype", DTYPES)):
+        if getattr(cfg, key) not in allowed:
             raise ValueError(f"{key} must be one of {' | '.join(allowed)}, got {getattr(cfg, key)!r}")
-    if cfg.reference not in (None, "none") and not objective.needs.reference:
+    if cfg.reference not in ("auto", "none") and not objective.needs.reference:
         what = "loss_type='sft' alone" if cfg.objective == "dpo" else f"objective={cfg.objective!r}"
         raise ValueError(
             f"reference={cfg.reference!r} conflicts with {what}, which reads no reference: remove reference (or set "
-            "it to none)"
+            "it to auto or none)"
         )
     if cfg.reference_mode == "adapters" and cfg.lora_r <= 0:
         raise ValueError("reference='adapters' needs a LoRA policy: set lora_r > 0, or pick another reference")
