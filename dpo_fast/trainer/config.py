@@ -272,6 +272,11 @@ def _check(cfg: TrainConfig) -> None:
             f"reference={cfg.reference!r} conflicts with {what}, which reads no reference: remove reference (or set "
             "it to auto or none)"
         )
+    if cfg.objective == "orpo" and cfg.prefix_sharing:
+        raise ValueError(
+            "prefix_sharing: objective='orpo' takes its NLL over the chosen prompt tokens too (as TRL's ORPOTrainer), "
+            "which the shared layout scores once for both completions; set prefix_sharing to false"
+        )
     if cfg.reference_mode == "adapters" and cfg.lora_r <= 0:
         raise ValueError("reference='adapters' needs a LoRA policy: set lora_r > 0, or pick another reference")
     if cfg.max_length is not None and (cfg.max_prompt_length is None or not 0 < cfg.max_prompt_length < cfg.max_length):

@@ -59,12 +59,13 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
     # model, optimizer, schedule; weight decay on matrices only
     model = model_lib.DPOModel(model_lib.load_model(cfg), cfg)
-    metric_names = objective_lib.metric_names(model.objective)
+    objective = model.objective  # read before accelerate wraps the model
+    metric_names = objective_lib.metric_names(objective)
     num_sums = len(metric_names) + 1 + 2 * len(hf.TOKEN_METRICS)
 
     def sums_of(out: model_lib.StepOutput) -> torch.Tensor:
         """(num_sums,) float64: the pair metrics summed over the batch's pairs, the pair count, the token sums."""
-        pair_sums = objective_lib.pair_sums(model.objective, out.dpo)
+        pair_sums = objective_lib.pair_sums(objective, out.dpo)
         return torch.cat([pair_sums, out.token_sums.to(pair_sums)])
 
     def means(sums: torch.Tensor) -> dict[str, float]:

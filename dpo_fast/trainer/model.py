@@ -135,11 +135,6 @@ class DPOModel(torch.nn.Module):
         self.loss_options = objective_lib.loss_options(cfg)
         # ORPO's NLL covers the chosen prompt tokens too (TRL's ORPOTrainer)
         self.nll_on_prompt = cfg.objective == "orpo"
-        if self.nll_on_prompt and cfg.prefix_sharing:
-            raise ValueError(
-                "prefix_sharing: objective='orpo' takes its NLL over the chosen prompt tokens too (as TRL's "
-                "ORPOTrainer), which the shared layout scores once for both completions; set prefix_sharing to false"
-            )
         self.backend = cfg.backend
         # FSDP's auto-wrap policy reads the decoder-layer classes from here
         self._no_split_modules = getattr(self.hf_model, "_no_split_modules", None)

@@ -72,30 +72,15 @@ def build(cfg) -> objectives.Objective:
                 f"loss_type {cfg.loss_type!r} is KTO's (unpaired): dpo-fast train does not train KTO; use "
                 "FastKTOTrainer, dpo_fast's drop-in for TRL's KTOTrainer"
             )
-        weights = None
-        if cfg.loss_weights is not None:
-            try:
-                weights = [float(weight) for weight in split_list(cfg.loss_weights)]
-            except ValueError:
-                raise ValueError(
-                    f"loss_weights must be numbers separated by commas, one per loss_type, got {cfg.loss_weights!r}"
-                ) from None
-        return objectives.dpo_objective(
-            types[0] if len(types) == 1 else types, beta=cfg.beta, loss_weights=weights,
-            label_smoothing=cfg.label_smoothing, f_divergence_type=cfg.f_divergence_type,
-            f_alpha_divergence_coef=cfg.f_alpha_divergence_coef, discopop_tau=cfg.discopop_tau,
-            use_weighting=cfg.use_weighting, ld_alpha=cfg.ld_alpha,
-        )  # fmt: skip
+        options = loss_options(cfg)
+        return objectives.dpo_objective(options.pop("loss_type"), **options)
     if cfg.objective == "cpo":
         if len(types) != 1:
             raise ValueError(f"objective='cpo' takes one loss_type, one of {objectives.CPO_LOSS_TYPES}, got {types}")
-        return objectives.CPOObjective(
-            beta=cfg.beta, loss_type=types[0], label_smoothing=cfg.label_smoothing, nll_weight=cfg.cpo_alpha,
-            simpo_gamma=cfg.simpo_gamma, alpha=cfg.alpha,
-        )  # fmt: skip
+        return objectives.CPOObjective(**loss_options(cfg))
     if cfg.loss_type is not None:
         raise ValueError(f"objective='orpo' has one loss and takes no loss_type, got {cfg.loss_type!r}")
-    return objectives.ORPOObjective(beta=cfg.beta)
+    return objectives.ORPOObjective(**loss_options(cfg))
 
 
 def needs_reference(cfg) -> bool:
@@ -110,10 +95,18 @@ def loss_fn(cfg):
 
 
 def loss_options(cfg) -> dict:
-    """``loss_fn(cfg)``'s objective keywords (the head, layout, reference and backend come from the caller)."""
+    """``loss_fn(cfg)``'s objective keywords (the head, layout, reference and backend come from the caller); the
+    objective's constructor takes the same names (``dpo_objective``, ``CPOObjective``, ``ORPOObjective``)."""
     if cfg.objective == "dpo":
         types = loss_types(cfg)
-        weights = None if cfg.loss_weights is None else [float(w) for w in split_list(cfg.loss_weights)]
+        weights = None
+        if cfg.loss_weights is not None:
+            try:
+                weights = [float(weight) for weight in split_list(cfg.loss_weights)]
+            except ValueError:
+                raise ValueError(
+                    f"loss_weights must be numbers separated by commas, one per loss_type, got {cfg.loss_weights!r}"
+                ) from None
         return {"beta": cfg.beta, "loss_type": types[0] if len(types) == 1 else types, "loss_weights": weights,
                 "label_smoothing": cfg.label_smoothing, "f_divergence_type": cfg.f_divergence_type,
                 "f_alpha_divergence_coef": cfg.f_alpha_divergence_coef, "discopop_tau": cfg.discopop_tau,
