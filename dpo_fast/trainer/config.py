@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..backends import CHUNKED_BACKENDS
-from ..objectives import CPO_LOSS_TYPES, DPO_LOSS_TYPES
+from ..objectives import CPO_LOSS_TYPES, DPO_LOSS_TYPES, KTO_LOSS_TYPES
 from ..objectives.elementwise import F_DIVERGENCES
 from . import objective as objective_lib
 
@@ -83,13 +83,14 @@ class TrainConfig:
     objective: str = field(
         default="dpo",
         metadata={"help": "which TRL trainer's loss: dpo (DPOTrainer) | cpo (CPOTrainer: CPO, SimPO, AlphaPO) | orpo "
-                  "(ORPOTrainer); cpo and orpo take no reference"},
+                  "(ORPOTrainer) | kto (KTOTrainer, on the pairs unpaired); cpo and orpo take no reference"},
     )  # fmt: skip
     beta: float = field(default=0.1, metadata={"help": "the objective's temperature (ORPO: the odds-ratio weight)"})
     loss_type: str | None = field(
         default=None,
         metadata={"help": f"dpo: one of {' | '.join(DPO_LOSS_TYPES)}, or several separated by commas (or a YAML "
-                  f"list); cpo: one of {' | '.join(CPO_LOSS_TYPES)}; orpo: null; null: sigmoid"},
+                  f"list); cpo: one of {' | '.join(CPO_LOSS_TYPES)}; orpo: null; kto: one of {' | '.join(KTO_LOSS_TYPES)}; "
+                  "null: sigmoid (kto: kto)"},
     )  # fmt: skip
     loss_weights: str | None = field(
         default=None, metadata={"help": "dpo: one weight per loss_type, separated by commas; null: 1 each"}
@@ -109,10 +110,14 @@ class TrainConfig:
     cpo_alpha: float = field(default=1.0, metadata={"help": "cpo: weight of the chosen NLL (SimPO's paper: 0)"})
     simpo_gamma: float = field(default=0.5, metadata={"help": "cpo: SimPO's target margin (loss_type simpo)"})
     alpha: float = field(default=0.0, metadata={"help": "cpo: AlphaPO's reward shape; 0: log-prob rewards"})
+    desirable_weight: float = field(default=1.0, metadata={"help": "kto: weight of the desirable (chosen) completions"})
+    undesirable_weight: float = field(
+        default=1.0, metadata={"help": "kto: weight of the undesirable (rejected) completions"}
+    )
     reference: str = field(
         default="auto",
         metadata={"help": f"one of auto | {' | '.join(REFERENCE_MODES)}; auto: precompute where the objective reads a "
-                  "reference (dpo, unless loss_type is sft alone), none otherwise"},
+                  "reference (dpo, unless loss_type is sft alone; kto: model, adapters with LoRA), none otherwise"},
     )  # fmt: skip
     reference_cache_dir: str = field(
         default_factory=_default_cache_dir,
@@ -175,7 +180,11 @@ class TrainConfig:
         """``reference`` as the run uses it: set, or ``precompute`` where the objective reads a reference, else ``none``."""
         if self.reference != "auto":
             return self.reference
-        return "precompute" if objective_lib.needs_reference(self) else "none"
+        if not objective_lib.needs_reference(self):
+            return "none"
+        if objective_lib.kl_needs_live_reference(self):
+            return "adapters" if self.lora_r > 0 else "model"
+        return "precompute"
 
 
 def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConfig:
@@ -272,6 +281,15 @@ def _check(cfg: TrainConfig) -> None:
             f"reference={cfg.reference!r} conflicts with {what}, which reads no reference: remove reference (or set "
             "it to auto or none)"
         )
+    if cfg.reference == "precompute" and objective_lib.kl_needs_live_reference(cfg):
+        raise ValueError(
+            "reference='precompute' cannot serve objective='kto' with loss_type='kto': its KL estimate pairs each "
+            "prompt with another completion of the same micro-batch, which changes every epoch; set reference to "
+            "model or adapters (or auto)"
+        )
+    if cfg.objective == "kto" and cfg.prefix_sharing:
+        raise ValueError("prefix_sharing: objective='kto' runs single completions, no pairs to share a prompt; set "
+                         "prefix_sharing to false")  # fmt: skip
     if cfg.objective == "orpo" and cfg.prefix_sharing:
         raise ValueError(
             "prefix_sharing: objective='orpo' takes its NLL over the chosen prompt tokens too (as TRL's ORPOTrainer), "

@@ -109,6 +109,19 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         batch = data.collate(splits[split][rows], cfg.padding_free, tokenizer.pad_token_id, cfg.prefix_sharing)
         return data.to_device(batch, accelerator.device)
 
+    kl_on = objective_lib.kl_needs_live_reference(cfg)
+
+    def kl_of(split: str, rows: list[int]) -> torch.Tensor | None:
+        """KTO's KL estimate of a micro-batch, as TRL's KTOTrainer: the policy's (no grad) and the reference's
+        summed log-probs of its mismatched sequences, mean difference over the processes, clamped at 0."""
+        if not kl_on:
+            return None
+        mismatched = data.mismatched(splits[split][rows], cfg.max_length)
+        batch = data.to_device(data.collate(mismatched, cfg.padding_free, tokenizer.pad_token_id), accelerator.device)
+        with torch.no_grad():
+            difference = (model(**batch) - ref_logps(split, rows, batch)).double().mean()
+        return accelerator.reduce(difference, "mean").clamp(min=0)
+
     def evaluate(step: int) -> dict[str, float]:
         sums = torch.zeros(num_sums, dtype=torch.float64, device=accelerator.device)
         model.eval()
@@ -116,7 +129,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             batches = data.eval_batches(len(splits["eval"]), cfg.per_device_eval_batch_size)
             for rows, counted in data.shard(batches, accelerator):
                 batch = collate("eval", rows)
-                out = model(**batch, ref_logps=ref_logps("eval", rows, batch))
+                out = model(**batch, ref_logps=ref_logps("eval", rows, batch), kl=kl_of("eval", rows))
                 sums += sums_of(out) if counted else 0
         model.train()
         record = {"eval_" + name: value for name, value in means(accelerator.reduce(sums, "sum")).items()}
@@ -136,9 +149,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                          + accelerator.process_index]  # fmt: skip
             batch = collate("train", rows)
             ref = ref_logps("train", rows, batch)
+            kl = kl_of("train", rows)
             last_micro = micro == cfg.gradient_accumulation_steps - 1
             with nullcontext() if last_micro else accelerator.no_sync(model):
-                out = model(**batch, ref_logps=ref)
+                out = model(**batch, ref_logps=ref, kl=kl)
                 accelerator.backward(out.loss / cfg.gradient_accumulation_steps)
             window += sums_of(out)
         clip = cfg.max_grad_norm > 0
@@ -157,7 +171,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             window.zero_()
             extra = {} if grad_norm is None else {"grad_norm": grad_norm.item()}
             log({"step": done, "epoch": done / steps_per_epoch, "learning_rate": learning_rate, **extra, **last})
-            progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}")
+            accuracy = {"acc": f"{last['rewards/accuracies']:.2f}"} if "rewards/accuracies" in last else {}
+            progress.set_postfix(loss=f"{last['loss']:.4f}", **accuracy)
         if "eval" in splits and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == total_steps):
             last.update(evaluate(done))
         if (cfg.save_steps and done % cfg.save_steps == 0) or done == total_steps:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .. import api
+from .. import api, objectives
 from ..integrations import hf
 from ..integrations.prefix_sharing import SharedPrefixBatch, check_model
 from . import objective as objective_lib
@@ -159,6 +159,7 @@ class DPOModel(torch.nn.Module):
         segment_ids: torch.Tensor | None = None,
         shared: SharedPrefixBatch | None = None,
         ref_logps: torch.Tensor | None = None,
+        kl: torch.Tensor | None = None,
     ) -> StepOutput | torch.Tensor:
         """One forward of P pairs in one of ``data.collate``'s layouts, chosen first.
 
@@ -168,6 +169,7 @@ class DPOModel(torch.nn.Module):
                 prefix-shared layout (padded or packed) alone.
             ref_logps: (2P,) float32 reference log-probs, chosen first, in the objective's units (``_reference_logps``;
                 zeros for an objective without a reference). None: the reference pass.
+            kl: () KTO's KL estimate of the step (``objective: kto``), a constant.
         Returns:
             with ``ref_logps``: the ``StepOutput`` (loss, TRL's statistics and token metrics); without: (2P,)
             float32 per-sequence log-probs in the objective's units (length-averaged where it averages,
@@ -183,17 +185,23 @@ class DPOModel(torch.nn.Module):
             return hf.run_head(self.hf_model, self._reference_logps, **inputs)
         nll_labels = _next_tokens(input_ids, attention_mask, segment_ids) if self.nll_on_prompt else None
         return hf.run_head(
-            self.hf_model, lambda rows, head: self._policy_step(rows, head, ref_logps, nll_labels), **inputs
+            self.hf_model, lambda rows, head: self._policy_step(rows, head, ref_logps, nll_labels, kl), **inputs
         )
 
     def _reference_logps(self, rows: hf.HeadRows, head: hf.LMHead) -> torch.Tensor:
-        """(2P,) the objective's log-probs of ``rows`` (reported units: averaged, LD-DPO-weighted, as the policy's)."""
+        """(2P,) the objective's log-probs of ``rows`` (reported units: averaged, LD-DPO-weighted, as the policy's;
+        KTO's: summed)."""
+        if isinstance(self.objective, objectives.KTOObjective):
+            return head.sequence_logps(rows, backend=self.backend)
         out = head.dpo_loss(rows, reference_free=True, backend=self.backend, **self.loss_options)
         return torch.cat([out.chosen_logps, out.rejected_logps]).detach()
 
     def _policy_step(self, rows: hf.HeadRows, head: hf.LMHead, ref_logps: torch.Tensor,
-                     nll_labels: torch.Tensor | None) -> StepOutput:  # fmt: skip
+                     nll_labels: torch.Tensor | None, kl: torch.Tensor | None) -> StepOutput:  # fmt: skip
         options = dict(self.loss_options)
+        if self.loss_fn is api.fused_linear_kto_loss:
+            out = self._kto_loss(rows, head, ref_logps, kl)
+            return StepOutput(out, hf.token_metric_sums(out.token_metrics, rows))
         if self.loss_fn is api.fused_linear_dpo_loss:
             pairs = ref_logps.shape[0] // 2
             options.update(ref_chosen_logps=ref_logps[:pairs], ref_rejected_logps=ref_logps[pairs:])
@@ -201,6 +209,20 @@ class DPOModel(torch.nn.Module):
             options["nll_labels"] = nll_labels.to(rows.labels.device)
         out = head.dpo_loss(rows, loss_fn=self.loss_fn, return_token_metrics=True, backend=self.backend, **options)
         return StepOutput(out, hf.token_metric_sums(out.token_metrics, rows))
+
+    def _kto_loss(self, rows: hf.HeadRows, head: hf.LMHead, ref_logps: torch.Tensor,
+                  kl: torch.Tensor | None) -> api.KTOOutput:  # fmt: skip
+        """``fused_linear_kto_loss`` of the 2P completions of ``rows``, the P chosen desirable, the P rejected not."""
+        pairs = ref_logps.shape[0] // 2
+        desirable = torch.arange(2 * pairs, device=rows.labels.device) < pairs
+        hidden, bias = head.prepare(rows.hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return api.fused_linear_kto_loss(
+                hidden, head.weight, rows.labels, desirable=desirable, ref_logps=ref_logps.to(hidden.device),
+                kl=0.0 if kl is None else kl.to(hidden.device), bias=bias, softcap=head.softcap,
+                ignore_index=hf.IGNORE_INDEX, segment_ids=rows.segment_ids, backend=self.backend,
+                return_token_metrics=True, **self.loss_options,
+            )  # fmt: skip
 
 
 def _next_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
