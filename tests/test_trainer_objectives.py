@@ -205,6 +205,54 @@ def test_the_reference_pass_gives_log_probs_in_the_objectives_units(tokenizer, f
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=str(sorted(layout)))
 
 
+def naive_kto(model, batch, ref, kl, beta=0.5, desirable_weight=1.5):
+    """TRL's KTOTrainer._compute_loss on the 2P completions (the P chosen desirable), summed log-probs."""
+    logps, *_ = naive_sums(model, batch)
+    chosen, rejected = (logps - ref).chunk(2)
+    losses = torch.cat([desirable_weight * (1 - torch.sigmoid(beta * (chosen - kl))),
+                        1 - torch.sigmoid(beta * (kl - rejected))])  # fmt: skip
+    return losses.mean()
+
+
+def test_the_fused_kto_loss_equals_the_naive_step(tokenizer, files):
+    rows = tokenized(tokenizer, files)
+    padded = data.collate(rows, padding_free=False, pad_id=tokenizer.pad_token_id)
+    model = tiny_llama()
+    with torch.no_grad():
+        ref = naive_sums(model, padded)[0] + 0.5 * torch.randn(8, generator=torch.Generator().manual_seed(1))
+    kl = torch.tensor(0.3, dtype=torch.float64)
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    expected_loss, expected_grads = loss_and_grads(lambda: naive_kto(model, padded, ref, kl.float()))
+    for backend, batch in [("reference", padded), ("torch", padded),
+                           ("torch", data.collate(rows, True, tokenizer.pad_token_id))]:  # fmt: skip
+        keys = {"objective": "kto", "desirable_weight": 1.5, "backend": backend, "beta": 0.5}
+        policy = DPOModel(model, TrainConfig(model="m", dataset="d", **keys))
+        loss, grads = loss_and_grads(lambda policy=policy, batch=batch: policy(**batch, ref_logps=ref, kl=kl).loss)
+        torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6, msg=backend)
+        for name, grad in expected_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=f"{backend} {name}")
+        with torch.no_grad():  # KTO's reference: summed log-probs
+            torch.testing.assert_close(policy(**batch), naive_sums(model, padded)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_kto_mismatched_rows_rotate_the_completions_as_trl():
+    """TRL's ``add_kl_completion_ids`` on the unpaired batch (chosen completions, then rejected):
+    ``[c[-1]] + c[:-1]``; each sequence keeps its own prompt."""
+    rows = {"prompt_ids": [[1], [2, 2]], "chosen_ids": [[10], [11]], "rejected_ids": [[20], [21, 21, 21]]}
+    kl_rows = data.mismatched(rows, max_length=4)
+    assert kl_rows["prompt_ids"] == [[1], [2, 2]]
+    unpaired = rows["chosen_ids"] + rows["rejected_ids"]
+    trl_rotated = [unpaired[-1]] + unpaired[:-1]
+    assert kl_rows["chosen_ids"] == [trl_rotated[0][:3], trl_rotated[1]]  # cut to max_length - len(prompt)
+    assert kl_rows["rejected_ids"] == trl_rotated[2:]
+
+
 # ---------------------------------------------------------------------------------------------- whole runs
 
 PAIR_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -272,6 +320,70 @@ def test_reference_free_objectives_run_end_to_end_with_trls_metric_names(files, 
             assert record["loss"] == pytest.approx(record["nll_loss"] - beta * record["log_odds_ratio"], rel=1e-5)
 
 
+@pytest.mark.parametrize("reference", ["model", "adapters"])
+def test_kto_logs_trls_kl_estimate_of_the_steps_mismatched_batch(files, tokenizer, tmp_path, reference):
+    """The logged ``kl`` of steps 2 and 3 is TRL's estimate recomputed from full logits: the previous step's policy
+    (its checkpoint) and the initial model on the step's rows with the completions rotated by one, mean
+    difference clamped at 0."""
+    lora = {"lora_r": 4, "lora_alpha": 8} if reference == "adapters" else {}
+    out = tmp_path / "kto"
+    # desirable_weight 4 pulls the completions' log-probs up, so that the KL estimate leaves its clamp at 0
+    records = run(files, out, objective="kto", reference=reference, max_steps=3, save_steps=1, learning_rate=3e-2,
+                  desirable_weight=4.0, save_total_limit=0, **lora)  # fmt: skip
+    steps, evals = train_records(records), [r for r in records if "eval_loss" in r]
+    keys = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl",
+            "entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"}  # fmt: skip
+    assert set(steps[0]) - {"step", "epoch", "learning_rate", "grad_norm"} == keys
+    assert set(evals[0]) - {"step", "epoch"} == {"eval_" + key for key in keys}
+    # step 1: the policy is its reference, so every log-ratio and the KL estimate are 0, the loss the mean weight
+    # (4 desirable, 1 undesirable) times 1 - sigmoid(0)
+    assert steps[0]["kl"] == 0 and steps[0]["loss"] == pytest.approx(0.5 * (4 + 1) / 2, abs=1e-6)
+
+    cfg = TrainConfig(**run_values(files, out))
+    train_rows = data.tokenize(data.load_rows(cfg.dataset, "train"), tokenizer, cfg.max_length,
+                               cfg.max_prompt_length, "train")  # fmt: skip
+    torch.manual_seed(0)  # the run's random init, as its seed made it
+    initial = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA))
+
+    def summed_logps(model, prompts, sequences):
+        total = []
+        with torch.no_grad():
+            for prompt, sequence in zip(prompts, sequences):
+                logits = model(input_ids=torch.tensor([sequence])).logits[0, :-1].float()
+                token_logps = logits.log_softmax(-1).gather(-1, torch.tensor(sequence[1:])[:, None])[:, 0]
+                total.append(token_logps[len(prompt) - 1 :].sum())
+        return torch.stack(total)
+
+    estimates = []
+    for step in (2, 3):
+        rows = train_rows[data.epoch_batches(len(train_rows), cfg.per_device_train_batch_size, cfg.seed, 0)[step - 1]]
+        prompts = rows["prompt_ids"] * 2
+        unpaired = rows["chosen_ids"] + rows["rejected_ids"]
+        rotated = [unpaired[-1]] + unpaired[:-1]  # TRL's KL_completion_ids
+        sequences = [p + c[: cfg.max_length - len(p)] for p, c in zip(prompts, rotated)]
+        if lora:
+            from peft import AutoPeftModelForCausalLM
+
+            policy = AutoPeftModelForCausalLM.from_pretrained(out / f"checkpoint-{step - 1}" / "model")
+        else:
+            policy = AutoModelForCausalLM.from_pretrained(out / f"checkpoint-{step - 1}" / "model")
+        difference = summed_logps(policy, prompts, sequences) - summed_logps(initial, prompts, sequences)
+        estimates.append(difference.mean().clamp(min=0).item())
+        assert steps[step - 1]["kl"] == pytest.approx(estimates[-1], rel=1e-4, abs=1e-6), step
+    assert max(estimates) > 1e-3  # the steps moved the policy: not only the trivial 0 is checked
+
+
+def test_kto_without_its_kl_and_reference_free_runs(files, tmp_path):
+    """``apo_zero_unpaired`` needs no KL (its reference is precomputed by default) and logs kl 0, as TRL;
+    ``reference: none`` trains KTO reference-free."""
+    apo = train_records(run(files, tmp_path / "apo", objective="kto", loss_type="apo_zero_unpaired", max_steps=3))
+    assert all(record["kl"] == 0 for record in apo) and len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    free = train_records(run(files, tmp_path / "free", objective="kto", reference="none", max_steps=3))
+    beta = TrainConfig.default("beta")
+    for record in free:
+        assert record["rewards/chosen"] == pytest.approx(beta * record["logps/chosen"], rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- bad combinations
 
 
@@ -283,6 +395,9 @@ def test_reference_auto_picks_what_the_objective_reads_and_none_stays_a_mode():
     assert mode(loss_type="sft") == mode(objective="cpo") == mode(objective="orpo") == "none"
     assert mode(reference="none") == "none"  # reference-free DPO ('none' is a mode here, not null)
     assert mode(reference="model") == "model"
+    # KTO's KL estimate needs its reference live: a frozen copy, or the adapters disabled
+    assert mode(objective="kto") == "model" and mode(objective="kto", lora_r=4) == "adapters"
+    assert mode(objective="kto", loss_type="apo_zero_unpaired") == "precompute"
 
 
 @pytest.mark.parametrize(
@@ -294,14 +409,18 @@ def test_reference_auto_picks_what_the_objective_reads_and_none_stays_a_mode():
         ({"reference": "ref"}, "reference must be one of auto | precompute | model | adapters | none, got 'ref'"),
         ({"loss_type": "sft", "reference": "precompute"}, "reference='precompute' conflicts with loss_type='sft' alone"),
         ({"objective": "orpo", "loss_type": "sigmoid"}, "objective='orpo' has one loss and takes no loss_type"),
-        ({"objective": "kto"}, "objective='kto' is not trained by dpo-fast train"),
-        ({"loss_type": "kto"}, "loss_type 'kto' is KTO's (unpaired): dpo-fast train does not train KTO; use FastKTO"),
+        ({"objective": "kto", "reference": "precompute"}, ("reference='precompute' cannot serve objective='kto' with "
+         "loss_type='kto': its KL estimate pairs each prompt with another completion of the same micro-batch")),
+        ({"objective": "kto", "prefix_sharing": True}, "prefix_sharing: objective='kto' runs single completions"),
+        ({"objective": "kto", "loss_type": "sigmoid"}, "loss_type must be one of ('kto', 'apo_zero_unpaired')"),
+        ({"objective": "cpo", "desirable_weight": 2.0}, "desirable_weight applies to objective kto, not 'cpo'"),
+        ({"loss_type": "kto"}, "loss_type 'kto' is KTO's (unpaired): set objective to 'kto'"),
         ({"objective": "cpo", "ld_alpha": 0.5}, "ld_alpha applies to objective dpo, not 'cpo'"),
         ({"objective": "orpo", "label_smoothing": 0.1}, "label_smoothing applies to objective dpo | cpo, not 'orpo'"),
         ({"objective": "dpo", "simpo_gamma": 1.0}, "simpo_gamma applies to objective cpo, not 'dpo'"),
         ({"objective": "cpo", "loss_type": "simpo,hinge"}, "objective='cpo' takes one loss_type"),
         ({"objective": "cpo", "loss_type": "robust"}, "loss_type must be one of ('sigmoid', 'hinge', 'ipo', 'simpo')"),
-        ({"objective": "ppo"}, "objective must be one of dpo | cpo | orpo, got 'ppo'"),
+        ({"objective": "ppo"}, "objective must be one of dpo | cpo | orpo | kto, got 'ppo'"),
         ({"loss_type": "sigmoid,sft", "loss_weights": "1"}, "loss_weights must have one weight per loss_type"),
         ({"loss_type": "sigmoid,sft", "loss_weights": "1,x"}, "loss_weights must be numbers separated by commas"),
         ({"loss_type": "apo_zero", "f_divergence_type": "js_divergence"}, "f_divergence_type='js_divergence' applies"),
