@@ -187,7 +187,7 @@ def test_flags_override_the_config_file(tmp_path):
     [
         ({"max_stepz": 3}, r"unknown config key\(s\) \['max_stepz'\]"),
         ({"reference": "adapters"}, "needs a LoRA policy"),
-        ({"loss_type": "kto"}, "is KTO's \\(unpaired\\): dpo-fast train does not train KTO; use FastKTOTrainer"),
+        ({"loss_type": "kto"}, "is KTO's \\(unpaired\\): set objective to 'kto'"),
         ({"loss_type": "simpo"}, "loss_type must be one of"),
         ({"max_length": 8, "max_prompt_length": 8}, "max_prompt_length must be set and in"),
         ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be >= 1"),
