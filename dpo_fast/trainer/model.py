@@ -105,12 +105,13 @@ class StepOutput:
 
     Attributes:
         dpo: the ``DPOOutput`` of the objective's fused loss (``fused_linear_dpo_loss``, ``..._cpo_loss`` or
-            ``..._orpo_loss``: loss, log-probs, rewards, ``nll_loss``).
+            ``..._orpo_loss``: loss, log-probs, rewards, ``nll_loss``), or KTO's ``KTOOutput`` (2P completions, the P
+            chosen first).
         token_sums: (8,) float64 sums and counts behind TRL's per-token metrics (``hf.token_metric_sums``),
             from the same pass.
     """
 
-    dpo: api.DPOOutput
+    dpo: api.DPOOutput | api.KTOOutput
     token_sums: torch.Tensor
 
     @property
