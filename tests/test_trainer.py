@@ -23,7 +23,6 @@ from accelerate.state import AcceleratorState
 from trainer_helpers import TINY_LLAMA, TOKENIZER, logged, run, train_records, weights, write_tiny_files
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from dpo_fast import objectives
 from dpo_fast.integrations import hf
 from dpo_fast.trainer import TrainConfig, cli, data, load_config, train
 from dpo_fast.trainer.config import DEFAULT_DIR
@@ -188,7 +187,8 @@ def test_flags_override_the_config_file(tmp_path):
     [
         ({"max_stepz": 3}, r"unknown config key\(s\) \['max_stepz'\]"),
         ({"reference": "adapters"}, "needs a LoRA policy"),
-        ({"loss_type": "kto"}, "loss_type must be one of"),
+        ({"loss_type": "kto"}, "is KTO's \\(unpaired\\): set objective to 'kto'"),
+        ({"loss_type": "simpo"}, "loss_type must be one of"),
         ({"max_length": 8, "max_prompt_length": 8}, "max_prompt_length must be set and in"),
         ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be >= 1"),
     ],
@@ -236,7 +236,7 @@ def naive_step(model, batch, ref_logps, beta):
     token_logps = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     seq_logps = (token_logps * valid).sum(-1) - ref_logps
     chosen_logratios, rejected_logratios = seq_logps.chunk(2)
-    loss = -torch.nn.functional.logsigmoid(beta * (chosen_logratios - rejected_logratios)).mean()
+    loss = -torch.nn.functional.logsigmoid(beta * (chosen_logratios - rejected_logratios)).mean()  # TRL's sigmoid
     chosen = valid.clone()
     chosen[chosen.shape[0] // 2 :] = False
     with torch.no_grad():
@@ -423,11 +423,15 @@ def test_prefix_sharing_gives_the_unshared_runs_held_out_metrics_on_the_bundled_
             assert ((final[key] - value).norm() / value.norm()).item() < 1e-5, f"{name} {key}"
 
 
-def test_the_reference_cache_key_follows_the_objectives_averaging_rule(files, tokenizer, monkeypatch):
+def test_the_reference_cache_key_follows_the_objectives_units(files, tokenizer):
+    """Reference log-probs are in the objective's units: summed, length-averaged (ipo, sigmoid_norm), or LD-DPO-weighted;
+    each has its own cache entry."""
     from dpo_fast.trainer import reference
 
-    cfg = TrainConfig(model=str(files / "model.json"), dataset="d", loss_type="sigmoid")
     rows = rows_of(tokenizer, [{"prompt": "reverse ab:", "chosen": " ba", "rejected": " ab"}])
-    summed = reference._cache_key(cfg, rows, None)
-    monkeypatch.setattr(objectives, "default_average_log_prob", lambda loss_type: True)  # as if sigmoid averaged
-    assert reference._cache_key(cfg, rows, None) != summed
+    keys = [reference._cache_key(TrainConfig(model=str(files / "model.json"), dataset="d", **options), rows, None)
+            for options in ({}, {"loss_type": "hinge"}, {"loss_type": "ipo"}, {"loss_type": "sigmoid_norm"},
+                            {"ld_alpha": 0.5}, {"use_weighting": True})]  # fmt: skip
+    assert keys[0] == keys[1] == keys[5]  # the same summed log-probs
+    assert keys[2] == keys[3] != keys[0]  # averaged
+    assert keys[4] not in (keys[0], keys[2])  # LD-DPO-weighted

@@ -9,6 +9,7 @@ accumulating 2 micro-batches of 4. No GPU here: multi-GPU runs are not tested.
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -99,3 +100,15 @@ def test_fsdp2_on_two_processes_shards_matches_one_resumes_and_loads(files, one_
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     for key, value in weights(one_process / "checkpoint-4").items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_kto_runs_under_ddp_with_its_kl_estimate_reduced_over_the_processes(files, tmp_path):
+    """KTO's KL estimate is a collective (TRL's gather and mean) in every train and eval micro-batch: the run, its eval
+    (whose batches are padded across processes) and its checkpoints complete, with a KL estimate that leaves 0."""
+    two_processes(files, tmp_path / "kto", ["--multi_gpu"], objective="kto", reference="model", learning_rate=3e-2,
+                  desirable_weight=4.0)  # fmt: skip
+    records = logged(tmp_path / "kto")
+    steps = train_records(records)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and "eval_kl" in records[-1]
+    assert steps[0]["kl"] == 0 and any(r["kl"] > 0 for r in steps[1:])
+    assert all(math.isfinite(value) for record in records for value in record.values())

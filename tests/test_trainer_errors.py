@@ -227,8 +227,10 @@ def test_help_shows_every_default_and_the_choices_from_the_code(monkeypatch):
     assert "--overwrite-output-dir" in text and "--debug" in text
     backends = re.search(r"dpo_fast backend: ([\w |]+);", text).group(1).split(" | ")
     assert backends == ["auto", "reference", *dpo_fast.backends.CHUNKED_BACKENDS] and "cpp" in backends
-    loss_types = re.search(r"--loss-type STR, --loss_type STR one of ([\w |]+) \(default", text).group(1)
+    loss_types = re.search(r"--loss-type STR, --loss_type STR dpo: one of ([\w |]+), or several", text).group(1)
     assert tuple(loss_types.split(" | ")) == dpo_fast.LOSS_TYPES
+    cpo_types = re.search(r"cpo: one of ([\w |]+); orpo: null", text).group(1)
+    assert tuple(cpo_types.split(" | ")) == dpo_fast.CPO_LOSS_TYPES
 
 
 def test_readme_table_of_keys_is_the_code():

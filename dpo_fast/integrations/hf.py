@@ -139,18 +139,21 @@ class LMHead:
             return hidden, self.bias
         return hidden * self.logit_scale, None if self.bias is None else self.bias * self.logit_scale
 
-    def dpo_loss(self, rows: HeadRows, **options) -> api.DPOOutput:
-        """``dpo_fast.fused_linear_dpo_loss`` of ``rows`` through this head.
+    def dpo_loss(self, rows: HeadRows, loss_fn: Callable[..., api.DPOOutput] | None = None, **options) -> api.DPOOutput:
+        """``dpo_fast.fused_linear_dpo_loss`` (or another pairwise entry) of ``rows`` through this head.
 
         Args:
+            loss_fn: the pairwise loss entry: ``fused_linear_dpo_loss`` (None), ``fused_linear_cpo_loss`` or
+                ``fused_linear_orpo_loss``.
             options: the loss's other keyword arguments (``ref_chosen_logps``, ``beta``, ``loss_type``, every
-                objective option, or ``objective=`` a prebuilt ``DPOObjective`` such as
+                objective option, or for DPO ``objective=`` a prebuilt ``DPOObjective`` such as
                 ``objectives.trl_dpo_objective(...)``; ``return_token_metrics``, ``backend``, ...); the head, the
                 layout and ``ignore_index`` come from here.
         """
+        loss_fn = api.fused_linear_dpo_loss if loss_fn is None else loss_fn
         hidden, bias = self.prepare(rows.hidden)
         with torch.autocast(hidden.device.type, enabled=False):
-            return api.fused_linear_dpo_loss(
+            return loss_fn(
                 hidden, self.weight, rows.labels, bias=bias, softcap=self.softcap, ignore_index=IGNORE_INDEX,
                 **rows.layout(), **options,
             )  # fmt: skip

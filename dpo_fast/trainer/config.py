@@ -21,9 +21,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import objectives
 from ..backends import CHUNKED_BACKENDS
-from ..objectives import DPO_LOSS_TYPES
+from ..objectives import CPO_LOSS_TYPES, DPO_LOSS_TYPES, KTO_LOSS_TYPES
+from ..objectives.elementwise import F_DIVERGENCES
+from . import objective as objective_lib
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "default"
 DEFAULT_CONFIG = DEFAULT_DIR / "config.yaml"
@@ -31,6 +32,8 @@ REFERENCE_MODES = ("precompute", "model", "adapters", "none")
 BACKENDS = ("auto", "reference", *CHUNKED_BACKENDS)
 DTYPES = ("float32", "bfloat16", "float16")
 PATH_KEYS = ("model", "tokenizer", "dataset", "eval_dataset")
+# keys that hold a list, written as one string separated by commas (a YAML list is joined so)
+LIST_KEYS = ("loss_type", "loss_weights")
 # the smallest value each numeric key takes
 MINIMUM = {
     "lora_r": 0, "lora_alpha": 1, "lora_dropout": 0, "label_smoothing": 0, "learning_rate": 0, "weight_decay": 0,
@@ -77,10 +80,45 @@ class TrainConfig:
                   "all pairs in one row)"},
     )  # fmt: skip
     # objective and reference
-    beta: float = field(default=0.1, metadata={"help": "DPO beta"})
-    loss_type: str = field(default="sigmoid", metadata={"help": f"one of {' | '.join(DPO_LOSS_TYPES)}"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO / robust label smoothing; EXO's epsilon"})
-    reference: str = field(default="precompute", metadata={"help": f"one of {' | '.join(REFERENCE_MODES)}"})
+    objective: str = field(
+        default="dpo",
+        metadata={"help": "which TRL trainer's loss: dpo (DPOTrainer) | cpo (CPOTrainer: CPO, SimPO, AlphaPO) | orpo "
+                  "(ORPOTrainer) | kto (KTOTrainer, on the pairs unpaired); cpo and orpo take no reference"},
+    )  # fmt: skip
+    beta: float = field(default=0.1, metadata={"help": "the objective's temperature (ORPO: the odds-ratio weight)"})
+    loss_type: str | None = field(
+        default=None,
+        metadata={"help": f"dpo: one of {' | '.join(DPO_LOSS_TYPES)}, or several separated by commas (or a YAML "
+                  f"list); cpo: one of {' | '.join(CPO_LOSS_TYPES)}; orpo: null; kto: one of {' | '.join(KTO_LOSS_TYPES)}; "
+                  "null: sigmoid (kto: kto)"},
+    )  # fmt: skip
+    loss_weights: str | None = field(
+        default=None, metadata={"help": "dpo: one weight per loss_type, separated by commas; null: 1 each"}
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "dpo: cDPO / robust label smoothing, EXO's epsilon; cpo: conservative sigmoid"}
+    )
+    f_divergence_type: str = field(
+        default="reverse_kl", metadata={"help": f"dpo: f-DPO's divergence, one of {' | '.join(F_DIVERGENCES)}"}
+    )
+    f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "dpo: alpha of alpha_divergence"})
+    discopop_tau: float = field(default=0.05, metadata={"help": "dpo: DiscoPOP's temperature"})
+    use_weighting: bool = field(default=False, metadata={"help": "dpo: WPO's pair weights"})
+    ld_alpha: float | None = field(
+        default=None, metadata={"help": "dpo: LD-DPO's weight of completion tokens past the shorter one; null: off"}
+    )
+    cpo_alpha: float = field(default=1.0, metadata={"help": "cpo: weight of the chosen NLL (SimPO's paper: 0)"})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "cpo: SimPO's target margin (loss_type simpo)"})
+    alpha: float = field(default=0.0, metadata={"help": "cpo: AlphaPO's reward shape; 0: log-prob rewards"})
+    desirable_weight: float = field(default=1.0, metadata={"help": "kto: weight of the desirable (chosen) completions"})
+    undesirable_weight: float = field(
+        default=1.0, metadata={"help": "kto: weight of the undesirable (rejected) completions"}
+    )
+    reference: str = field(
+        default="auto",
+        metadata={"help": f"one of auto | {' | '.join(REFERENCE_MODES)}; auto: precompute where the objective reads a "
+                  "reference (dpo, unless loss_type is sft alone; kto: model, adapters with LoRA), none otherwise"},
+    )  # fmt: skip
     reference_cache_dir: str = field(
         default_factory=_default_cache_dir,
         metadata={
@@ -125,8 +163,28 @@ class TrainConfig:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
+            value = getattr(self, f.name)
+            if f.name in LIST_KEYS and isinstance(value, (list, tuple)):
+                value = ",".join(str(item) for item in value)
+            setattr(self, f.name, _coerce(f.name, f.type, value))
         _check(self)
+
+    @classmethod
+    def default(cls, key: str):
+        """The default value of ``key``."""
+        f = next(f for f in dataclasses.fields(cls) if f.name == key)
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+    @property
+    def reference_mode(self) -> str:
+        """``reference`` as the run uses it: set, or ``precompute`` where the objective reads a reference, else ``none``."""
+        if self.reference != "auto":
+            return self.reference
+        if not objective_lib.needs_reference(self):
+            return "none"
+        if objective_lib.kl_needs_live_reference(self):
+            return "adapters" if self.lora_r > 0 else "model"
+        return "precompute"
 
 
 def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConfig:
@@ -213,11 +271,31 @@ def _check(cfg: TrainConfig) -> None:
     for key in ("adam_beta1", "adam_beta2", "lora_dropout"):
         if not getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be < 1, got {getattr(cfg, key)}")
-    objectives.dpo_objective(cfg.loss_type, beta=cfg.beta, label_smoothing=cfg.label_smoothing)
-    for key, allowed in (("reference", REFERENCE_MODES), ("backend", BACKENDS), ("dtype", DTYPES)):
+    objective = objective_lib.build(cfg)
+    for key, allowed in (("reference", ("auto", *REFERENCE_MODES)), ("backend", BACKENDS), ("dtype", DTYPES)):
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{key} must be one of {' | '.join(allowed)}, got {getattr(cfg, key)!r}")
-    if cfg.reference == "adapters" and cfg.lora_r <= 0:
+    if cfg.reference not in ("auto", "none") and not objective.needs.reference:
+        what = "loss_type='sft' alone" if cfg.objective == "dpo" else f"objective={cfg.objective!r}"
+        raise ValueError(
+            f"reference={cfg.reference!r} conflicts with {what}, which reads no reference: remove reference (or set "
+            "it to auto or none)"
+        )
+    if cfg.reference == "precompute" and objective_lib.kl_needs_live_reference(cfg):
+        raise ValueError(
+            "reference='precompute' cannot serve objective='kto' with loss_type='kto': its KL estimate pairs each "
+            "prompt with another completion of the same micro-batch, which changes every epoch; set reference to "
+            "model or adapters (or auto)"
+        )
+    if cfg.objective == "kto" and cfg.prefix_sharing:
+        raise ValueError("prefix_sharing: objective='kto' runs single completions, no pairs to share a prompt; set "
+                         "prefix_sharing to false")  # fmt: skip
+    if cfg.objective == "orpo" and cfg.prefix_sharing:
+        raise ValueError(
+            "prefix_sharing: objective='orpo' takes its NLL over the chosen prompt tokens too (as TRL's ORPOTrainer), "
+            "which the shared layout scores once for both completions; set prefix_sharing to false"
+        )
+    if cfg.reference_mode == "adapters" and cfg.lora_r <= 0:
         raise ValueError("reference='adapters' needs a LoRA policy: set lora_r > 0, or pick another reference")
     if cfg.max_length is not None and (cfg.max_prompt_length is None or not 0 < cfg.max_prompt_length < cfg.max_length):
         raise ValueError(

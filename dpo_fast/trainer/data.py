@@ -149,6 +149,19 @@ def collate(rows: dict[str, list[list[int]]], padding_free: bool, pad_id: int, p
     }
 
 
+def mismatched(rows: dict[str, list[list[int]]], max_length: int | None) -> dict[str, list[list[int]]]:
+    """KTO's KL rows of P tokenized rows, in ``collate``'s form: sequence s of the 2P (chosen first) keeps its prompt
+    and takes the completion of sequence s - 1 (cyclically), TRL's ``KL_completion_ids`` (completions rotated by one
+    within the batch); a completion is cut to ``max_length`` minus its new prompt's length."""
+    pairs = len(rows["prompt_ids"])
+    completions = rows["chosen_ids"] + rows["rejected_ids"]
+    rotated = completions[-1:] + completions[:-1]
+    prompts = rows["prompt_ids"] * 2
+    if max_length is not None:
+        rotated = [c[: max(max_length - len(p), 1)] for p, c in zip(prompts, rotated)]
+    return {"prompt_ids": rows["prompt_ids"], "chosen_ids": rotated[:pairs], "rejected_ids": rotated[pairs:]}
+
+
 def _check_field(value, key: str, index: int, name: str) -> None:
     if value is None:
         raise ValueError(f"dataset {name!r} row {index}: field {key!r} is missing; every row needs {list(FIELDS)}")

@@ -21,18 +21,17 @@ from transformers import SchedulerType, get_scheduler
 from ..integrations import hf
 from . import checkpoint, data, output, parallel, reference, sources
 from . import model as model_lib
+from . import objective as objective_lib
 from .config import TrainConfig
-
-# TRL's names; each is a sum over pairs in ``_sums``, divided by the pair count to log. The token
-# metrics (``hf.TOKEN_METRICS``: entropy, logits/chosen, logits/rejected, mean_token_accuracy) follow
-# as sums and counts over completion tokens.
-METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-           "logps/chosen", "logps/rejected")  # fmt: skip
-_SUMS = len(METRICS) + 1 + 2 * len(hf.TOKEN_METRICS)
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:
-    """Run DPO as ``cfg`` says; returns the last logged train and eval metrics."""
+    """Run the preference objective ``cfg`` names; returns the last logged train and eval metrics.
+
+    Metrics have TRL's names (``objective_lib.metric_names``: the objective's trainer's), each a sum over pairs
+    in ``_sums`` divided by the pair count to log; the token metrics (``hf.TOKEN_METRICS``: entropy,
+    logits/chosen, logits/rejected, mean_token_accuracy) follow as sums and counts over completion tokens.
+    """
     # what can be checked without loading anything: local paths exist, the output folder fits the run
     sources.check(cfg)
     resume = output.resume_point(cfg)
@@ -60,6 +59,21 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
     # model, optimizer, schedule; weight decay on matrices only
     model = model_lib.DPOModel(model_lib.load_model(cfg), cfg)
+    objective = model.objective  # read before accelerate wraps the model
+    metric_names = objective_lib.metric_names(objective)
+    num_sums = len(metric_names) + 1 + 2 * len(hf.TOKEN_METRICS)
+
+    def sums_of(out: model_lib.StepOutput) -> torch.Tensor:
+        """(num_sums,) float64: the pair metrics summed over the batch's pairs, the pair count, the token sums."""
+        pair_sums = objective_lib.pair_sums(objective, out.dpo)
+        return torch.cat([pair_sums, out.token_sums.to(pair_sums)])
+
+    def means(sums: torch.Tensor) -> dict[str, float]:
+        """The pair metrics (means over pairs) and the token metrics (means over completion tokens) of summed sums."""
+        count = len(metric_names)
+        values = dict(zip(metric_names, (sums[:count] / sums[count]).tolist()))
+        return {**values, **hf.token_metric_means(sums[count + 1 :])}
+
     if cfg.prefix_sharing:
         model_lib.check_prefix_sharing(model.hf_model, accelerator.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -69,7 +83,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
     )  # fmt: skip
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, total_steps)
-    frozen = reference.frozen_copy(model) if cfg.reference == "model" else None
+    frozen = reference.frozen_copy(model) if cfg.reference_mode == "model" else None
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.print(parallel.describe(accelerator, model))
 
@@ -95,25 +109,38 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         batch = data.collate(splits[split][rows], cfg.padding_free, tokenizer.pad_token_id, cfg.prefix_sharing)
         return data.to_device(batch, accelerator.device)
 
+    kl_on = objective_lib.kl_needs_live_reference(cfg)
+
+    def kl_of(split: str, rows: list[int]) -> torch.Tensor | None:
+        """KTO's KL estimate of a micro-batch, as TRL's KTOTrainer: the policy's (no grad) and the reference's
+        summed log-probs of its mismatched sequences, mean difference over the processes, clamped at 0."""
+        if not kl_on:
+            return None
+        mismatched = data.mismatched(splits[split][rows], cfg.max_length)
+        batch = data.to_device(data.collate(mismatched, cfg.padding_free, tokenizer.pad_token_id), accelerator.device)
+        with torch.no_grad():
+            difference = (model(**batch) - ref_logps(split, rows, batch)).double().mean()
+        return accelerator.reduce(difference, "mean").clamp(min=0)
+
     def evaluate(step: int) -> dict[str, float]:
-        sums = torch.zeros(_SUMS, dtype=torch.float64, device=accelerator.device)
+        sums = torch.zeros(num_sums, dtype=torch.float64, device=accelerator.device)
         model.eval()
         with torch.no_grad():
             batches = data.eval_batches(len(splits["eval"]), cfg.per_device_eval_batch_size)
             for rows, counted in data.shard(batches, accelerator):
                 batch = collate("eval", rows)
-                out = model(**batch, ref_logps=ref_logps("eval", rows, batch))
-                sums += _sums(out) if counted else 0
+                out = model(**batch, ref_logps=ref_logps("eval", rows, batch), kl=kl_of("eval", rows))
+                sums += sums_of(out) if counted else 0
         model.train()
-        record = {"eval_" + name: value for name, value in _means(accelerator.reduce(sums, "sum")).items()}
+        record = {"eval_" + name: value for name, value in means(accelerator.reduce(sums, "sum")).items()}
         log({"step": step, "epoch": step / steps_per_epoch, **record})
         return record
 
     # the loop
     model.train()
     last = {}
-    window = torch.zeros(_SUMS, dtype=torch.float64, device=accelerator.device)
-    progress = tqdm(total=total_steps, initial=start_step, desc="dpo", disable=not accelerator.is_main_process)
+    window = torch.zeros(num_sums, dtype=torch.float64, device=accelerator.device)
+    progress = tqdm(total=total_steps, initial=start_step, desc=cfg.objective, disable=not accelerator.is_main_process)
     for step in range(start_step, total_steps):
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         order = data.epoch_batches(len(train_rows), cfg.per_device_train_batch_size, cfg.seed, epoch)
@@ -122,11 +149,12 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                          + accelerator.process_index]  # fmt: skip
             batch = collate("train", rows)
             ref = ref_logps("train", rows, batch)
+            kl = kl_of("train", rows)
             last_micro = micro == cfg.gradient_accumulation_steps - 1
             with nullcontext() if last_micro else accelerator.no_sync(model):
-                out = model(**batch, ref_logps=ref)
+                out = model(**batch, ref_logps=ref, kl=kl)
                 accelerator.backward(out.loss / cfg.gradient_accumulation_steps)
-            window += _sums(out)
+            window += sums_of(out)
         clip = cfg.max_grad_norm > 0
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if clip else None
         if isinstance(grad_norm, DTensor):  # FSDP2
@@ -139,11 +167,12 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         progress.update(1)
 
         if done % cfg.logging_steps == 0 or done == total_steps:
-            last = _means(accelerator.reduce(window, "sum"))
+            last = means(accelerator.reduce(window, "sum"))
             window.zero_()
             extra = {} if grad_norm is None else {"grad_norm": grad_norm.item()}
             log({"step": done, "epoch": done / steps_per_epoch, "learning_rate": learning_rate, **extra, **last})
-            progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}")
+            accuracy = {"acc": f"{last['rewards/accuracies']:.2f}"} if "rewards/accuracies" in last else {}
+            progress.set_postfix(loss=f"{last['loss']:.4f}", **accuracy)
         if "eval" in splits and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == total_steps):
             last.update(evaluate(done))
         if (cfg.save_steps and done % cfg.save_steps == 0) or done == total_steps:
@@ -158,23 +187,3 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 def _tokenized(key: str, source: str, split: str, tokenizer, cfg: TrainConfig):
     rows = data.load_rows(source, split, key)
     return data.tokenize(rows, tokenizer, cfg.max_length, cfg.max_prompt_length, source)
-
-
-def _sums(out: model_lib.StepOutput) -> torch.Tensor:
-    """(_SUMS,) float64: each of METRICS summed over the batch's P pairs, then P, then ``out.token_sums``."""
-    dpo = out.dpo
-    pairs = dpo.chosen_rewards.shape[0]
-    chosen, rejected = dpo.chosen_rewards, dpo.rejected_rewards
-    pair_sums = torch.stack([
-        dpo.loss.detach() * pairs, chosen.sum(), rejected.sum(), (chosen > rejected).float().sum(),
-        (chosen - rejected).sum(), dpo.chosen_logps.detach().sum(), dpo.rejected_logps.detach().sum(),
-        torch.tensor(float(pairs), device=chosen.device),
-    ]).double()  # fmt: skip
-    return torch.cat([pair_sums, out.token_sums.to(pair_sums)])
-
-
-def _means(sums: torch.Tensor) -> dict[str, float]:
-    """METRICS (means over pairs) and the token metrics (means over completion tokens) of summed ``_sums``."""
-    pairs = len(METRICS)
-    means = {name: value for name, value in zip(METRICS, (sums[:pairs] / sums[pairs]).tolist())}
-    return {**means, **hf.token_metric_means(sums[pairs + 1 :])}

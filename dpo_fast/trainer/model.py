@@ -1,4 +1,4 @@
-"""The policy: any Hugging Face causal LM, run as backbone -> last hidden states -> fused DPO loss.
+"""The policy: any Hugging Face causal LM, run as backbone -> last hidden states -> fused preference loss.
 
 The full ``(2P, T, V)`` logits are never formed: ``DPOModel`` runs the model through
 ``dpo_fast.integrations.hf`` (the module that owns "backbone, then the fused head": the lm_head
@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from .. import api, objectives
 from ..integrations import hf
 from ..integrations.prefix_sharing import SharedPrefixBatch, check_model
+from . import objective as objective_lib
 from . import sources
 from .config import TrainConfig
 
@@ -103,12 +104,14 @@ class StepOutput:
     """One policy forward: the fused loss and TRL's statistics.
 
     Attributes:
-        dpo: the ``DPOOutput`` of ``fused_linear_dpo_loss`` (loss, log-probs, rewards).
+        dpo: the ``DPOOutput`` of the objective's fused loss (``fused_linear_dpo_loss``, ``..._cpo_loss`` or
+            ``..._orpo_loss``: loss, log-probs, rewards, ``nll_loss``), or KTO's ``KTOOutput`` (2P completions, the P
+            chosen first).
         token_sums: (8,) float64 sums and counts behind TRL's per-token metrics (``hf.token_metric_sums``),
             from the same pass.
     """
 
-    dpo: api.DPOOutput
+    dpo: api.DPOOutput | api.KTOOutput
     token_sums: torch.Tensor
 
     @property
@@ -117,18 +120,22 @@ class StepOutput:
 
 
 class DPOModel(torch.nn.Module):
-    """A causal LM and the DPO objective; ``forward`` gives the loss or the reference log-probs.
+    """A causal LM and the run's preference objective; ``forward`` gives the loss or the reference log-probs.
 
     Args:
         model: a ``transformers`` causal LM, or a PEFT model around one.
-        cfg: the run's objective (``beta``, ``loss_type``, ``label_smoothing``) and ``backend``.
+        cfg: the run's objective keys (``objective``, ``beta``, ``loss_type``, ...; ``trainer.objective``) and
+            ``backend``.
     """
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
         super().__init__()
         self.model = model
-        self.objective = {"beta": cfg.beta, "loss_type": cfg.loss_type, "label_smoothing": cfg.label_smoothing}
-        self.average_log_prob = objectives.default_average_log_prob(cfg.loss_type)
+        self.objective = objective_lib.build(cfg)
+        self.loss_fn = objective_lib.loss_fn(cfg)
+        self.loss_options = objective_lib.loss_options(cfg)
+        # ORPO's NLL covers the chosen prompt tokens too (TRL's ORPOTrainer)
+        self.nll_on_prompt = cfg.objective == "orpo"
         self.backend = cfg.backend
         # FSDP's auto-wrap policy reads the decoder-layer classes from here
         self._no_split_modules = getattr(self.hf_model, "_no_split_modules", None)
@@ -153,6 +160,7 @@ class DPOModel(torch.nn.Module):
         segment_ids: torch.Tensor | None = None,
         shared: SharedPrefixBatch | None = None,
         ref_logps: torch.Tensor | None = None,
+        kl: torch.Tensor | None = None,
     ) -> StepOutput | torch.Tensor:
         """One forward of P pairs in one of ``data.collate``'s layouts, chosen first.
 
@@ -160,10 +168,13 @@ class DPOModel(torch.nn.Module):
             input_ids, labels, attention_mask: (2P, T) int64 padded; or input_ids, position_ids
                 (1, N) with labels, segment_ids (N,) int64, padding-free; or ``shared``, the
                 prefix-shared layout (padded or packed) alone.
-            ref_logps: (2P,) float32 reference log-probs, chosen first. None: the reference pass.
+            ref_logps: (2P,) float32 reference log-probs, chosen first, in the objective's units (``_reference_logps``;
+                zeros for an objective without a reference). None: the reference pass.
+            kl: () KTO's KL estimate of the step (``objective: kto``), a constant.
         Returns:
-            with ``ref_logps``: the ``StepOutput`` (loss, TRL's statistics and token metrics);
-            without: (2P,) float32 per-sequence log-probs (length-averaged for ``ipo``), as the reference.
+            with ``ref_logps``: the ``StepOutput`` (loss, TRL's statistics and token metrics); without: (2P,)
+            float32 per-sequence log-probs in the objective's units (length-averaged where it averages,
+            LD-DPO-weighted with ``ld_alpha``), as the reference.
         """
         if shared is not None:
             inputs = {"shared": shared}
@@ -173,15 +184,59 @@ class DPOModel(torch.nn.Module):
                       "labels": labels, "segment_ids": segment_ids, "num_pairs": pairs}  # fmt: skip
         if ref_logps is None:
             return hf.run_head(self.hf_model, self._reference_logps, **inputs)
-        return hf.run_head(self.hf_model, lambda rows, head: self._policy_step(rows, head, ref_logps), **inputs)
+        nll_labels = _next_tokens(input_ids, attention_mask, segment_ids) if self.nll_on_prompt else None
+        return hf.run_head(
+            self.hf_model, lambda rows, head: self._policy_step(rows, head, ref_logps, nll_labels, kl), **inputs
+        )
 
     def _reference_logps(self, rows: hf.HeadRows, head: hf.LMHead) -> torch.Tensor:
-        return head.sequence_logps(rows, average_log_prob=self.average_log_prob, backend=self.backend)
+        """(2P,) the objective's log-probs of ``rows`` (reported units: averaged, LD-DPO-weighted, as the policy's;
+        KTO's: summed)."""
+        if isinstance(self.objective, objectives.KTOObjective):
+            return head.sequence_logps(rows, backend=self.backend)
+        out = head.dpo_loss(rows, reference_free=True, backend=self.backend, **self.loss_options)
+        return torch.cat([out.chosen_logps, out.rejected_logps]).detach()
 
-    def _policy_step(self, rows: hf.HeadRows, head: hf.LMHead, ref_logps: torch.Tensor) -> StepOutput:
-        pairs = ref_logps.shape[0] // 2
-        out = head.dpo_loss(
-            rows, ref_chosen_logps=ref_logps[:pairs], ref_rejected_logps=ref_logps[pairs:],
-            average_log_prob=self.average_log_prob, return_token_metrics=True, backend=self.backend, **self.objective,
-        )  # fmt: skip
+    def _policy_step(self, rows: hf.HeadRows, head: hf.LMHead, ref_logps: torch.Tensor,
+                     nll_labels: torch.Tensor | None, kl: torch.Tensor | None) -> StepOutput:  # fmt: skip
+        options = dict(self.loss_options)
+        if self.loss_fn is api.fused_linear_kto_loss:
+            out = self._kto_loss(rows, head, ref_logps, kl)
+            return StepOutput(out, hf.token_metric_sums(out.token_metrics, rows))
+        if self.loss_fn is api.fused_linear_dpo_loss:
+            pairs = ref_logps.shape[0] // 2
+            options.update(ref_chosen_logps=ref_logps[:pairs], ref_rejected_logps=ref_logps[pairs:])
+        elif nll_labels is not None:
+            options["nll_labels"] = nll_labels.to(rows.labels.device)
+        out = head.dpo_loss(rows, loss_fn=self.loss_fn, return_token_metrics=True, backend=self.backend, **options)
         return StepOutput(out, hf.token_metric_sums(out.token_metrics, rows))
+
+    def _kto_loss(self, rows: hf.HeadRows, head: hf.LMHead, ref_logps: torch.Tensor,
+                  kl: torch.Tensor | None) -> api.KTOOutput:  # fmt: skip
+        """``fused_linear_kto_loss`` of the 2P completions of ``rows``, the P chosen desirable, the P rejected not."""
+        pairs = ref_logps.shape[0] // 2
+        desirable = torch.arange(2 * pairs, device=rows.labels.device) < pairs
+        hidden, bias = head.prepare(rows.hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return api.fused_linear_kto_loss(
+                hidden, head.weight, rows.labels, desirable=desirable, ref_logps=ref_logps.to(hidden.device),
+                kl=0.0 if kl is None else kl.to(hidden.device), bias=bias, softcap=head.softcap,
+                ignore_index=hf.IGNORE_INDEX, segment_ids=rows.segment_ids, backend=self.backend,
+                return_token_metrics=True, **self.loss_options,
+            )  # fmt: skip
+
+
+def _next_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 segment_ids: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """The target of every position that has a next token in its own sequence (``IGNORE_INDEX`` elsewhere), in
+    ``labels``' layout: (2P, T) padded, or (N,) packed. TRL's ORPO takes its NLL over these (the chosen rows')."""
+    if segment_ids is None:
+        targets = torch.full_like(input_ids, hf.IGNORE_INDEX)
+        real_next = attention_mask[:, 1:].bool()
+        targets[:, :-1] = torch.where(real_next, input_ids[:, 1:], hf.IGNORE_INDEX)
+        return targets
+    tokens = input_ids.reshape(-1)
+    targets = torch.full_like(tokens, hf.IGNORE_INDEX)
+    same_sequence = segment_ids[1:] == segment_ids[:-1]
+    targets[:-1] = torch.where(same_sequence, tokens[1:], hf.IGNORE_INDEX)
+    return targets

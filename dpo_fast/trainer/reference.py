@@ -1,11 +1,11 @@
-"""Reference log-probs, four ways (``cfg.reference``):
+"""Reference log-probs, four ways (``cfg.reference_mode``), in the objective's units (``DPOModel._reference_logps``):
 
 - ``precompute`` (default): one no-grad pass of the initial policy over the train and eval rows
   before training, cached on disk under a key of the model's source and the tokenized data; the
   reference model need not stay in memory, and a rerun (or a resume) reads the cache.
 - ``model``: a frozen copy of the initial policy, run beside it on every batch.
 - ``adapters``: a LoRA policy with its adapters disabled, i.e. the base model.
-- ``none``: reference-free DPO (reference log-probs 0).
+- ``none``: reference-free DPO (reference log-probs 0), and the objectives that read no reference.
 
 ``build`` returns ``ref_logps(split, rows, batch) -> (2P,) float32``, chosen first, for the
 batch of dataset rows ``rows`` of ``split`` ("train" or "eval"), collated as ``batch``.
@@ -25,8 +25,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast, broadcast_object_list
 
-from .. import objectives
 from . import data
+from . import objective as objective_lib
 from .config import TrainConfig
 
 RefLogps = Callable[[str, list[int], dict], torch.Tensor]
@@ -40,13 +40,13 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def build(cfg: TrainConfig, model, accelerator: Accelerator, splits: dict[str, datasets.Dataset], pad_id: int,
           frozen: torch.nn.Module | None = None) -> RefLogps:  # fmt: skip
-    """The reference of ``cfg.reference`` for the prepared policy ``model`` at its initial weights.
+    """The reference of ``cfg.reference_mode`` for the prepared policy ``model`` at its initial weights.
 
     ``frozen`` is ``frozen_copy`` of the policy before it was prepared, for ``reference: model``.
     """
-    if cfg.reference == "none":
+    if cfg.reference_mode == "none":
         return lambda split, rows, batch: torch.zeros(2 * len(rows), device=accelerator.device)
-    if cfg.reference == "adapters":
+    if cfg.reference_mode == "adapters":
         policy = accelerator.unwrap_model(model).model
 
         def with_adapters_disabled(split, rows, batch):
@@ -58,7 +58,7 @@ def build(cfg: TrainConfig, model, accelerator: Accelerator, splits: dict[str, d
             return logps
 
         return with_adapters_disabled
-    if cfg.reference == "model":
+    if cfg.reference_mode == "model":
         if frozen is None:
             raise ValueError("reference='model' needs the frozen copy of the policy made before prepare")
         frozen = accelerator.prepare_model(frozen, evaluation_mode=True)
@@ -135,8 +135,10 @@ def _cache_key(cfg: TrainConfig, rows: datasets.Dataset, revision: str | None) -
                                                                  for f in files]}  # fmt: skip
     else:
         model_id = {"hub": cfg.model, "revision": revision}
-    options = {"dtype": cfg.dtype, "bf16": cfg.bf16,
-               "average_log_prob": objectives.default_average_log_prob(cfg.loss_type)}  # fmt: skip
+    built = objective_lib.build(cfg)  # the units of the log-probs: averaged or not, LD-DPO's weights
+    options = {"dtype": cfg.dtype, "bf16": cfg.bf16, "average_log_prob": built.averaged}
+    if built.ld_alpha is not None:
+        options["ld_alpha"] = built.ld_alpha
     if cfg.prefix_sharing:  # the same numbers up to float32 rounding, computed in another layout
         options["prefix_sharing"] = True
     digest = hashlib.sha256(json.dumps([model_id, options], sort_keys=True).encode())
