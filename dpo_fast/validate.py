@@ -163,8 +163,10 @@ def segment_values(
 
 def check_desirable(desirable: object, num_sequences: int, device: torch.device) -> None:
     """KTO's (B,) bool labels: True for a desirable completion."""
-    if not isinstance(desirable, torch.Tensor) or desirable.dtype != torch.bool or tuple(desirable.shape) != (
-        num_sequences,
+    if (
+        not isinstance(desirable, torch.Tensor)
+        or desirable.dtype != torch.bool
+        or tuple(desirable.shape) != (num_sequences,)
     ):
         raise ValueError(
             f"desirable must be a ({num_sequences},) bool tensor, True for a desirable completion (TRL's label), "

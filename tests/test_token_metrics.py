@@ -12,7 +12,6 @@ import dpo_fast
 from dpo_fast import backends, chunking, objectives
 from dpo_fast.backends import HeadSpec
 
-
 # the separation below which a float32 logit may order two entries differently from float64
 TIE = 1e-3
 

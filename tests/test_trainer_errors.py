@@ -88,7 +88,10 @@ def no_network(monkeypatch):
 
     for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
         monkeypatch.setattr(cls, "from_pretrained", local_only(cls.from_pretrained, lambda name, *a, **k: name))
-    files_or_name = lambda name, *a, data_files=None, **k: data_files or name
+
+    def files_or_name(name, *a, data_files=None, **k):
+        return data_files or name
+
     monkeypatch.setattr(datasets, "load_dataset", local_only(datasets.load_dataset, files_or_name))
 
 

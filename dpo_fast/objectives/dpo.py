@@ -129,7 +129,9 @@ class DPOObjective:
         types = [term.loss_type for term in self.terms]
         if not isinstance(self.f_divergence_type, str) or self.f_divergence_type not in F_DIVERGENCES:
             raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {self.f_divergence_type!r}")
-        checks.store(self, "f_alpha_divergence_coef", checks.number("f_alpha_divergence_coef", self.f_alpha_divergence_coef))
+        checks.store(
+            self, "f_alpha_divergence_coef", checks.number("f_alpha_divergence_coef", self.f_alpha_divergence_coef)
+        )
         if self.f_divergence_type != "reverse_kl" and not set(types) <= set(F_DIVERGENCE_LOSS_TYPES):
             raise ValueError(
                 f"f_divergence_type={self.f_divergence_type!r} applies only to the loss types "
