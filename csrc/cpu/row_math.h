@@ -123,16 +123,18 @@ struct RowStats {
     }
     // Shifted by 0 while every logit so far is -inf: those give e = 0 (-inf - -inf would be NaN).
     const T m = max == -std::numeric_limits<T>::infinity() ? T(0) : max;
-    // A -inf logit's shift becomes the lowest finite value: e = 0 and e * shifted = 0; NaN stays NaN.
+    // A -inf logit has e = 0 and, in the product, its shift raised to the lowest finite value, so that
+    // e * shift = 0 (not 0 * -inf); NaN stays NaN. (Raising the shift before exp_lanes instead, which
+    // needs no such guard, made GCC's loop 3x slower: 7.3 against 2.4 ns a logit on x86-64.)
     constexpr T lowest = std::numeric_limits<T>::lowest();
     T block_sum = 0, block_weighted = 0, block_squares = 0, block_logits = 0;
     if (with_metrics) {
 #pragma omp simd reduction(+ : block_sum, block_weighted, block_squares, block_logits)
       for (int64_t v = 0; v < n; ++v) {
-        const T shifted = at_least(z[v] - m, lowest);
+        const T shifted = z[v] - m;
         const T e = exp_lanes(shifted);
         block_sum += e;
-        block_weighted += e * shifted;
+        block_weighted += e * at_least(shifted, lowest);
         block_squares += e * e;
         block_logits += z[v];
       }
