@@ -121,3 +121,16 @@ def test_bad_options_are_refused_by_name(tmp_path):
         FastKTOTrainer(model=None, args=args, train_dataset=None)
     with pytest.raises(ValueError, match="backend must be one of"):
         FastKTOTrainer(model=None, args=KTOConfig(output_dir=str(tmp_path), report_to=[], bf16=False), backend="tpu")
+
+
+def test_return_outputs_gives_the_models_full_logits_with_trls_warning(tmp_path):
+    """``compute_loss(return_outputs=True)``: the same loss, and the model's own outputs, as TRL's KTOTrainer."""
+    args = KTOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[], bf16=False, max_length=64)
+    trainer = FastKTOTrainer(model=copy.deepcopy(BASE), ref_model=copy.deepcopy(BASE), args=args, train_dataset=TRAIN,
+                             processing_class=TOKENIZER)  # fmt: skip
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    loss = trainer.compute_loss(trainer.model, batch)
+    with pytest.warns(FutureWarning, match="return_outputs=True"):
+        loss_again, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    assert torch.equal(loss, loss_again)
+    assert outputs.logits.shape[-1] == BASE.config.vocab_size

@@ -437,3 +437,17 @@ def test_one_product_pass_per_step_with_trl_metrics(case, tmp_path, monkeypatch)
         assert flops == per_token * tokens * width * vocab, f"{mode}: {flops / (tokens * width * vocab)} N*H*V"
     metrics = {"entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"}
     assert metrics <= logs[0].keys() and {"eval_" + name for name in metrics} <= evals.keys()
+
+
+def test_return_outputs_gives_the_models_full_logits_with_trls_warning(tmp_path):
+    """``compute_loss(return_outputs=True)`` (for ``compute_metrics``): the same loss, and the model's own outputs
+    from an extra forward pass, as TRL returns them, with its deprecation warning."""
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[], bf16=False, max_length=64)
+    trainer = FastDPOTrainer(model=copy.deepcopy(BASE), ref_model=copy.deepcopy(BASE), args=args, train_dataset=TRAIN,
+                             processing_class=TOKENIZER)  # fmt: skip
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    loss = trainer.compute_loss(trainer.model, batch)
+    with pytest.warns(FutureWarning, match="return_outputs=True"):
+        loss_again, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    assert torch.equal(loss, loss_again)
+    assert outputs.logits.shape == (*batch["input_ids"].shape, BASE.config.vocab_size)

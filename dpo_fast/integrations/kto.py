@@ -19,7 +19,6 @@ policy's ``router_aux_loss_coef``; the logged metrics are TRL's, under TRL's nam
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +28,7 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from .. import objectives, validate
 from .hf import IGNORE_INDEX, HeadRows, LMHead
-from .trl_heads import ReferenceHead, install_head, reference_context
+from .trl_heads import ReferenceHead, full_logits_outputs, install_head, reference_context, run_policy
 
 # batch keys that are not the model's inputs (TRL 1.16's KTOTrainer)
 _NON_MODEL_KEYS = {"completion_mask", "KL_input_ids", "KL_attention_mask", "KL_completion_mask", "KL_token_type_ids",
@@ -205,20 +204,11 @@ class FastKTOTrainer(KTOTrainer):
         aux_coef = self.router_aux_loss_coef if self.aux_loss_enabled else 0.0
         head = KTOPolicyHead(ref_logps, desirable, kl.reshape(()), self._objective, self._token_metrics, self._backend,
                              aux_coef)  # fmt: skip
-        # MoE: the backbone returns its router logits (TRL passes output_router_logits to the policy only)
-        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        outputs = model(**model_kwargs, **router, labels=labels, dpo_fast_head=head)
+        outputs = run_policy(model, {**model_kwargs, "labels": labels}, head, self.aux_loss_enabled)
         self._record_metrics(mode, batch, desirable, kl, outputs)
         if not return_outputs:
             return outputs.loss
-        warnings.warn(
-            "`return_outputs=True` (logits for `compute_metrics`) recomputes the full logits with an extra forward "
-            "pass, as TRL does; it is deprecated in TRL and will be removed in v2.0.0.",
-            FutureWarning,
-            stacklevel=2,
-        )
-        with torch.no_grad():
-            return outputs.loss, model(**model_kwargs)
+        return outputs.loss, full_logits_outputs(model, model_kwargs)
 
     def _record_metrics(self, mode: str, batch: dict, desirable: torch.Tensor, kl: torch.Tensor,
                         outputs: KTOPolicyOutput) -> None:  # fmt: skip

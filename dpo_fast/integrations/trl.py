@@ -24,7 +24,6 @@ MoE policy's load-balancing loss is added as TRL adds it (``router_aux_loss_coef
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +35,7 @@ from .. import objectives, validate
 from .hf import HeadRows, LMHead, token_metric_means, token_metric_sums
 from .kto import FastKTOTrainer
 from .prefix_sharing import check_model, collate_shared, pairs_from_trl_batch
-from .trl_heads import ReferenceHead, install_head, reference_context
+from .trl_heads import ReferenceHead, full_logits_outputs, install_head, reference_context, run_policy
 
 __all__ = ["FastDPOTrainer", "FastKTOTrainer", "trl_objective"]
 
@@ -220,20 +219,12 @@ class FastDPOTrainer(DPOTrainer):
             ref_logps = self._reference_logps(ref_model, head_inputs)
         aux_coef = self.router_aux_loss_coef if self.aux_loss_enabled else 0.0
         head = PolicyHead(ref_logps, self._objective, self._token_metrics, self._backend, aux_coef)
-        # MoE: the backbone returns its router logits (TRL passes output_router_logits to the policy only)
-        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        outputs = model(**head_inputs, **router, dpo_fast_head=head)
+        outputs = run_policy(model, head_inputs, head, self.aux_loss_enabled)
         self._record_metrics(mode, inputs, outputs, ref_logps)
         if not return_outputs:
             return outputs.loss
-        warnings.warn(
-            "`return_outputs=True` (logits for `compute_metrics`) recomputes the full logits with an extra forward "
-            "pass, as TRL does; it is deprecated in TRL and will be removed in v2.0.0.",
-            FutureWarning,
-            stacklevel=2,
-        )
-        with torch.no_grad():
-            return outputs.loss, model(**{k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}, use_cache=False)
+        model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        return outputs.loss, full_logits_outputs(model, {**model_inputs, "use_cache": False})
 
     def _record_metrics(self, mode: str, inputs: dict, outputs: PolicyOutput, ref_logps: torch.Tensor) -> None:
         """Append this step's metrics under TRL 1.16's names, gathered across processes as TRL gathers them."""

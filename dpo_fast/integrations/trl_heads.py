@@ -7,6 +7,7 @@ the reference pass (forward-only summed log-probs) and the PEFT reference contex
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -57,3 +58,22 @@ def reference_context(trainer) -> contextlib.AbstractContextManager:
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
     return contextlib.nullcontext()
+
+
+def run_policy(model: torch.nn.Module, inputs: dict, head, aux_loss_enabled: bool):
+    """The policy's forward with dpo_fast's ``head``; a MoE backbone also returns its router logits when TRL's
+    load-balancing loss is on (TRL passes ``output_router_logits`` to the policy only)."""
+    router = {"output_router_logits": True} if aux_loss_enabled else {}
+    return model(**inputs, **router, dpo_fast_head=head)
+
+
+def full_logits_outputs(model: torch.nn.Module, inputs: dict):
+    """The model's own outputs (full logits) for ``compute_loss(return_outputs=True)``, as TRL recomputes them."""
+    warnings.warn(
+        "`return_outputs=True` (logits for `compute_metrics`) recomputes the full logits with an extra forward "
+        "pass, as TRL does; it is deprecated in TRL and will be removed in v2.0.0.",
+        FutureWarning,
+        stacklevel=3,
+    )
+    with torch.no_grad():
+        return model(**inputs)
