@@ -16,7 +16,15 @@ pytest.importorskip("trl")
 
 import torch
 from datasets import Dataset
-from test_trl import BASE, TOKENIZER, assert_logs_match, assert_updates_match, preference_data, tiny_moe
+from test_trl import (
+    BASE,
+    TOKENIZER,
+    applied_sgd_updates,
+    assert_logs_match,
+    assert_updates_match,
+    preference_data,
+    tiny_moe,
+)
 from trl import KTOConfig, KTOTrainer
 
 from dpo_fast.integrations.kto import FastKTOTrainer
@@ -52,10 +60,8 @@ def train(trainer_class, tmp_path, *, steps=2, base=None, peft_config=None, trai
         model=copy.deepcopy(base), ref_model=ref_model, args=args, train_dataset=TRAIN, eval_dataset=EVAL,
         processing_class=TOKENIZER, peft_config=peft_config, **(trainer_kwargs or {}),
     )  # fmt: skip
-    trainable = {name: p for name, p in trainer.model.named_parameters() if p.requires_grad}
-    before = {name: p.detach().clone() for name, p in trainable.items()}
+    updates = applied_sgd_updates(trainer)
     trainer.train()
-    updates = {name: p.detach() - before[name] for name, p in trainable.items()}
     return list(trainer.state.log_history), trainer.evaluate(), updates
 
 
