@@ -6,15 +6,6 @@ from helpers import Case, rel_err
 
 import dpo_fast
 
-# Dynamo before torch 2.13 cannot trace the preference objectives (frozen dataclasses built inside the compiled
-# region: "SourcelessBuilder.create does not know how to wrap PairTerm"; with a prebuilt objective= "can't
-# reconstruct arbitrary frozen dataclass instances"), so the fused DPO loss cannot be compiled there. Known
-# defect, seen on the GPU machine's stack (torch 2.11) in CI job 2; strict: the mark goes once it compiles.
-OLD_DYNAMO = tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 13)
-DPO_COMPILE_DEFECT = pytest.mark.xfail(
-    OLD_DYNAMO, reason="torch < 2.13: Dynamo cannot trace the preference objectives' dataclasses", strict=True
-)
-
 BATCH = Case(pairs=2, length=5, hidden_dim=8, vocab=13, dtype=torch.float32, bias=True, softcap=2.0, packed=False,
              seed=5).build("cpu")  # fmt: skip
 
@@ -38,7 +29,7 @@ def _sequences(hidden, weight, bias):
     return seq.sum(), seq.detach()
 
 
-@pytest.mark.parametrize("fn", [pytest.param(_dpo, marks=DPO_COMPILE_DEFECT), _tokens, _sequences])
+@pytest.mark.parametrize("fn", [_dpo, _tokens, _sequences])
 def test_fullgraph_compile_matches_eager(fn):
     def run(f):
         leaves = [BATCH[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
@@ -54,7 +45,6 @@ def test_fullgraph_compile_matches_eager(fn):
         assert rel_err(got, want) < 1e-6
 
 
-@DPO_COMPILE_DEFECT
 def test_fused_dpo_loss_under_inductor_matches_eager():
     """The fused path with the default backend, compiled by inductor (on CPU it generates and compiles C++)."""
 

@@ -99,7 +99,7 @@ class DPOObjective:
 
     Attributes:
         beta: the temperature of every term.
-        terms: the losses and their weights.
+        terms: the losses and their weights (None: sigmoid alone, weight 1).
         f_divergence_type, f_alpha_divergence_coef: f-DPO's score (``elementwise.f_divergence_score``).
         discopop_tau: DiscoPOP's temperature.
         use_weighting: WPO's pair weights (needs ``log sum_v p_v^2`` per token).
@@ -109,7 +109,7 @@ class DPOObjective:
     """
 
     beta: float = 0.1
-    terms: tuple[PairTerm, ...] = (PairTerm("sigmoid"),)
+    terms: tuple[PairTerm, ...] | None = None
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
     discopop_tau: float = 0.05
@@ -121,6 +121,8 @@ class DPOObjective:
 
     def __post_init__(self):
         checks.store(self, "beta", checks.positive("beta", self.beta))
+        if self.terms is None:
+            checks.store(self, "terms", (PairTerm("sigmoid"),))
         if isinstance(self.terms, PairTerm) or not all(isinstance(term, PairTerm) for term in self.terms):
             raise ValueError(f"terms must be a sequence of PairTerm, got {self.terms!r}")
         checks.store(self, "terms", tuple(self.terms))
