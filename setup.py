@@ -1,4 +1,4 @@
-"""Packaging: ``dpo_fast``, the top-level ``kernels/`` as ``dpo_fast.kernels``, ``csrc/`` as ``dpo_fast/csrc``
+"""Packaging: ``dpo_fast``, ``kernels/triton/`` as ``dpo_fast.kernels``, ``csrc/`` as ``dpo_fast/csrc``
 (the sources of the just-in-time build), and the C++/CUDA extensions built ahead of time when possible.
 
 The extensions (``dpo_fast._cpp``; ``dpo_fast._cuda`` with a CUDA build of torch, nvcc and the CUDA
@@ -150,7 +150,7 @@ if __name__ == "__main__":  # setuptools' build backend runs this file as __main
             "dpo_fast.trainer",
             "dpo_fast.trainer.default",
         ],
-        package_dir={"dpo_fast.kernels": "kernels", "dpo_fast.csrc": "csrc"},
+        package_dir={"dpo_fast.kernels": "kernels/triton", "dpo_fast.csrc": "csrc"},
         package_data={
             "dpo_fast.csrc": ["*.md", "*.h"],
             "dpo_fast.csrc.cpu": ["*.cpp", "*.h"],

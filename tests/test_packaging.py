@@ -238,3 +238,50 @@ def test_declared_minimums_are_the_versions_ci_tests():
         assert bounds, f"pyproject.toml declares no minimum for {name}"
         pinned = pins[name].split(".")
         assert all(pinned[: len(bound.split("."))] == bound.split(".") for bound in bounds), (name, bounds, pins[name])
+
+
+# From the repository root (first on sys.path under ``python -m pytest``, ``python -c``, a notebook), transformers
+# imports Hugging Face's ``kernels`` package (transformers/integrations/hub_kernels.py, reached from TRL, peft and
+# TrainingArguments); the repository's Triton sources must never be found under that name.
+IMPORT_FROM_ROOT = r"""
+import sys
+from pathlib import Path
+root = Path(sys.argv[1])
+import transformers.integrations.hub_kernels
+from trl import DPOConfig
+import kernels, dpo_fast.kernels
+assert root not in Path(kernels.__file__).parents, kernels.__file__
+assert Path(dpo_fast.kernels.__file__).parent.name in ("triton", "kernels"), dpo_fast.kernels.__file__
+assert callable(dpo_fast.kernels.logits_stats) and callable(dpo_fast.kernels.logits_grad)
+print("ok", kernels.__file__, dpo_fast.kernels.__file__)
+"""
+
+# Without Hugging Face's ``kernels`` installed, ``import kernels`` from the root finds the repository's folder as a
+# namespace portion (a folder without __init__.py); the Triton sources below it must still refuse that name.
+SOURCES_UNDER_ANOTHER_NAME = r"""
+import importlib, importlib.machinery, importlib.util, sys
+spec = importlib.machinery.PathFinder.find_spec("kernels", [sys.argv[1]])
+assert spec.loader is None or spec.origin in (None, "namespace"), spec  # a namespace portion, not a regular package
+sys.modules["kernels"] = importlib.util.module_from_spec(spec)
+for name in ("kernels.triton", "kernels.triton.config", "kernels.triton.logits_stats", "kernels.triton.aot"):
+    try:
+        importlib.import_module(name)
+    except ImportError as error:
+        assert "dpo_fast.kernels" in str(error), error
+    else:
+        raise AssertionError(f"{name} imported")
+print("ok")
+"""
+
+
+def test_the_repository_root_does_not_shadow_the_kernels_package_transformers_imports():
+    result = subprocess.run([sys.executable, "-c", IMPORT_FROM_ROOT, str(ROOT)], cwd=ROOT, capture_output=True,
+                            text=True, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("ok"), result.stdout
+
+
+def test_the_triton_sources_refuse_to_load_as_the_top_level_kernels():
+    result = subprocess.run([sys.executable, "-c", SOURCES_UNDER_ANOTHER_NAME, str(ROOT)], cwd=ROOT,
+                            capture_output=True, text=True, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]

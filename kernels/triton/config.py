@@ -2,7 +2,7 @@
 
 The GPU configuration is a pure function of the kernel, the operand dtype, the float32 precision
 and the kernel's flags (``gpu_config``), so that it can be computed without a device: the
-ahead-of-time compile test (``kernels/aot.py``) compiles exactly what a launch on an H100 picks.
+ahead-of-time compile test (``kernels/triton/aot.py``) compiles exactly what a launch on an H100 picks.
 ``kernels/README.md`` records each variant's registers, spills, shared memory and occupancy.
 
 On CPU tensors the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``), by default with
