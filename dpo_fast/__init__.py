@@ -7,14 +7,12 @@
 ``fused_linear_cpo_loss`` (CPO, SimPO, AlphaPO), ``fused_linear_orpo_loss`` and ``fused_linear_kto_loss`` do
 the same for the rest of the preference family. ``LOSS_TYPES`` are ``fused_linear_dpo_loss``'s loss types
 (TRL 1.16's DPOTrainer's), ``CPO_LOSS_TYPES`` and ``KTO_LOSS_TYPES`` the others'. See ``dpo_fast.api`` for the
-functions, ``dpo_fast.objectives`` for the loss family and ``dpo_fast.backends`` for the implementations.
+functions, ``dpo_fast.core`` for the one entry beneath them (an objective, a ``layout.TokenLayout`` and a
+``head.LMHead``), ``dpo_fast.objectives`` for the loss family and ``dpo_fast.backends`` for the implementations.
 """
 
 from .api import (
-    DPOOutput,
     FusedLinearDPOLoss,
-    KTOOutput,
-    TokenMetrics,
     fused_linear_cpo_loss,
     fused_linear_dpo_loss,
     fused_linear_kto_loss,
@@ -24,6 +22,7 @@ from .api import (
 )
 from .objectives import CPO_LOSS_TYPES, KTO_LOSS_TYPES
 from .objectives import DPO_LOSS_TYPES as LOSS_TYPES
+from .outputs import DPOOutput, KTOOutput, TokenMetrics
 
 __version__ = "0.1.0"
 

@@ -241,16 +241,6 @@ def _unit_groups(tokens_per_unit: list[int], cap: int) -> list[tuple[int, int, i
     return groups
 
 
-def sequence_scale(labels: torch.Tensor, segment_ids: torch.Tensor, num_segments: int, ignore_index: int,
-                   average: bool, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-    """(R,) factor from summed to reported sequence log-probs: 1, or 1/valid-token-count (1 for empty)."""
-    if not average:
-        return torch.ones(num_segments, dtype=dtype, device=labels.device)
-    counts = torch.zeros(num_segments, dtype=dtype, device=labels.device)
-    counts.index_add_(0, segment_ids, (labels != ignore_index).to(dtype))
-    return 1.0 / counts.clamp(min=1)
-
-
 def _sums(hidden: torch.Tensor, num_sequences: int) -> torch.Tensor:
     return hidden.new_zeros(num_sequences, dtype=torch.float64)
 

@@ -11,12 +11,12 @@ gradients come out NaN and nothing is indexed out of bounds.
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 
 from .backends import NAMES as BACKENDS
+from .objectives.checks import finite
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -38,7 +38,7 @@ def check_number(name: str, value: object, *, optional: bool = False, what: str 
     """A finite real number > 0 (a Python or NumPy float or int, not a bool or a string), or None if ``optional``."""
     if optional and value is None:
         return
-    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and finite(value) and value > 0):
         expected = what + (" or None" if optional else "")
         raise ValueError(f"{name} must be {expected}, got {value!r}")
 
@@ -71,13 +71,12 @@ def check_scratch_mib(scratch_mib: object) -> None:
 def check_head(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    labels: torch.Tensor,
     bias: torch.Tensor | None,
     softcap: float | None,
     temperature: float,
-    ignore_index: int,
+    logit_scale: float = 1.0,
 ) -> None:
-    """Checks shared by every entry point: the LM head and the targets."""
+    """The hidden states and the LM head: dtypes, shapes, devices and the logit transform's numbers."""
     if not isinstance(hidden, torch.Tensor) or hidden.dtype not in FLOAT_DTYPES:
         raise ValueError(f"hidden must be a floating-point tensor, got {_describe(hidden)}")
     if hidden.dim() < 2:
@@ -92,21 +91,28 @@ def check_head(
         )
     if vocab == 0 or hidden_dim == 0:
         raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
+    if bias is not None and (
+        not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (vocab,) or bias.dtype not in FLOAT_DTYPES
+    ):
+        raise ValueError(f"bias must be a ({vocab},) floating-point tensor or None, got {_describe(bias)}")
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.device != hidden.device:
+            raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}; move them together")
+    check_number("softcap", softcap, optional=True)
+    check_number("temperature", temperature)
+    check_number("logit_scale", logit_scale)
+
+
+def check_labels(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> None:
+    """Targets: an integer tensor of hidden's leading shape, on its device."""
     if not isinstance(labels, torch.Tensor) or labels.dtype not in INDEX_DTYPES:
         raise ValueError(f"labels must be an int64 (or int32) tensor, got {_describe(labels)}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
             f"labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
         )
-    if bias is not None and (
-        not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (vocab,) or bias.dtype not in FLOAT_DTYPES
-    ):
-        raise ValueError(f"bias must be a ({vocab},) floating-point tensor or None, got {_describe(bias)}")
-    for name, tensor in (("weight", weight), ("labels", labels), ("bias", bias)):
-        if tensor is not None and tensor.device != hidden.device:
-            raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}; move them together")
-    check_number("softcap", softcap, optional=True)
-    check_number("temperature", temperature)
+    if labels.device != hidden.device:
+        raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}; move them together")
     check_ignore_index(ignore_index)
 
 
@@ -133,12 +139,11 @@ def check_segment_ids(segment_ids: torch.Tensor, num_tokens: int, device: torch.
         raise ValueError(f"segment_ids is on {segment_ids.device} but hidden is on {device}")
 
 
-def check_num_segments(num_segments: object) -> None:
+def check_num_segments(num_segments: object, name: str = "num_segments") -> None:
+    """A positive int: the number of sequences R (segment ids lie in [0, R)), or ``num_pairs`` P."""
     if not (isinstance(num_segments, numbers.Integral) and not isinstance(num_segments, bool) and num_segments >= 1):
-        raise ValueError(
-            f"num_segments must be a positive int (the number of sequences R; segment ids lie in [0, R)), "
-            f"got {num_segments!r}"
-        )
+        what = "(the number of sequences R; segment ids lie in [0, R))" if name == "num_segments" else "P"
+        raise ValueError(f"{name} must be a positive int {what}, got {num_segments!r}")
 
 
 def segment_values(
@@ -178,13 +183,18 @@ def check_desirable(desirable: object, num_sequences: int, device: torch.device)
 
 def check_kl(kl: object, device: torch.device) -> None:
     """KTO's KL estimate: a finite number or a () / (1,) floating-point tensor (values unchecked: it may be traced)."""
+    if kl is None:
+        raise ValueError(
+            "kl is required for loss_type='kto': the batch's KL estimate (dpo_fast.objectives.kto_kl_estimate of "
+            "the policy's and the reference's log-probs of mismatched pairs), or 0.0 for KTO without it"
+        )
     if isinstance(kl, torch.Tensor):
         if not kl.is_floating_point() or kl.numel() != 1 or kl.dim() > 1:
             raise ValueError(f"kl must be a number or a () floating-point tensor, got {_describe(kl)}")
         if kl.device != device:
             raise ValueError(f"kl is on {kl.device} but hidden is on {device}")
         return
-    if not (isinstance(kl, numbers.Real) and not isinstance(kl, bool) and math.isfinite(kl)):
+    if not (isinstance(kl, numbers.Real) and not isinstance(kl, bool) and finite(kl)):
         raise ValueError(
             f"kl must be a finite number or a () tensor (the batch's KL estimate, e.g. "
             f"dpo_fast.objectives.kto_kl_estimate), got {kl!r}"
@@ -222,6 +232,16 @@ def check_reference(
         )
     for name, ref in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
         check_sequence_values(name, ref, num_pairs, device)
+
+
+def check_reference_logps(ref_logps: object, size: int, device: torch.device) -> None:
+    """KTO's (B,) summed reference log-probs."""
+    if ref_logps is None:
+        raise ValueError(
+            "ref_logps is required (the reference model's summed log-probs of the completions, e.g. from "
+            "dpo_fast.sequence_logps under torch.no_grad()); pass reference_free=True to train without them"
+        )
+    check_sequence_values("ref_logps", ref_logps, size, device)
 
 
 def check_sequence_values(name: str, values: object, size: int, device: torch.device) -> None:

@@ -178,19 +178,18 @@ def test_dpo_fused_path_equals_general_composition():
         assert rel_err(fused_inputs[key].grad, general_inputs[key].grad) < 1e-5
 
 
-def _preference_inputs(hidden, weight, bias, labels, backend, metrics, objective, nll=False):
-    """PreferenceInputs of 2 pairs of 4 tokens each (rows of ``labels`` (16,))."""
+def _preference_args(hidden, weight, bias, labels, backend, metrics, objective, nll=False):
+    """``preference_loss_forward``'s positional arguments for 2 pairs of 4 tokens each (rows of ``labels`` (16,))."""
     device = hidden.device
     segment_ids = torch.arange(4, device=device).repeat_interleave(4)
     completion = labels != -100
     weights = objectives.token_weights(objective, completion, segment_ids, 4)
-    if not nll:
-        weights.nll = None
-    return autograd.PreferenceInputs(
-        hidden, weight, bias, labels, segment_ids, weights, torch.randn(4, dtype=torch.float64, device=device), None,
-        torch.tensor(5.0, dtype=torch.float64, device=device), torch.tensor(0.0, dtype=torch.float64, device=device),
-        2, objectives.encode_objective(objective), -100, None, chunking.GradsNeeded(True, True, True), metrics,
-        backend, chunking.scratch_bytes(device, None),
+    nll_weights = weights.nll if nll else None
+    return (
+        hidden, weight, bias, labels, segment_ids, weights.logps, nll_weights, completion,
+        torch.randn(4, dtype=torch.float64, device=device), None, torch.tensor(0.0, dtype=torch.float64, device=device),
+        2, objectives.encode_objective(objective), -100, None, 1.0, True, True, bias is not None, metrics, backend,
+        chunking.scratch_bytes(device, None),
     )  # fmt: skip
 
 
@@ -202,47 +201,43 @@ def test_custom_ops_pass_opcheck(backend):
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).clone().requires_grad_(True)
     weight = weight.clone().requires_grad_(True)
     scratch = chunking.scratch_bytes(flat_hidden.device, None)
-    head = HeadSpec(2.0, 0.9)
-    token_inputs = autograd.TokenInputs(flat_hidden, weight, bias, labels, -100, head, True, backend, scratch)
-    torch.library.opcheck(autograd.token_logps_forward, autograd.flatten(token_inputs))
+    torch.library.opcheck(autograd.token_logps_forward,
+                          (flat_hidden, weight, bias, labels, -100, 2.0, 0.9, True, backend, scratch))  # fmt: skip
     logp, entropy, _mean_logit, _is_top1, _log_sum_sq_probs, normalizer = autograd.token_logps(
-        autograd.TokenInputs(flat_hidden.detach(), weight.detach(), bias, labels, -100, HeadSpec(), True, backend,
-                             scratch)
+        flat_hidden.detach(), weight.detach(), bias, labels, ignore_index=-100, head=HeadSpec(), with_metrics=True,
+        backend=backend, scratch_bytes=scratch,
     )  # fmt: skip
-    grad_inputs = autograd.TokenGradInputs(
-        torch.randn_like(logp), torch.randn_like(logp), flat_hidden.detach(), weight.detach(), bias, labels,
-        normalizer, entropy, -100, HeadSpec(), chunking.GradsNeeded(True, True, True), backend, scratch,
-    )  # fmt: skip
-    torch.library.opcheck(autograd.token_logps_backward, autograd.flatten(grad_inputs))
+    grad_args = (torch.randn_like(logp), torch.randn_like(logp), flat_hidden.detach(), weight.detach(), bias, labels,
+                 normalizer, entropy, -100, None, 1.0, True, True, True, backend, scratch)  # fmt: skip
+    torch.library.opcheck(autograd.token_logps_backward, grad_args)
     # inputs that require grad: opcheck then traces the op's autograd formula too (test_aot_dispatch_dynamic)
     objective = objectives.dpo_objective(["sigmoid", "sft"], ld_alpha=0.5)
-    preference_inputs = _preference_inputs(
+    preference_args = _preference_args(
         flat_hidden, weight, bias.clone().requires_grad_(True), labels, backend, True, objective, nll=True
     )
-    torch.library.opcheck(autograd.preference_loss_forward, autograd.flatten(preference_inputs))
+    torch.library.opcheck(autograd.preference_loss_forward, preference_args)
 
 
-def test_op_arguments_derive_from_the_dataclasses():
-    """Schema, flat arguments and their inverse come from one dataclass per op: they cannot drift apart."""
-    objective = objectives.CPOObjective(loss_type="simpo")
-    inputs = _preference_inputs(
-        torch.zeros(16, 3), torch.zeros(5, 3), None, torch.zeros(16, dtype=torch.long), "torch", True, objective,
-        nll=True,
+def test_op_schemas_are_written_out():
+    """Each op's schema names its arguments and outputs, in the order its Python wrapper passes them."""
+    names = {
+        op: ([a.name for a in op._opoverload._schema.arguments], [r.name for r in op._opoverload._schema.returns])
+        for op in (autograd.token_logps_forward, autograd.preference_loss_forward)
+    }  # fmt: skip
+    metrics = ["entropy", "mean_logit", "is_top1", "log_sum_sq_probs"]
+    assert names[autograd.token_logps_forward] == (
+        ["hidden", "weight", "bias", "labels", "ignore_index", "softcap", "temperature", "with_metrics", "backend",
+         "scratch_bytes"],
+        ["logp", *metrics, "normalizer"],
     )  # fmt: skip
-    flat = autograd.flatten(inputs)
-    schema = autograd.preference_loss_forward._opoverload._schema
-    assert [argument.name for argument in schema.arguments] == [
-        "hidden", "weight", "bias", "labels", "segment_ids", "weights_logps", "weights_nll", "weights_completion",
-        "ref_logps", "desirable", "nll_tokens", "kl", "num_units", "objective", "ignore_index", "softcap",
-        "needs_hidden", "needs_weight", "needs_bias", "with_metrics", "backend", "scratch_bytes",
-    ]  # fmt: skip
-    spec, scratch = objectives.encode_objective(objective), inputs.scratch_bytes
-    assert flat[12:] == (2, spec, -100, None, True, True, True, True, "torch", scratch)
-    assert flat[5] is inputs.weights.logps and flat[6] is inputs.weights.nll and flat[9] is None
-    rebuilt = autograd._unflatten(autograd.PreferenceInputs, flat)
-    assert all(a is b for a, b in zip(autograd.flatten(rebuilt), flat))
-    grads = autograd._input_grads(autograd.PreferenceInputs, hidden="h", bias="b")
-    assert grads == ("h", None, "b") + (None,) * (len(flat) - 3)
+    assert names[autograd.preference_loss_forward] == (
+        ["hidden", "weight", "bias", "targets", "segment_ids", "logp_weights", "nll_weights", "completion", "ref_sums",
+         "desirable", "kl", "num_units", "objective", "ignore_index", "softcap", "temperature", "need_hidden",
+         "need_weight", "need_bias", "with_metrics", "backend", "scratch_bytes"],
+        ["loss", "logps", "nll_logps", "normalizer", *metrics, "grad_hidden", "grad_weight", "grad_bias"],
+    )  # fmt: skip
+    assert list(autograd.PreferencePass._fields) == names[autograd.preference_loss_forward][1][:8]
+    assert list(autograd.TokenPass._fields) == names[autograd.token_logps_forward][1]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -46,7 +46,7 @@ def test_backend_tests_build_their_tensors_on_the_backend_device():
 
 
 def test_the_device_check_catches_a_test_that_builds_on_cpu(tmp_path):
-    for name in ("conftest.py", "helpers.py", "triton_interpreter.py"):
+    for name in ("conftest.py", "helpers.py"):
         (tmp_path / name).write_text((TESTS / name).read_text())
     (tmp_path / "test_canary.py").write_text(CANARY)
     result = _device_check(tmp_path / "test_canary.py")

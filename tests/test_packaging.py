@@ -257,7 +257,7 @@ try:
 except importlib.metadata.PackageNotFoundError:
     assert getattr(kernels, "__file__", None) is None and not hasattr(kernels, "triton"), kernels
 else:
-    assert root not in Path(kernels.__file__).parents, kernels.__file__
+    assert Path(kernels.__file__).resolve().parent != (root / "kernels").resolve(), kernels.__file__
 assert Path(dpo_fast.kernels.__file__).parent.name in ("triton", "kernels"), dpo_fast.kernels.__file__
 assert callable(dpo_fast.kernels.logits_stats) and callable(dpo_fast.kernels.logits_grad)
 print("ok", getattr(kernels, "__file__", None), dpo_fast.kernels.__file__)

@@ -6,8 +6,8 @@ pass. Backward: one kernel forms ``dL/dx`` tiles in registers (from recomputed o
 writes them once in the compute dtype; the two products with it run as matmuls (cuBLAS) on that
 bounded chunk. ``kernels/README.md`` gives the launch configurations and their sm_90 compile report.
 Runs on CUDA tensors, and on CPU tensors inside Triton's interpreter (``TRITON_INTERPRET=1``; its
-``tl.dot`` multiplies bfloat16 bit patterns as integers in triton 3.6 to 3.9, which the tests patch:
-``tests/triton_interpreter.py``).
+``tl.dot`` multiplies bfloat16 bit patterns as integers in triton 3.6 to 3.9, which ``triton_interpreter``
+fixes before the first launch).
 
 The kernels read every tensor with unit stride along its last dimension and the 1-D ones
 contiguous; this adapter hands them such views (copying only what is not already laid out so), so
@@ -50,6 +50,11 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 @functools.cache
 def _kernels() -> ModuleType:
+    """``dpo_fast.kernels``, imported on first use, with the interpreter's bfloat16 fix when it interprets."""
+    if _interpreting():
+        from .triton_interpreter import patch_bf16_dot
+
+        patch_bf16_dot()
     return importlib.import_module("dpo_fast.kernels")
 
 

@@ -4,13 +4,11 @@ The one place that knows how a ``transformers`` model turns its last hidden stat
 how to hand them to dpo_fast; ``dpo_fast.trainer`` and ``dpo_fast.integrations.trl`` both call it, so
 both accept the same models:
 
-- ``LMHead.of(model)``: the LM head's weight (tied or not; gathered from FSDP2's shards when read
-  outside an unsharded scope) and bias, the final soft-capping (Gemma 2) and the logit scale some
-  models multiply by (Cohere, Granite, Falcon-H1, ...), read as TRL 1.16 reads them:
-  ``z = softcap * tanh(scale * (h W^T + b) / softcap)``. ``LMHead.dpo_loss`` and
-  ``LMHead.sequence_logps`` call ``fused_linear_dpo_loss`` / ``sequence_logps`` with them, the
-  hidden states in autocast's dtype when autocast is on (dpo_fast's kernels take their dtypes from
-  their inputs, not from autocast).
+- ``lm_head_of(model)``: the model's head as a ``dpo_fast.head.LMHead``: the weight (tied or not; gathered from
+  FSDP2's shards when read outside an unsharded scope) and bias, the final soft-capping (Gemma 2) and the logit
+  scale some models multiply by (Cohere, Granite, Falcon-H1, ...), read as TRL 1.16 reads them:
+  ``z = softcap * tanh(scale * (h W^T + b) / softcap)``. The callers hand it to ``dpo_fast.core`` with the rows'
+  ``HeadRows.layout()``.
 - ``head_rows(model, ...)``: runs the backbone (``model.base_model``, never the ``lm_head`` module)
   and lays its last hidden states out as ``HeadRows``: padded ``(2P, T, H)``, packed ``(N, H)`` with
   segment ids, or the prefix-shared layout of ``dpo_fast.integrations.prefix_sharing``.
@@ -35,10 +33,10 @@ from typing import TypeVar
 import torch
 from torch.distributed.tensor import DTensor
 
-from .. import api, objectives
+from ..core import TokenMetrics
+from ..head import LMHead
+from ..layout import IGNORE_INDEX, TokenLayout
 from .prefix_sharing import SharedPrefixBatch, shared_attention_mask
-
-IGNORE_INDEX = -100
 _PATCHED = "_dpo_fast_head_installed"
 # TRL's names of the per-token metrics, in the order of ``token_metric_sums``' (sum, count) pairs
 TOKEN_METRICS = ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy")
@@ -92,123 +90,23 @@ class HeadRows:
         valid = (self.labels != IGNORE_INDEX).reshape(-1)
         return torch.bincount(self.sequence_of_tokens()[valid], minlength=2 * self.pairs)
 
-    def layout(self) -> dict:
-        """The packed layout's keyword arguments for ``fused_linear_dpo_loss`` (nothing when padded)."""
-        return {} if self.segment_ids is None else {"segment_ids": self.segment_ids, "num_pairs": self.pairs}
+    def layout(self, vocab: int) -> TokenLayout:
+        """The rows' ``TokenLayout``: 2P sequences (chosen first) of a pairwise batch, or the padded rows' B."""
+        num_sequences = None if self.segment_ids is None else 2 * self.pairs
+        return TokenLayout.of(self.hidden, self.labels, vocab=vocab, segment_ids=self.segment_ids,
+                              num_sequences=num_sequences)  # fmt: skip
 
 
-@dataclass
-class LMHead:
-    """The LM head as dpo_fast needs it: ``z = softcap * tanh(logit_scale * (h W^T + b) / softcap)``.
-
-    Attributes:
-        weight: (V, H) ``lm_head.weight`` (the input embedding when tied; gathered when FSDP2 shards it).
-        bias: (V,) or None.
-        softcap: the text config's ``final_logit_softcapping``, or None.
-        logit_scale: the multiplier of the logits (1.0 for most models; ``logit_scale``).
-    """
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    softcap: float | None
-    logit_scale: float
-
-    @classmethod
-    def of(cls, model: torch.nn.Module) -> LMHead:
-        """The head of a ``transformers`` causal LM (the LM itself, not a PEFT or parallel wrapper)."""
-        text_config = model.config.get_text_config()
-        lm_head = model.get_output_embeddings()
-        weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-        if isinstance(weight, DTensor):  # FSDP2 outside an unsharded scope
-            weight = weight.full_tensor()
-            bias = None if bias is None else bias.full_tensor()
-        return cls(weight, bias, getattr(text_config, "final_logit_softcapping", None), logit_scale(text_config))
-
-    def prepare(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Hidden states and bias ready for dpo_fast: in autocast's dtype when it is on, scaled.
-
-        Args:
-            hidden: (..., H) last hidden states, any float dtype.
-        Returns:
-            hidden (..., H) in the head's compute dtype, times ``logit_scale``; bias times ``logit_scale``.
-        """
-        device_type = hidden.device.type
-        if torch.is_autocast_enabled(device_type):
-            hidden = hidden.to(torch.get_autocast_dtype(device_type))
-        if self.logit_scale == 1.0:
-            return hidden, self.bias
-        return hidden * self.logit_scale, None if self.bias is None else self.bias * self.logit_scale
-
-    def dpo_loss(self, rows: HeadRows, loss_fn: Callable[..., api.DPOOutput] | None = None, **options) -> api.DPOOutput:
-        """``dpo_fast.fused_linear_dpo_loss`` (or another pairwise entry) of ``rows`` through this head.
-
-        Args:
-            loss_fn: the pairwise loss entry: ``fused_linear_dpo_loss`` (None), ``fused_linear_cpo_loss`` or
-                ``fused_linear_orpo_loss``.
-            options: the loss's other keyword arguments (``ref_chosen_logps``, ``beta``, ``loss_type``, every
-                objective option, or for DPO ``objective=`` a prebuilt ``DPOObjective`` such as
-                ``objectives.trl_dpo_objective(...)``; ``return_token_metrics``, ``backend``, ...); the head, the
-                layout and ``ignore_index`` come from here.
-        """
-        loss_fn = api.fused_linear_dpo_loss if loss_fn is None else loss_fn
-        hidden, bias = self.prepare(rows.hidden)
-        with torch.autocast(hidden.device.type, enabled=False):
-            return loss_fn(
-                hidden, self.weight, rows.labels, bias=bias, softcap=self.softcap, ignore_index=IGNORE_INDEX,
-                **rows.layout(), **options,
-            )  # fmt: skip
-
-    def kto_loss(self, rows: HeadRows, **options) -> api.KTOOutput:
-        """``dpo_fast.fused_linear_kto_loss`` of ``rows`` (B unpaired completions) through this head.
-
-        Args:
-            options: the loss's other keyword arguments (``desirable``, ``ref_logps``, ``kl``, ``beta``, ``loss_type``,
-                ``return_token_metrics``, ``backend``, ...); the head, the layout and ``ignore_index`` come from here.
-        """
-        hidden, bias = self.prepare(rows.hidden)
-        layout = {} if rows.segment_ids is None else {"segment_ids": rows.segment_ids}
-        with torch.autocast(hidden.device.type, enabled=False):
-            return api.fused_linear_kto_loss(
-                hidden, self.weight, rows.labels, bias=bias, softcap=self.softcap, ignore_index=IGNORE_INDEX,
-                **layout, **options,
-            )  # fmt: skip
-
-    def sequence_logps(self, rows: HeadRows, *, ld_alpha: float | None = None, **options) -> torch.Tensor:
-        """(2P,) float32 ``dpo_fast.sequence_logps`` of ``rows`` through this head, chosen first.
-
-        Args:
-            ld_alpha: LD-DPO (TRL 1.16): the completion tokens past the shorter completion of each pair count
-                ``ld_alpha`` in the sums (the reference log-probs of ``fused_linear_dpo_loss(..., ld_alpha=...)``);
-                None: plain sums.
-            options: ``average_log_prob``, ``backend``, ``scratch_mib``.
-        """
-        if ld_alpha is not None:
-            return self._ld_weighted_logps(rows, ld_alpha, **options)
-        hidden, bias = self.prepare(rows.hidden)
-        layout = {}
-        if rows.segment_ids is not None:
-            layout = {"segment_ids": rows.segment_ids, "num_segments": 2 * rows.pairs}
-        with torch.autocast(hidden.device.type, enabled=False):
-            return api.sequence_logps(
-                hidden, self.weight, rows.labels, bias=bias, softcap=self.softcap, ignore_index=IGNORE_INDEX,
-                **layout, **options,
-            )  # fmt: skip
-
-    def _ld_weighted_logps(self, rows: HeadRows, ld_alpha: float, average_log_prob: bool = False,
-                           **options) -> torch.Tensor:  # fmt: skip
-        """(2P,) the LD-DPO-weighted sums (``objectives.token_weights``) of the per-token log-probs."""
-        hidden, bias = self.prepare(rows.hidden)
-        with torch.autocast(hidden.device.type, enabled=False):
-            logp = api.token_logps(
-                hidden, self.weight, rows.labels, bias=bias, softcap=self.softcap, ignore_index=IGNORE_INDEX, **options
-            ).reshape(-1)
-        completion, sequences = (rows.labels != IGNORE_INDEX).reshape(-1), rows.sequence_of_tokens()
-        objective = objectives.DPOObjective(ld_alpha=ld_alpha)
-        weights = objectives.token_weights(objective, completion, sequences, 2 * rows.pairs).logps
-        sums = logp.new_zeros(2 * rows.pairs, dtype=torch.float64).index_add_(0, sequences, logp.double() * weights)
-        if average_log_prob:
-            sums = sums / rows.completion_lengths().clamp(min=1)
-        return sums.to(logp.dtype)
+def lm_head_of(model: torch.nn.Module) -> LMHead:
+    """The head of a ``transformers`` causal LM (the LM itself, not a PEFT or parallel wrapper)."""
+    text_config = model.config.get_text_config()
+    lm_head = model.get_output_embeddings()
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    if isinstance(weight, DTensor):  # FSDP2 outside an unsharded scope
+        weight = weight.full_tensor()
+        bias = None if bias is None else bias.full_tensor()
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    return LMHead(weight, bias, softcap=softcap, logit_scale=logit_scale(text_config))
 
 
 def logit_scale(text_config) -> float:
@@ -303,7 +201,7 @@ def run_head(
     gather: Callable[..., contextlib.AbstractContextManager] = _no_gather,
     **inputs,
 ) -> Result:
-    """``fn(rows, head)`` on the backbone's rows (``head_rows(model, *args, **inputs)``) and ``LMHead.of(model)``.
+    """``fn(rows, head)`` on the backbone's rows (``head_rows(model, *args, **inputs)``) and ``lm_head_of(model)``.
 
     Call it inside the forward of the module a sharding wrapper wraps (see the module docstring).
 
@@ -312,7 +210,7 @@ def run_head(
             TRL's ``maybe_gather_lm_head_ctx`` under ZeRO-3); by default nothing is gathered.
     """
     rows = head_rows(model, *args, **inputs)
-    head = LMHead.of(model)
+    head = lm_head_of(model)
     with gather(head.weight, head.bias):
         return fn(rows.to(head.weight.device), head)
 
@@ -352,7 +250,7 @@ def add_dpo_fast_head(
     setattr(model, _PATCHED, True)
 
 
-def token_metric_sums(metrics: api.TokenMetrics, rows: HeadRows) -> torch.Tensor:
+def token_metric_sums(metrics: TokenMetrics, rows: HeadRows) -> torch.Tensor:
     """(8,) float64: the sum and the count behind each of TRL 1.16's token metrics (``TOKEN_METRICS``).
 
     With TRL's masks: ``entropy`` over every completion token; ``logits/chosen`` and

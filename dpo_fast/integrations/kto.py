@@ -26,8 +26,10 @@ from transformers.utils import ModelOutput
 from trl import KTOConfig, KTOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
-from .. import objectives, validate
-from .hf import IGNORE_INDEX, HeadRows, LMHead
+from .. import core, objectives, outputs, validate
+from ..head import LMHead
+from ..layout import IGNORE_INDEX
+from .hf import HeadRows
 from .trl_heads import ReferenceHead, full_logits_outputs, install_head, reference_context, run_policy
 
 # batch keys that are not the model's inputs (TRL 1.16's KTOTrainer)
@@ -102,14 +104,13 @@ class KTOPolicyHead:
     router_aux_loss_coef: float = 0.0
 
     def __call__(self, rows: HeadRows, head: LMHead) -> KTOPolicyOutput:
-        objective, device = self.objective, rows.hidden.device
+        device = rows.hidden.device
         desirable = self.desirable.to(device=device, dtype=torch.bool)
-        out = head.kto_loss(
-            rows, desirable=desirable, ref_logps=self.ref_logps.to(device=device, dtype=torch.float32), kl=self.kl,
-            beta=objective.beta, loss_type=objective.loss_type, desirable_weight=objective.desirable_weight,
-            undesirable_weight=objective.undesirable_weight, return_token_metrics=self.token_metrics,
-            backend=self.backend,
-        )  # fmt: skip
+        ref = self.ref_logps.to(device=device, dtype=torch.float64)
+        result = core.preference_loss(self.objective, rows.hidden, rows.layout(head.vocab), head, ref_sums=ref,
+                                      desirable=desirable, kl=self.kl, token_metrics=self.token_metrics,
+                                      backend=self.backend)  # fmt: skip
+        out = outputs.kto_output(self.objective, result, ref)
         loss, aux_loss = out.loss, None
         if self.router_aux_loss_coef:
             if rows.aux_loss is None:

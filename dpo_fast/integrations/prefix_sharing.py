@@ -44,6 +44,8 @@ Typical use (``dpo_fast.integrations.hf`` runs the model on the layout; ``dpo-fa
 
 from __future__ import annotations
 
+import numbers
+
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
@@ -157,7 +159,7 @@ def collate_shared(
         a ``SharedPrefixBatch`` on CPU.
     """
     prompts, chosens, rejecteds = _pair_lists(rows)
-    if not isinstance(pad_id, int) or pad_id < 0:
+    if not isinstance(pad_id, numbers.Integral) or isinstance(pad_id, bool) or pad_id < 0:
         raise ValueError(f"pad_id must be a token id (an int >= 0), got {pad_id!r}")
     if pairs_per_row is not None and (not isinstance(pairs_per_row, int) or pairs_per_row < 1):
         raise ValueError(f"pairs_per_row must be a positive int or None (all pairs in one row), got {pairs_per_row!r}")
@@ -375,11 +377,21 @@ def _pair_lists(rows) -> tuple[list[list[int]], list[list[int]], list[list[int]]
     missing = [key for key in keys if key not in rows]
     if missing:
         raise ValueError(f"rows lacks {missing}: prefix sharing needs {list(keys)}, P lists of token ids each")
-    lists = [[list(map(int, ids)) for ids in rows[key]] for key in keys]
+    lists = [[_token_ids(key, ids) for ids in rows[key]] for key in keys]
     counts = [len(values) for values in lists]
     if len(set(counts)) > 1 or counts[0] == 0:
         raise ValueError(f"rows must hold P >= 1 pairs, as many of each of {list(keys)}; got {dict(zip(keys, counts))}")
     return tuple(lists)
+
+
+def _token_ids(key: str, ids) -> list[int]:
+    """One sequence of token ids as ints: integers >= 0 (an int tensor's or array's too), never a float, a bool or a
+    negative value (a -100 would silently become an ignored label)."""
+    values = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    for value in values:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{key} must hold token ids (non-negative ints), got {value!r} in {values[:20]!r}")
+    return [int(value) for value in values]
 
 
 def _pad(values: list[int], length: int, fill: int, side: str) -> list[int]:

@@ -31,15 +31,16 @@ from transformers.utils import ModelOutput
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
-from .. import objectives, validate
-from .hf import HeadRows, LMHead, token_metric_means, token_metric_sums
+from .. import core, objectives, validate
+from ..head import LMHead
+from ..layout import IGNORE_INDEX
+from .hf import HeadRows, token_metric_means, token_metric_sums
 from .kto import FastKTOTrainer
 from .prefix_sharing import check_model, collate_shared, pairs_from_trl_batch
 from .trl_heads import ReferenceHead, full_logits_outputs, install_head, reference_context, run_policy
 
 __all__ = ["FastDPOTrainer", "FastKTOTrainer", "trl_objective"]
 
-IGNORE_INDEX = -100
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 # TRL 1.16's loss types that divide each score by its completion's token count
 AVERAGED_LOSSES = ("ipo", "sigmoid_norm")
@@ -83,7 +84,7 @@ class PolicyHead:
     """The loss on the policy's rows; called inside the model's forward (``hf.add_dpo_fast_head``).
 
     Attributes:
-        ref_logps: (2P,) summed reference log-probs, chosen rows first.
+        ref_logps: (2P,) the reference's sums (``ReferenceHead``: LD-DPO-weighted as the objective's), chosen first.
         router_aux_loss_coef: the weight of the rows' MoE load-balancing loss (0: none).
     """
 
@@ -94,18 +95,10 @@ class PolicyHead:
     router_aux_loss_coef: float = 0.0
 
     def __call__(self, rows: HeadRows, head: LMHead) -> PolicyOutput:
-        objective, pairs = self.objective, rows.pairs
-        counts = rows.completion_lengths()
-        ref = self.ref_logps.to(device=rows.hidden.device, dtype=torch.float32)
-        if objective.averaged:  # the loss's units: every pairwise term is on length-averaged log-probs
-            ref = ref / counts.clamp(min=1)
-        out = head.dpo_loss(
-            rows, ref_chosen_logps=ref[:pairs], ref_rejected_logps=ref[pairs:], objective=objective,
-            return_token_metrics=self.token_metrics, backend=self.backend,
-        )  # fmt: skip
-        logps = torch.cat([out.chosen_logps, out.rejected_logps])
-        if objective.averaged:
-            logps = logps * counts
+        ref = self.ref_logps.to(device=rows.hidden.device, dtype=torch.float64)
+        out = core.preference_loss(self.objective, rows.hidden, rows.layout(head.vocab), head, ref_sums=ref,
+                                   token_metrics=self.token_metrics, backend=self.backend)  # fmt: skip
+        logps = out.logps
         loss, aux_loss = out.loss, None
         if self.router_aux_loss_coef:
             if rows.aux_loss is None:
@@ -194,7 +187,7 @@ class FastDPOTrainer(DPOTrainer):
             self._reference_context(),
             self.accelerator.autocast(),
         ):
-            return model(**head_inputs, dpo_fast_head=ReferenceHead(self._backend, self._objective.ld_alpha)).logps
+            return model(**head_inputs, dpo_fast_head=ReferenceHead(self._backend, self._objective)).logps
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one padded batch (TRL calls it to precompute them): (P,), (P,)."""

@@ -15,12 +15,14 @@ from accelerate.utils import is_peft_model
 from transformers.utils import ModelOutput
 from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter
 
-from .hf import HeadRows, LMHead, add_dpo_fast_head
+from .. import core, objectives
+from ..head import LMHead
+from .hf import HeadRows, add_dpo_fast_head
 
 
 @dataclass
 class ReferenceOutput(ModelOutput):
-    """``logps``: (R,) float32 summed completion log-probs of R sequences (LD-DPO-weighted with ``ld_alpha``)."""
+    """``logps``: (R,) float32 summed completion log-probs of R sequences, weighted as the objective's sums."""
 
     logps: torch.Tensor | None = None
 
@@ -31,14 +33,16 @@ class ReferenceHead:
     forward.
 
     Attributes:
-        ld_alpha: LD-DPO's weight of the tokens past a pair's shared completion length, or None.
+        objective: whose sums (LD-DPO's weights); None for plain sums.
     """
 
     backend: str
-    ld_alpha: float | None = None
+    objective: objectives.Objective | None = None
 
     def __call__(self, rows: HeadRows, head: LMHead) -> ReferenceOutput:
-        return ReferenceOutput(logps=head.sequence_logps(rows, ld_alpha=self.ld_alpha, backend=self.backend))
+        sums, _counts = core.sequence_sums(rows.hidden, rows.layout(head.vocab), head, objective=self.objective,
+                                           backend=self.backend)  # fmt: skip
+        return ReferenceOutput(logps=sums)
 
 
 def install_head(trainer, model: torch.nn.Module) -> torch.nn.Module:

@@ -12,9 +12,15 @@ import math
 import numbers
 
 
+def finite(value: numbers.Real) -> bool:
+    """``math.isfinite`` by comparisons, which ``torch.compile(dynamic=True)`` traces on its symbolic floats (it
+    guards on the answer); NaN compares false."""
+    return -math.inf < value < math.inf
+
+
 def number(name: str, value: object, expected: str = "a finite number") -> float:
     """``value`` as a float: a finite real number (not a bool, a string or a tensor), else a ``ValueError``."""
-    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)):
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and finite(value)):
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return float(value)
 

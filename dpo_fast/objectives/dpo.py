@@ -174,6 +174,11 @@ class DPOObjective:
         types = {term.loss_type for term in self.terms}
         return Needs(reference=bool(types - {"sft"}), nll="sft" in types, wpo=self.use_weighting)
 
+    def rewards(self, logps: torch.Tensor, ref_logps: torch.Tensor | None) -> torch.Tensor:
+        """TRL's rewards ``beta * (logps - ref_logps)`` (reference-free: ``beta * logps``), detached."""
+        logps = logps.detach()
+        return self.beta * (logps if ref_logps is None else logps - ref_logps.detach().to(logps))
+
     def evaluate(self, seqs: SequenceInputs, batch: BatchConstants) -> ObjectiveValue:
         """Loss share and gradients of ``G`` whole pairs (``seqs`` of ``2G`` sequences, chosen first)."""
         logps = seqs.logps.detach().double()
@@ -283,42 +288,30 @@ def dpo_objective(
     use_weighting: bool = False,
     ld_alpha: float | None = None,
     average_log_prob: bool | None = None,
+    smoothed: tuple[str, ...] = TAKES_LABEL_SMOOTHING,
 ) -> DPOObjective:
-    """The ``DPOObjective`` of ``fused_linear_dpo_loss``'s options: TRL 1.16's names and defaults, and
-    ``label_smoothing`` in every type of ``TAKES_LABEL_SMOOTHING`` (``sigmoid`` with it is cDPO).
+    """The ``DPOObjective`` of ``fused_linear_dpo_loss``'s options (TRL 1.16's names and defaults).
 
     Args:
         loss_type: one of ``DPO_LOSS_TYPES``, or several (summed with ``loss_weights``, default 1 each).
+        smoothed: the loss types that read ``label_smoothing``: every type of ``TAKES_LABEL_SMOOTHING`` (``sigmoid``
+            with it is cDPO), or ``TRL_TAKES_LABEL_SMOOTHING`` (``trl_dpo_objective``).
     """
     return DPOObjective(
-        beta=beta, terms=_terms(loss_type, loss_weights, label_smoothing, TAKES_LABEL_SMOOTHING),
+        beta=beta, terms=_terms(loss_type, loss_weights, label_smoothing, smoothed),
         f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
         discopop_tau=discopop_tau, use_weighting=use_weighting, ld_alpha=ld_alpha, average_log_prob=average_log_prob,
     )  # fmt: skip
 
 
-def trl_dpo_objective(
-    loss_type: str | Sequence[str],
-    *,
-    beta: float = 0.1,
-    loss_weights: Sequence[float] | None = None,
-    label_smoothing: float = 0.0,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-    discopop_tau: float = 0.05,
-    use_weighting: bool = False,
-    ld_alpha: float | None = None,
-) -> DPOObjective:
-    """The ``DPOObjective`` of TRL 1.16's ``DPOConfig`` fields (same names, same defaults).
-
-    TRL applies ``label_smoothing`` to ``robust``, ``exo_pair``, ``aot`` and ``aot_unpaired`` only (its
-    ``sigmoid`` has no cDPO term); the length-averaged types are ``ipo`` and ``sigmoid_norm``.
-    """
-    return DPOObjective(
-        beta=beta, terms=_terms(loss_type, loss_weights, label_smoothing, TRL_TAKES_LABEL_SMOOTHING),
-        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
-        discopop_tau=discopop_tau, use_weighting=use_weighting, ld_alpha=ld_alpha,
-    )  # fmt: skip
+def trl_dpo_objective(loss_type: str | Sequence[str], **options) -> DPOObjective:
+    """The ``DPOObjective`` of TRL 1.16's ``DPOConfig`` fields (``dpo_objective``'s keywords but
+    ``average_log_prob``), read as TRL reads them: ``label_smoothing`` applies to ``robust``, ``exo_pair``, ``aot``
+    and ``aot_unpaired`` only (TRL's ``sigmoid`` has no cDPO term); the length-averaged types are ``ipo`` and
+    ``sigmoid_norm``. ``FastDPOTrainer`` and ``dpo-fast train`` both read their configs through it."""
+    if "average_log_prob" in options or "smoothed" in options:
+        raise ValueError("TRL's DPOConfig has no average_log_prob: the loss types decide it")
+    return dpo_objective(loss_type, smoothed=TRL_TAKES_LABEL_SMOOTHING, **options)
 
 
 def _terms(loss_type, loss_weights, label_smoothing, smoothed: tuple[str, ...]) -> tuple[PairTerm, ...]:

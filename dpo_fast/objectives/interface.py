@@ -125,6 +125,9 @@ class Objective(Protocol):
 
     def evaluate(self, seqs: SequenceInputs, batch: BatchConstants) -> ObjectiveValue: ...
 
+    def rewards(self, logps: torch.Tensor, ref_logps: torch.Tensor | None) -> torch.Tensor:
+        """(S,) TRL's logged rewards of the log-probs (in the objective's units, ``reported_logps``), detached."""
+
 
 def chosen_nll(seqs: SequenceInputs, batch: BatchConstants, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``weight * NLL`` of a paired group's chosen rows, ``-weight * sum(nll_logps[chosen]) / nll_tokens``
@@ -257,15 +260,61 @@ def token_grads(value: ObjectiveValue, segment_ids: torch.Tensor, weights: Token
     return grads
 
 
-def objective_loss(objective: Objective, seqs: SequenceInputs, batch: BatchConstants) -> torch.Tensor:
-    """The batch loss, differentiable w.r.t. ``seqs.logps`` and ``seqs.nll_logps`` (the recompute path's loss).
+class _FirstOrderLoss(torch.autograd.Function):
+    """``loss`` as a function of ``logps`` and ``nll_logps`` whose gradients are ``grad_logps`` and ``grad_nll``.
 
-    The value and gradients are ``evaluate``'s closed forms; autograd sees ``loss + g . (x - x.detach())``
-    (exactly the loss, with gradient ``g``), plain tensor ops that ``torch.compile`` traces. First
-    derivatives only. Returned in ``seqs.logps``'s dtype.
+    The value and the gradients are ``evaluate``'s closed forms, so the recompute path and the fused pass agree at
+    every edge (a saturated sigmoid at ``-inf`` log-probs gives a gradient of exactly 0, never ``0 * inf``). First
+    order only: a backward that records a graph (``create_graph=True``) raises, since the objective's curvature is
+    not formed.
+    """
+
+    @staticmethod
+    def forward(logps, nll_logps, loss, grad_logps, grad_nll):
+        return loss.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _logps, _nll_logps, _loss, grad_logps, grad_nll = inputs
+        ctx.save_for_backward(grad_logps, grad_nll)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_logps, grad_nll = ctx.saved_tensors
+        if torch.is_grad_enabled():  # grad mode is on in a backward exactly when it records a graph
+            check_first_order(grad_logps.detach().requires_grad_())
+        grad_nll_logps = None if grad_nll is None else grad_nll * grad_loss
+        return grad_logps * grad_loss, grad_nll_logps, None, None, None
+
+
+def check_first_order(*tensors: torch.Tensor | None) -> None:
+    """Refuse a backward with ``create_graph=True``: dpo_fast's loss gradients are constants to autograd."""
+    if torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in tensors):
+        raise RuntimeError(
+            "dpo_fast's losses are differentiable once: a backward with create_graph=True (a gradient penalty, a "
+            "Hessian-vector product, double backward) would silently drop their second-order terms. Per-token "
+            "log-probs (token_logps, sequence_logps) on backend='reference' are differentiable to any order."
+        )
+
+
+def objective_loss(objective: Objective, seqs: SequenceInputs, batch: BatchConstants) -> torch.Tensor:
+    """The batch loss, differentiable once w.r.t. ``seqs.logps`` and ``seqs.nll_logps`` (the recompute path's loss).
+
+    Value and gradients are ``evaluate``'s, the same numbers the fused pass forms. Returned in ``seqs.logps``'s
+    dtype.
     """
     value = objective.evaluate(seqs, batch)
-    loss = value.loss.detach() + (value.grad_logps.detach() * (seqs.logps - seqs.logps.detach())).sum()
-    if value.grad_nll_logps is not None:
-        loss = loss + (value.grad_nll_logps.detach() * (seqs.nll_logps - seqs.nll_logps.detach())).sum()
+    grad_nll = None if value.grad_nll_logps is None else value.grad_nll_logps.detach()
+    loss = _FirstOrderLoss.apply(seqs.logps, seqs.nll_logps, value.loss.detach(), value.grad_logps.detach(), grad_nll)
     return loss.to(seqs.logps.dtype)
+
+
+def reported_logps(objective: Objective, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(S,) per-sequence log-probs in the objective's units: the sums, or their means where it ``averaged``
+    (0 for a sequence without tokens)."""
+    return sums / counts.clamp(min=1).to(sums.dtype) if objective.averaged else sums
+
+
+def sums_of_reported(objective: Objective, values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``reported_logps``: (S,) sums from log-probs in the objective's units."""
+    return values * counts.clamp(min=1).to(values.dtype) if objective.averaged else values

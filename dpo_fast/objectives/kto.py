@@ -67,6 +67,11 @@ class KTOObjective:
     def needs(self) -> Needs:
         return Needs(reference=True, kl=self.loss_type == "kto")
 
+    def rewards(self, logps: torch.Tensor, ref_logps: torch.Tensor | None) -> torch.Tensor:
+        """TRL's rewards ``beta * (logps - ref_logps)`` (reference-free: ``beta * logps``), detached."""
+        logps = logps.detach()
+        return self.beta * (logps if ref_logps is None else logps - ref_logps.detach().to(logps))
+
     def evaluate(self, seqs: SequenceInputs, batch: BatchConstants) -> ObjectiveValue:
         if seqs.desirable is None:
             raise ValueError("KTO needs SequenceInputs.desirable: (S,) bool, True for a desirable completion")

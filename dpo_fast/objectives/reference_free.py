@@ -82,8 +82,9 @@ class CPOObjective:
     def needs(self) -> Needs:
         return Needs(nll=self.nll_weight != 0)
 
-    def rewards(self, logps: torch.Tensor) -> torch.Tensor:
-        """TRL's logged rewards ``beta * rho(logps)`` of (already averaged, where ``averaged``) log-probs, detached."""
+    def rewards(self, logps: torch.Tensor, ref_logps: torch.Tensor | None = None) -> torch.Tensor:
+        """TRL's logged rewards ``beta * rho(logps)`` of (already averaged, where ``averaged``) log-probs, detached;
+        reference-free, so ``ref_logps`` is not read."""
         return self.beta * self._reward(logps.detach())[0]
 
     def _reward(self, logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,8 +133,15 @@ class ORPOObjective:
     def __post_init__(self):
         checks.store(self, "beta", checks.positive("beta", self.beta))
 
+    def rewards(self, logps: torch.Tensor, ref_logps: torch.Tensor | None = None) -> torch.Tensor:
+        """TRL's logged rewards ``beta * logps`` of the averaged log-probs, detached (``ref_logps`` is not read)."""
+        return self.beta * logps.detach()
+
     def evaluate(self, seqs: SequenceInputs, batch: BatchConstants) -> ObjectiveValue:
-        scale = 1.0 / seqs.token_counts.detach().double().clamp(min=1)
+        """An empty completion (average log-prob 0, probability 1) has infinite odds: the loss is NaN, on every path
+        (the public entry refuses it in eager mode)."""
+        counts = seqs.token_counts.detach().double()
+        scale = 1.0 / counts.clamp(min=1)
         chosen, rejected = (seqs.logps.detach().double() * scale).chunk(2)
         log1mexp_c, slope_c = log1mexp(chosen)
         log1mexp_r, slope_r = log1mexp(rejected)
@@ -144,4 +152,5 @@ class ORPOObjective:
         grad_logps = torch.cat([outer * (1 - slope_c) * scale_c, outer * (slope_r - 1) * scale_r])
         nll, grad_nll = chosen_nll(seqs, batch, 1.0)
         loss = nll - self.beta * F.logsigmoid(log_odds).sum() / batch.num_units
+        loss = torch.where((counts == 0).any(), torch.nan, loss)
         return ObjectiveValue(loss=loss, grad_logps=grad_logps, grad_nll_logps=grad_nll)

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .. import api, objectives
+from .. import core, objectives, outputs
+from ..head import LMHead
 from ..integrations import hf
 from ..integrations.prefix_sharing import SharedPrefixBatch, check_model
 from . import objective as objective_lib
@@ -111,7 +112,7 @@ class StepOutput:
             from the same pass.
     """
 
-    dpo: api.DPOOutput | api.KTOOutput
+    dpo: outputs.DPOOutput | outputs.KTOOutput
     token_sums: torch.Tensor
 
     @property
@@ -132,8 +133,6 @@ class DPOModel(torch.nn.Module):
         super().__init__()
         self.model = model
         self.objective = objective_lib.build(cfg)
-        self.loss_fn = objective_lib.loss_fn(cfg)
-        self.loss_options = objective_lib.loss_options(cfg)
         # ORPO's NLL covers the chosen prompt tokens too (TRL's ORPOTrainer)
         self.nll_on_prompt = cfg.objective == "orpo"
         self.backend = cfg.backend
@@ -168,13 +167,13 @@ class DPOModel(torch.nn.Module):
             input_ids, labels, attention_mask: (2P, T) int64 padded; or input_ids, position_ids
                 (1, N) with labels, segment_ids (N,) int64, padding-free; or ``shared``, the
                 prefix-shared layout (padded or packed) alone.
-            ref_logps: (2P,) float32 reference log-probs, chosen first, in the objective's units (``_reference_logps``;
+            ref_logps: (2P,) float32 reference sums, chosen first, weighted as the objective's (``_reference_logps``;
                 zeros for an objective without a reference). None: the reference pass.
             kl: () KTO's KL estimate of the step (``objective: kto``), a constant.
         Returns:
             with ``ref_logps``: the ``StepOutput`` (loss, TRL's statistics and token metrics); without: (2P,)
-            float32 per-sequence log-probs in the objective's units (length-averaged where it averages,
-            LD-DPO-weighted with ``ld_alpha``), as the reference.
+            float32 per-sequence sums of the completion log-probs, weighted as the objective's (LD-DPO with
+            ``ld_alpha``), as the reference.
         """
         if shared is not None:
             inputs = {"shared": shared}
@@ -189,41 +188,30 @@ class DPOModel(torch.nn.Module):
             self.hf_model, lambda rows, head: self._policy_step(rows, head, ref_logps, nll_labels, kl), **inputs
         )
 
-    def _reference_logps(self, rows: hf.HeadRows, head: hf.LMHead) -> torch.Tensor:
-        """(2P,) the objective's log-probs of ``rows`` (reported units: averaged, LD-DPO-weighted, as the policy's;
-        KTO's: summed)."""
-        if isinstance(self.objective, objectives.KTOObjective):
-            return head.sequence_logps(rows, backend=self.backend)
-        out = head.dpo_loss(rows, reference_free=True, backend=self.backend, **self.loss_options)
-        return torch.cat([out.chosen_logps, out.rejected_logps]).detach()
+    def _reference_logps(self, rows: hf.HeadRows, head: LMHead) -> torch.Tensor:
+        """(2P,) the objective's sums of ``rows`` (LD-DPO-weighted as the policy's), chosen first."""
+        sums, _counts = core.sequence_sums(rows.hidden, rows.layout(head.vocab), head, objective=self.objective,
+                                           backend=self.backend)  # fmt: skip
+        return sums.detach()
 
-    def _policy_step(self, rows: hf.HeadRows, head: hf.LMHead, ref_logps: torch.Tensor,
+    def _policy_step(self, rows: hf.HeadRows, head: LMHead, ref_logps: torch.Tensor,
                      nll_labels: torch.Tensor | None, kl: torch.Tensor | None) -> StepOutput:  # fmt: skip
-        options = dict(self.loss_options)
-        if self.loss_fn is api.fused_linear_kto_loss:
-            out = self._kto_loss(rows, head, ref_logps, kl)
-            return StepOutput(out, hf.token_metric_sums(out.token_metrics, rows))
-        if self.loss_fn is api.fused_linear_dpo_loss:
-            pairs = ref_logps.shape[0] // 2
-            options.update(ref_chosen_logps=ref_logps[:pairs], ref_rejected_logps=ref_logps[pairs:])
-        elif nll_labels is not None:
-            options["nll_labels"] = nll_labels.to(rows.labels.device)
-        out = head.dpo_loss(rows, loss_fn=self.loss_fn, return_token_metrics=True, backend=self.backend, **options)
-        return StepOutput(out, hf.token_metric_sums(out.token_metrics, rows))
-
-    def _kto_loss(self, rows: hf.HeadRows, head: hf.LMHead, ref_logps: torch.Tensor,
-                  kl: torch.Tensor | None) -> api.KTOOutput:  # fmt: skip
-        """``fused_linear_kto_loss`` of the 2P completions of ``rows``, the P chosen desirable, the P rejected not."""
-        pairs = ref_logps.shape[0] // 2
-        desirable = torch.arange(2 * pairs, device=rows.labels.device) < pairs
-        hidden, bias = head.prepare(rows.hidden)
-        with torch.autocast(hidden.device.type, enabled=False):
-            return api.fused_linear_kto_loss(
-                hidden, head.weight, rows.labels, desirable=desirable, ref_logps=ref_logps.to(hidden.device),
-                kl=0.0 if kl is None else kl.to(hidden.device), bias=bias, softcap=head.softcap,
-                ignore_index=hf.IGNORE_INDEX, segment_ids=rows.segment_ids, backend=self.backend,
-                return_token_metrics=True, **self.loss_options,
-            )  # fmt: skip
+        """The objective's fused loss on ``rows``; KTO takes the 2P completions unpaired, the P chosen desirable."""
+        objective, layout = self.objective, rows.layout(head.vocab)
+        ref = ref_logps.to(device=rows.hidden.device, dtype=torch.float64)
+        kto = isinstance(objective, objectives.KTOObjective)
+        desirable = torch.arange(layout.num_sequences, device=ref.device) < layout.num_sequences // 2 if kto else None
+        result = core.preference_loss(
+            objective, rows.hidden, layout, head, ref_sums=ref if objective.needs.reference else None,
+            desirable=desirable, kl=0.0 if kl is None else kl, token_metrics=True, backend=self.backend,
+            nll_labels=None if nll_labels is None else nll_labels.to(rows.labels.device),
+        )  # fmt: skip
+        if kto:
+            out = outputs.kto_output(objective, result, ref)
+        else:
+            reported_ref = objectives.reported_logps(objective, ref, result.counts) if objective.needs.reference else None
+            out = outputs.pair_output(objective, result, reported_ref)
+        return StepOutput(out, hf.token_metric_sums(result.token_metrics, rows))
 
 
 def _next_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

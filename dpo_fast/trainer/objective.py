@@ -1,4 +1,4 @@
-"""Which loss a run trains: the config's objective keys -> a ``dpo_fast.objectives`` objective, its api entry, its metrics.
+"""Which loss a run trains: the config's objective keys -> a ``dpo_fast.objectives`` objective, and its metrics.
 
 ``objective`` picks the TRL trainer whose loss runs, and ``loss_type`` is read in that trainer's terms
 (TRL's ``sigmoid`` is DPO's in ``DPOConfig`` and CPO's in ``CPOConfig``), so a TRL config ports by copying
@@ -6,7 +6,10 @@ its keys and naming its trainer:
 
 - ``dpo`` (``DPOTrainer``): every loss type of TRL 1.16's DPO, one or several (``loss_weights``),
   ``f_divergence_type``, ``f_alpha_divergence_coef``, ``discopop_tau``, ``use_weighting`` (WPO),
-  ``ld_alpha`` (LD-DPO); a reference unless every loss type is ``sft``.
+  ``ld_alpha`` (LD-DPO); a reference unless every loss type is ``sft``. The keys are read as TRL's
+  ``DPOConfig`` reads them (``objectives.trl_dpo_objective``, as ``FastDPOTrainer`` does): ``label_smoothing``
+  applies to ``robust``, ``exo_pair``, ``aot`` and ``aot_unpaired``; where no loss type reads it (TRL then
+  ignores it) the run refuses it instead.
 - ``cpo`` (``CPOTrainer``): ``sigmoid``, ``hinge``, ``ipo``, ``simpo`` on the policy's log-probs plus
   ``cpo_alpha`` times the chosen NLL; ``simpo_gamma``; AlphaPO's ``alpha``. No reference.
 - ``orpo`` (``ORPOTrainer``): the chosen NLL (prompt and completion tokens, as TRL) minus ``beta``
@@ -24,7 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import api, objectives
+from .. import objectives, outputs
+from ..objectives.dpo import TRL_TAKES_LABEL_SMOOTHING
 from ..objectives.elementwise import log1mexp
 
 OBJECTIVES = ("dpo", "cpo", "orpo", "kto")
@@ -69,19 +73,25 @@ def build(cfg) -> objectives.Objective:
     if cfg.objective == "dpo":
         if set(types) & set(objectives.KTO_LOSS_TYPES):
             raise ValueError(f"loss_type {cfg.loss_type!r} is KTO's (unpaired): set objective to 'kto'")
-        options = loss_options(cfg)
-        return objectives.dpo_objective(options.pop("loss_type"), **options)
+        options = _options(cfg)
+        if options["label_smoothing"] != 0 and not set(types) & set(TRL_TAKES_LABEL_SMOOTHING):
+            raise ValueError(
+                f"label_smoothing applies to loss types {TRL_TAKES_LABEL_SMOOTHING} (TRL 1.16's DPOConfig reads it "
+                f"there only), not to {types}: remove it, or use a loss type that reads it (cDPO's smoothed sigmoid "
+                "is dpo_fast.fused_linear_dpo_loss(loss_type='sigmoid', label_smoothing=...))"
+            )
+        return objectives.trl_dpo_objective(options.pop("loss_type"), **options)
     if cfg.objective == "cpo":
         if len(types) != 1:
             raise ValueError(f"objective='cpo' takes one loss_type, one of {objectives.CPO_LOSS_TYPES}, got {types}")
-        return objectives.CPOObjective(**loss_options(cfg))
+        return objectives.CPOObjective(**_options(cfg))
     if cfg.objective == "kto":
         if len(types) != 1:
             raise ValueError(f"objective='kto' takes one loss_type, one of {objectives.KTO_LOSS_TYPES}, got {types}")
-        return objectives.KTOObjective(**loss_options(cfg))
+        return objectives.KTOObjective(**_options(cfg))
     if cfg.loss_type is not None:
         raise ValueError(f"objective='orpo' has one loss and takes no loss_type, got {cfg.loss_type!r}")
-    return objectives.ORPOObjective(**loss_options(cfg))
+    return objectives.ORPOObjective(**_options(cfg))
 
 
 def needs_reference(cfg) -> bool:
@@ -94,16 +104,8 @@ def kl_needs_live_reference(cfg) -> bool:
     return cfg.objective == "kto" and build(cfg).needs.kl
 
 
-def loss_fn(cfg):
-    """The api entry of ``cfg.objective`` (``fused_linear_dpo_loss``, ``..._cpo_loss``, ``..._orpo_loss``,
-    ``..._kto_loss``)."""
-    return {"dpo": api.fused_linear_dpo_loss, "cpo": api.fused_linear_cpo_loss, "orpo": api.fused_linear_orpo_loss,
-            "kto": api.fused_linear_kto_loss}[cfg.objective]  # fmt: skip
-
-
-def loss_options(cfg) -> dict:
-    """``loss_fn(cfg)``'s objective keywords (the head, layout, reference and backend come from the caller); the
-    objective's constructor takes the same names (``dpo_objective``, ``CPOObjective``, ``ORPOObjective``)."""
+def _options(cfg) -> dict:
+    """The objective's keywords from ``cfg``'s keys (``trl_dpo_objective``'s, ``CPOObjective``'s, ...)."""
     if cfg.objective == "dpo":
         types = loss_types(cfg)
         weights = None
@@ -140,14 +142,14 @@ def metric_names(objective: objectives.Objective) -> tuple[str, ...]:
     return PAIR_METRICS
 
 
-def pair_sums(objective: objectives.Objective, out: api.DPOOutput | api.KTOOutput) -> torch.Tensor:
+def pair_sums(objective: objectives.Objective, out: outputs.DPOOutput | outputs.KTOOutput) -> torch.Tensor:
     """(len(metric_names(objective)) + 1,) float64: each metric summed over the batch's P pairs, then P.
 
     ``loss`` and ``nll_loss`` are batch means: they count P times (a window's value is their mean over its
     pairs). ORPO's ``log_odds_ratio`` is TRL's mean ``logsigmoid(log_odds)`` and ``log_odds_chosen`` its mean
     ``log_odds`` (TRL's names, swapped against their meaning), of the length-averaged log-probs.
     """
-    if isinstance(out, api.KTOOutput):  # 2P completions, the P desirable (chosen) first
+    if isinstance(out, outputs.KTOOutput):  # 2P completions, the P desirable (chosen) first
         pairs = out.rewards.shape[0] // 2
         (chosen, rejected), (logps_c, logps_r) = out.rewards.chunk(2), out.logps.detach().chunk(2)
         values = [out.loss.detach() * pairs, chosen.sum(), rejected.sum(), (chosen - rejected).sum(), logps_c.sum(),

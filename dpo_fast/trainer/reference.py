@@ -1,4 +1,4 @@
-"""Reference log-probs, four ways (``cfg.reference_mode``), in the objective's units (``DPOModel._reference_logps``):
+"""Reference log-probs, four ways (``cfg.reference_mode``), as the objective's sums (``DPOModel._reference_logps``):
 
 - ``precompute`` (default): one no-grad pass of the initial policy over the train and eval rows
   before training, cached on disk under a key of the model's source and the tokenized data; the
@@ -135,8 +135,8 @@ def _cache_key(cfg: TrainConfig, rows: datasets.Dataset, revision: str | None) -
                                                                  for f in files]}  # fmt: skip
     else:
         model_id = {"hub": cfg.model, "revision": revision}
-    built = objective_lib.build(cfg)  # the units of the log-probs: averaged or not, LD-DPO's weights
-    options = {"dtype": cfg.dtype, "bf16": cfg.bf16, "average_log_prob": built.averaged}
+    built = objective_lib.build(cfg)  # the log-probs are sums, weighted by LD-DPO's ld_alpha
+    options = {"dtype": cfg.dtype, "bf16": cfg.bf16, "units": "sums"}
     if built.ld_alpha is not None:
         options["ld_alpha"] = built.ld_alpha
     if cfg.prefix_sharing:  # the same numbers up to float32 rounding, computed in another layout

@@ -1,9 +1,10 @@
-"""A fix for Triton's CPU interpreter (``TRITON_INTERPRET=1``), which is how CI runs the kernels (tests only).
+"""A fix for Triton's CPU interpreter (``TRITON_INTERPRET=1``), applied by the ``triton`` backend before it runs.
 
 The interpreter stores bfloat16 values as raw uint16 and its ``tl.dot`` multiplies those integers
-(seen in triton 3.6 to 3.9), so bf16 products come out as nonsense. This wraps ``create_dot`` to
-widen bf16 operands to float32 first, which is what the tensor cores compute (exact products,
-float32 accumulation). It touches only the interpreter; compiled GPU kernels are unaffected.
+(seen in triton 3.6 to 3.9), so bf16 products come out as nonsense (log-probs near -7e9). This wraps
+``create_dot`` to widen bf16 operands held as uint16 bits to float32 first, which is what the tensor
+cores compute (exact products, float32 accumulation); operands the interpreter holds otherwise (a
+fixed release) pass through. It touches only the interpreter; compiled GPU kernels are unaffected.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ def _bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
 
 
 def patch_bf16_dot() -> None:
+    """Wrap the interpreter's ``create_dot`` (idempotent)."""
     import triton.language as tl
     from triton.runtime import interpreter
 
@@ -25,9 +27,9 @@ def patch_bf16_dot() -> None:
     original = builder.create_dot
 
     def create_dot(self, a, b, d, *args, **kwargs):
-        if a.dtype.scalar == tl.bfloat16:
+        if a.dtype.scalar == tl.bfloat16 and a.data.dtype == np.uint16:
             a = interpreter.TensorHandle(_bf16_bits_to_float32(a.data), tl.float32)
-        if b.dtype.scalar == tl.bfloat16:
+        if b.dtype.scalar == tl.bfloat16 and b.data.dtype == np.uint16:
             b = interpreter.TensorHandle(_bf16_bits_to_float32(b.data), tl.float32)
         return original(self, a, b, d, *args, **kwargs)
 
