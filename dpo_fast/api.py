@@ -58,6 +58,9 @@ def sequence_logps(hidden, weight, labels, *, bias=None, ignore_index: int = IGN
     a reference model's under ``torch.no_grad()``. Packed input: ``num_segments`` defaults to ``segment_ids.max() +
     1``. Float32 (float64 for float64 inputs), differentiable w.r.t. hidden, weight and bias."""
     validate.check_flag("average_log_prob", average_log_prob)
+    if segment_ids is None and isinstance(hidden, torch.Tensor) and hidden.dim() != 3:
+        raise ValueError(f"hidden must be (R, T, H) for padded input, got {tuple(hidden.shape)}; for packed (N, H) "
+                         "input pass segment_ids")  # fmt: skip
     head, layout = _head_and_layout(hidden, weight, labels, bias, softcap, ignore_index, segment_ids, num_segments,
                                     temperature=temperature)  # fmt: skip
     sums, counts = core.sequence_sums(hidden, layout, head, backend=backend, scratch_mib=scratch_mib)
@@ -137,6 +140,8 @@ def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta: float = 0
     objective = objectives.ORPOObjective(beta=beta)
     pairs = _num_pairs(hidden, segment_ids, num_pairs, None)
     head, layout = _head_and_layout(hidden, weight, labels, bias, softcap, ignore_index, segment_ids, 2 * pairs)
+    if nll_labels is not None:
+        validate.check_nll_labels(nll_labels, labels, head.vocab, ignore_index)
     if not torch.compiler.is_compiling() and bool((layout.counts() == 0).any()):
         empty = int((layout.counts() == 0).nonzero()[0])
         raise ValueError(

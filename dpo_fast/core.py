@@ -139,7 +139,7 @@ def preference_loss(
             constants; None for 0 (reference-free).
         desirable: (S,) bool, KTO's labels. kl: () KTO's KL estimate, a constant.
         nll_labels: the targets of an NLL term beyond the completions (TRL's ORPO: the chosen prompts too), in
-            labels' shape; where both hold a target it is the same.
+            labels' shape; where both hold a target it is the same (``validate.check_nll_labels``).
         grads_in_forward: None: the fused pass on chunked backends when gradients are wanted; False: the recompute
             path. True with ``backend="reference"`` is refused.
         token_metrics: also return the ``TokenMetrics``, from the pass that forms the log-probs.
@@ -153,7 +153,6 @@ def preference_loss(
     num_units = num_seq // 2 if objective.paired else num_seq
     completion, targets, nll_tokens = layout.scored, layout.labels, None
     if nll_labels is not None:
-        validate.check_nll_labels(nll_labels, layout.labels.view(layout.shape), head.vocab, layout.ignore_index)
         flat_nll = nll_labels.reshape(-1).long()
         nll_tokens = (flat_nll != layout.ignore_index) & (layout.segment_ids < num_units)
         targets = torch.where(completion, targets, torch.where(nll_tokens, flat_nll, layout.ignore_index))

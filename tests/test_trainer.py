@@ -423,15 +423,14 @@ def test_prefix_sharing_gives_the_unshared_runs_held_out_metrics_on_the_bundled_
             assert ((final[key] - value).norm() / value.norm()).item() < 1e-5, f"{name} {key}"
 
 
-def test_the_reference_cache_key_follows_the_objectives_units(files, tokenizer):
-    """Reference log-probs are in the objective's units: summed, length-averaged (ipo, sigmoid_norm), or LD-DPO-weighted;
-    each has its own cache entry."""
+def test_the_reference_cache_key_follows_the_objectives_weights(files, tokenizer):
+    """Reference log-probs are the objective's sums (the averaged losses divide them themselves), plain or
+    LD-DPO-weighted; each weighting has its own cache entry."""
     from dpo_fast.trainer import reference
 
     rows = rows_of(tokenizer, [{"prompt": "reverse ab:", "chosen": " ba", "rejected": " ab"}])
     keys = [reference._cache_key(TrainConfig(model=str(files / "model.json"), dataset="d", **options), rows, None)
             for options in ({}, {"loss_type": "hinge"}, {"loss_type": "ipo"}, {"loss_type": "sigmoid_norm"},
                             {"ld_alpha": 0.5}, {"use_weighting": True})]  # fmt: skip
-    assert keys[0] == keys[1] == keys[5]  # the same summed log-probs
-    assert keys[2] == keys[3] != keys[0]  # averaged
-    assert keys[4] not in (keys[0], keys[2])  # LD-DPO-weighted
+    assert keys[0] == keys[1] == keys[2] == keys[3] == keys[5]  # the same sums
+    assert keys[4] != keys[0]  # LD-DPO-weighted

@@ -168,9 +168,10 @@ def test_the_fused_loss_of_each_objective_equals_the_naive_step(tokenizer, files
                     for free in (False, True)]  # fmt: skip
     model = tiny_llama()
     averaged, ld_alpha = CASES[case][2] or (False, None)
-    with torch.no_grad():  # reference log-probs near the policy's (in the objective's units), so that every term acts
+    with torch.no_grad():  # reference sums near the policy's, so that every term acts; the naive step's units
         logps, counts, *_ = naive_sums(model, padded, ld_alpha)
-        ref = (logps / counts if averaged else logps) + 0.5 * torch.randn(8, generator=torch.Generator().manual_seed(1))
+        ref = logps + 0.5 * torch.randn(8, generator=torch.Generator().manual_seed(1))
+        naive_ref = ref / counts if averaged else ref
 
     def loss_and_grads(compute):
         model.zero_grad()
@@ -178,7 +179,7 @@ def test_the_fused_loss_of_each_objective_equals_the_naive_step(tokenizer, files
         loss.backward()
         return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
-    expected_loss, expected_grads = loss_and_grads(lambda: naive(model, padded, ref))
+    expected_loss, expected_grads = loss_and_grads(lambda: naive(model, padded, naive_ref))
     for backend, batch in layouts:
         policy = DPOModel(model, TrainConfig(model="m", dataset="d", backend=backend, beta=0.5, **keys))
         loss, grads = loss_and_grads(lambda policy=policy, batch=batch: policy(**batch, ref_logps=ref).loss)
@@ -189,16 +190,15 @@ def test_the_fused_loss_of_each_objective_equals_the_naive_step(tokenizer, files
 
 
 @pytest.mark.parametrize("case", [case for case, (_, _, units) in CASES.items() if units is not None])
-def test_the_reference_pass_gives_log_probs_in_the_objectives_units(tokenizer, files, case):
-    """The reference is the policy's log-probs as the objective takes them: LD-DPO-weighted with ``ld_alpha``,
-    length-averaged for ``sigmoid_norm`` (and ``ipo``), plain sums otherwise; in every layout."""
-    keys, _, (averaged, ld_alpha) = CASES[case]
+def test_the_reference_pass_gives_the_objectives_sums(tokenizer, files, case):
+    """The reference is the policy's sums as the objective takes them: LD-DPO-weighted with ``ld_alpha``, plain
+    otherwise (the averaged losses divide by the counts themselves); in every layout."""
+    keys, _, (_averaged, ld_alpha) = CASES[case]
     rows = tokenized(tokenizer, files)
     padded = data.collate(rows, padding_free=False, pad_id=tokenizer.pad_token_id)
     model = tiny_llama()
     with torch.no_grad():
-        logps, counts, *_ = naive_sums(model, padded, ld_alpha)
-        expected = logps / counts if averaged else logps
+        expected, *_ = naive_sums(model, padded, ld_alpha)
         for layout in (padded, data.collate(rows, True, tokenizer.pad_token_id),
                        data.collate(rows, False, tokenizer.pad_token_id, prefix_sharing=True)):  # fmt: skip
             got = DPOModel(model, TrainConfig(model="m", dataset="d", backend="torch", **keys))(**layout)

@@ -46,18 +46,28 @@ ENTRIES = {
         t.sum() for t in dpo_fast.token_logps(h, w, y, bias=b, return_entropy=True, backend=be)
     ),
     "sequence_logps": lambda h, w, b, y, be: dpo_fast.sequence_logps(h, w, y, bias=b, backend=be).sum(),
-    "dpo": lambda h, w, b, y, be: dpo_fast.fused_linear_dpo_loss(
-        h, w, y, bias=b, backend=be, **_pair_ref(h.device, torch.float32)
-    ).loss,
-    "dpo_recompute": lambda h, w, b, y, be: dpo_fast.fused_linear_dpo_loss(
-        h, w, y, bias=b, backend=be, grads_in_forward=False, **_pair_ref(h.device, torch.float32)
-    ).loss,
+    "dpo": lambda h, w, b, y, be: (
+        dpo_fast.fused_linear_dpo_loss(h, w, y, bias=b, backend=be, **_pair_ref(h.device, torch.float32)).loss
+    ),
+    "dpo_recompute": lambda h, w, b, y, be: (
+        dpo_fast.fused_linear_dpo_loss(
+            h, w, y, bias=b, backend=be, grads_in_forward=False, **_pair_ref(h.device, torch.float32)
+        ).loss
+    ),
     "cpo": lambda h, w, b, y, be: dpo_fast.fused_linear_cpo_loss(h, w, y, bias=b, backend=be).loss,
     "orpo": lambda h, w, b, y, be: dpo_fast.fused_linear_orpo_loss(h, w, y, bias=b, backend=be).loss,
-    "kto": lambda h, w, b, y, be: dpo_fast.fused_linear_kto_loss(
-        h, w, y, bias=b, desirable=torch.tensor([True, False, True, True], device=h.device),
-        ref_logps=torch.full((4,), -11.0, device=h.device), kl=0.1, backend=be,
-    ).loss,
+    "kto": lambda h, w, b, y, be: (
+        dpo_fast.fused_linear_kto_loss(
+            h,
+            w,
+            y,
+            bias=b,
+            desirable=torch.tensor([True, False, True, True], device=h.device),
+            ref_logps=torch.full((4,), -11.0, device=h.device),
+            kl=0.1,
+            backend=be,
+        ).loss
+    ),
 }
 
 
