@@ -101,7 +101,6 @@ def _or_empty(hidden: Tensor, grads: tuple[Tensor | None, ...]) -> tuple[Tensor,
     return tuple(hidden.new_empty(_EMPTY) if grad is None else grad for grad in grads)
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Per-token log-probs
 

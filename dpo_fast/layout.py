@@ -102,4 +102,3 @@ class TokenLayout:
     def per_token(self, values: torch.Tensor) -> torch.Tensor:
         """(N,) per-token values in the caller's labels' shape."""
         return values.view(self.shape)
-

@@ -37,6 +37,7 @@ from ..core import TokenMetrics
 from ..head import LMHead
 from ..layout import IGNORE_INDEX, TokenLayout
 from .prefix_sharing import SharedPrefixBatch, shared_attention_mask
+
 _PATCHED = "_dpo_fast_head_installed"
 # TRL's names of the per-token metrics, in the order of ``token_metric_sums``' (sum, count) pairs
 TOKEN_METRICS = ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy")

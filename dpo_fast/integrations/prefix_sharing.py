@@ -45,7 +45,6 @@ Typical use (``dpo_fast.integrations.hf`` runs the model on the layout; ``dpo-fa
 from __future__ import annotations
 
 import numbers
-
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING

@@ -209,7 +209,9 @@ class DPOModel(torch.nn.Module):
         if kto:
             out = outputs.kto_output(objective, result, ref)
         else:
-            reported_ref = objectives.reported_logps(objective, ref, result.counts) if objective.needs.reference else None
+            reported_ref = (
+                objectives.reported_logps(objective, ref, result.counts) if objective.needs.reference else None
+            )
             out = outputs.pair_output(objective, result, reported_ref)
         return StepOutput(out, hf.token_metric_sums(result.token_metrics, rows))
 
