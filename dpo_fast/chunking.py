@@ -40,7 +40,7 @@ from types import ModuleType
 import torch
 
 from . import objectives
-from .backends import ChunkStats, HeadSpec, accumulate_dtype, torch_chunked
+from .backends import Chunk, ChunkStats, HeadSpec, accumulate_dtype, torch_chunked
 
 # Default scratch budget for one chunk, by device type. On CPU, 64 MiB keeps the float32 logits of
 # a pair of 256-token completions at V = 32000 between the passes of the fused DPO loss (a third
@@ -130,7 +130,7 @@ def token_forward(
     step = _rows_per_chunk(backend, vocab, hidden.dtype, False, budget)
     for start in range(0, rows.shape[0], step):
         chunk_rows, chunk_targets = rows[start : start + step], targets[start : start + step]
-        stats = backend.logits_stats(hidden, weight, bias, chunk_rows, chunk_targets, head, with_metrics, False)
+        stats = backend.logits_stats(Chunk(hidden, weight, bias, chunk_rows, chunk_targets, head), with_metrics, False)
         _store(logp, normalizer, chunk_rows, stats)
         metrics.store(chunk_rows, stats)
     return logp, normalizer, metrics.tensors()
@@ -217,10 +217,9 @@ def token_backward(
         if mean_shifted is not None:
             stats.mean_shifted = mean_shifted.index_select(0, chunk_rows)
         chunk_grad_entropy = None if grad_entropy is None else grad_entropy.index_select(0, chunk_rows).to(acc)
-        grad_logits = backend.logits_grad(
-            hidden, weight, bias, chunk_rows, chunk_targets, stats,
-            grad_logp.index_select(0, chunk_rows).to(acc), chunk_grad_entropy, head,
-        )  # fmt: skip
+        chunk = Chunk(hidden, weight, bias, chunk_rows, chunk_targets, head)
+        grad_logits = backend.logits_grad(chunk, stats, grad_logp.index_select(0, chunk_rows).to(acc),
+                                          chunk_grad_entropy)  # fmt: skip
         grads.add(chunk_rows, grad_logits)
         del grad_logits  # freed before the next chunk's is formed: one (C, V) dL/dx at a time
     return grads.results(bias)
@@ -329,8 +328,8 @@ def preference_forward_with_grads(
         chunks.append((kept_start, token_end))
         chunk_stats, group_logp, group_log_sum_sq_probs = [], [], []
         for start, end in chunks:
-            stats = backend.logits_stats(hidden, weight, bias, rows[start:end], targets[start:end], head,
-                                         with_metrics or wpo, end == token_end)  # fmt: skip
+            chunk = Chunk(hidden, weight, bias, rows[start:end], targets[start:end], head)
+            stats = backend.logits_stats(chunk, with_metrics or wpo, end == token_end)
             group_logp.append(stats.logp)
             group_log_sum_sq_probs.append(stats.log_sum_sq_probs)
             _store(None, normalizer, rows[start:end], stats)
@@ -359,10 +358,8 @@ def preference_forward_with_grads(
         for start, end in reversed(chunks):  # the kept chunk first: its logits go before any recompute
             chunk_weights = _slice_weights(row_weights, start, end)
             grad_logp = objectives.token_grads(group_grads, seq_of_row[start:end], chunk_weights)
-            grad_logits = backend.logits_grad(
-                hidden, weight, bias, rows[start:end], targets[start:end], chunk_stats.pop(), grad_logp.to(acc), None,
-                head,
-            )  # fmt: skip
+            chunk = Chunk(hidden, weight, bias, rows[start:end], targets[start:end], head)
+            grad_logits = backend.logits_grad(chunk, chunk_stats.pop(), grad_logp.to(acc), None)
             grads.add(rows[start:end], grad_logits)
             del grad_logits  # freed before the next chunk's is formed: one (C, V) dL/dx at a time
 

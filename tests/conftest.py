@@ -1,5 +1,6 @@
 """Test setup: Triton's interpreter on machines without CUDA, hypothesis profiles, the markers, the device check."""
 
+import dataclasses
 import importlib.util
 import os
 
@@ -84,6 +85,9 @@ def _tensors(value, name):
     elif isinstance(value, dict):
         for key, element in value.items():
             yield from _tensors(element, f"{name}[{key!r}]")
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):  # a backend's Chunk
+        for field in dataclasses.fields(value):
+            yield from _tensors(getattr(value, field.name), f"{name}.{field.name}")
 
 
 def _entry_point(name, device):

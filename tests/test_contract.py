@@ -12,7 +12,7 @@ import torch
 from helpers import BACKENDS, device_of, rel_err
 
 from dpo_fast import backends
-from dpo_fast.backends import ChunkStats, HeadSpec
+from dpo_fast.backends import Chunk, ChunkStats, HeadSpec
 from dpo_fast.backends.contract import METRIC_FIELDS, STATS_FIELDS
 
 VOCAB, HIDDEN, TOKENS = 300, 20, 7
@@ -92,14 +92,14 @@ def _oracle_grad(oracle, targets, grad_logp, grad_entropy, head):
 def _stats(name, problem, with_metrics=True, keep_logits=False):
     p = problem
     return backends.get(name).logits_stats(
-        p["hidden"], p["weight"], p["bias"], p["rows"], p["targets"], p["head"], with_metrics, keep_logits
+        Chunk(p["hidden"], p["weight"], p["bias"], p["rows"], p["targets"], p["head"]), with_metrics, keep_logits
     )
 
 
 def _grad(name, problem, stats, grad_logp, grad_entropy):
     p = problem
     return backends.get(name).logits_grad(
-        p["hidden"], p["weight"], p["bias"], p["rows"], p["targets"], stats, grad_logp, grad_entropy, p["head"]
+        Chunk(p["hidden"], p["weight"], p["bias"], p["rows"], p["targets"], p["head"]), stats, grad_logp, grad_entropy
     )
 
 

@@ -11,7 +11,7 @@ import torch
 from helpers import Case, leaves, rel_err
 
 import dpo_fast
-from dpo_fast.backends import HeadSpec, cpp, torch_chunked
+from dpo_fast.backends import Chunk, HeadSpec, cpp, torch_chunked
 
 # A 16-bit head of H = 2048 is processed in vocabulary blocks of 2048 columns: V = 5000 makes three
 WIDE_H, WIDE_V = 2048, 5000
@@ -39,20 +39,26 @@ def _wide_head(dtype):
 def test_kernel_matches_float64_torch_forms(dtype, tol, grad_tol, head, keep_logits):
     """Every statistic and dL/dx against the torch backend's whole-row forms in float64 (bf16: across blocks)."""
     hidden, weight, bias, rows, targets = _wide_head(dtype)
-    expected = torch_chunked.logits_stats(hidden, weight, bias, rows, targets, head, True, False)
-    stats = cpp.logits_stats(hidden.to(dtype), weight.to(dtype), bias.to(dtype), rows, targets, head, True,
-                             keep_logits)  # fmt: skip
+    expected = torch_chunked.logits_stats(Chunk(hidden, weight, bias, rows, targets, head), True, False)
+    stats = cpp.logits_stats(
+        Chunk(hidden.to(dtype), weight.to(dtype), bias.to(dtype), rows, targets, head), True, keep_logits
+    )
     for name in ("max_logit", "log_sum_exp", "target_logit", "mean_shifted", "logp", "entropy"):
         assert rel_err(getattr(stats, name), getattr(expected, name)) <= tol, name
     assert (stats.logits is not None) == keep_logits
 
     gen = torch.Generator().manual_seed(1)
     grad_logp, grad_entropy = torch.randn(2, rows.shape[0], generator=gen, dtype=torch.float64)
-    expected_grad = torch_chunked.logits_grad(hidden, weight, bias, rows, targets, expected, grad_logp, grad_entropy,
-                                              head)  # fmt: skip
+    expected_grad = torch_chunked.logits_grad(
+        Chunk(hidden, weight, bias, rows, targets, head), expected, grad_logp, grad_entropy
+    )
     acc = stats.max_logit.dtype
-    grad = cpp.logits_grad(hidden.to(dtype), weight.to(dtype), bias.to(dtype), rows, targets, stats,
-                           grad_logp.to(acc), grad_entropy.to(acc), head)  # fmt: skip
+    grad = cpp.logits_grad(
+        Chunk(hidden.to(dtype), weight.to(dtype), bias.to(dtype), rows, targets, head),
+        stats,
+        grad_logp.to(acc),
+        grad_entropy.to(acc),
+    )
     assert grad.dtype == dtype and grad.shape == (rows.shape[0], WIDE_V)
     assert rel_err(grad, expected_grad) <= grad_tol
 
@@ -62,9 +68,10 @@ def test_forward_blocks_of_a_tall_float32_chunk():
     gen = torch.Generator().manual_seed(2)
     hidden, weight = torch.randn(600, 16, generator=gen), torch.randn(WIDE_V, 16, generator=gen)
     rows, targets = torch.arange(600), torch.randint(0, WIDE_V, (600,), generator=gen)
-    expected = torch_chunked.logits_stats(hidden.double(), weight.double(), None, rows, targets, HeadSpec(), True,
-                                          False)  # fmt: skip
-    stats = cpp.logits_stats(hidden, weight, None, rows, targets, HeadSpec(), True, False)
+    expected = torch_chunked.logits_stats(
+        Chunk(hidden.double(), weight.double(), None, rows, targets, HeadSpec()), True, False
+    )
+    stats = cpp.logits_stats(Chunk(hidden, weight, None, rows, targets, HeadSpec()), True, False)
     for name in ("max_logit", "log_sum_exp", "target_logit", "mean_shifted"):
         assert rel_err(getattr(stats, name), getattr(expected, name)) <= 1e-5, name
 
@@ -77,19 +84,25 @@ def test_a_first_vocabulary_block_of_minus_inf_logits_takes_no_probability(keep_
     bias[3000::1000] = -torch.inf
     targets = torch.tensor([2048, 2049, 2999, 4095, 4096, 4998])
     head = HeadSpec(temperature=0.8)
-    expected = torch_chunked.logits_stats(hidden, weight, bias, rows, targets, head, True, False)
-    stats = cpp.logits_stats(hidden.bfloat16(), weight.bfloat16(), bias.bfloat16(), rows, targets, head, True,
-                             keep_logits)  # fmt: skip
+    expected = torch_chunked.logits_stats(Chunk(hidden, weight, bias, rows, targets, head), True, False)
+    stats = cpp.logits_stats(
+        Chunk(hidden.bfloat16(), weight.bfloat16(), bias.bfloat16(), rows, targets, head), True, keep_logits
+    )
     for name in ("max_logit", "log_sum_exp", "target_logit", "mean_shifted", "log_sum_sq_probs", "logp", "entropy"):
         assert torch.isfinite(getattr(stats, name)).all(), name
         assert rel_err(getattr(stats, name), getattr(expected, name)) <= 1e-5, name
     assert torch.all(stats.mean_logit == -torch.inf)
 
     grad_logp, grad_entropy = torch.linspace(-1, 1, rows.shape[0]), torch.linspace(1, -0.5, rows.shape[0])
-    expected_grad = torch_chunked.logits_grad(hidden, weight, bias, rows, targets, expected, grad_logp.double(),
-                                              grad_entropy.double(), head)  # fmt: skip
-    grad = cpp.logits_grad(hidden.bfloat16(), weight.bfloat16(), bias.bfloat16(), rows, targets, stats, grad_logp,
-                           grad_entropy, head)  # fmt: skip
+    expected_grad = torch_chunked.logits_grad(
+        Chunk(hidden, weight, bias, rows, targets, head), expected, grad_logp.double(), grad_entropy.double()
+    )
+    grad = cpp.logits_grad(
+        Chunk(hidden.bfloat16(), weight.bfloat16(), bias.bfloat16(), rows, targets, head),
+        stats,
+        grad_logp,
+        grad_entropy,
+    )
     assert torch.isfinite(grad).all() and torch.all(grad[:, :2048] == 0)
     assert rel_err(grad, expected_grad) <= 4e-3
 
@@ -101,9 +114,10 @@ def test_a_first_scratch_block_of_minus_inf_logits_takes_no_probability():
     bias = torch.zeros(WIDE_V)
     bias[:3500] = -torch.inf
     rows, targets = torch.arange(600), torch.randint(3500, WIDE_V, (600,), generator=gen)
-    expected = torch_chunked.logits_stats(hidden.double(), weight.double(), bias.double(), rows, targets, HeadSpec(),
-                                          True, False)  # fmt: skip
-    stats = cpp.logits_stats(hidden, weight, bias, rows, targets, HeadSpec(), True, False)
+    expected = torch_chunked.logits_stats(
+        Chunk(hidden.double(), weight.double(), bias.double(), rows, targets, HeadSpec()), True, False
+    )
+    stats = cpp.logits_stats(Chunk(hidden, weight, bias, rows, targets, HeadSpec()), True, False)
     for name in ("max_logit", "log_sum_exp", "target_logit", "mean_shifted", "log_sum_sq_probs", "logp", "entropy"):
         assert torch.isfinite(getattr(stats, name)).all(), name
         assert rel_err(getattr(stats, name), getattr(expected, name)) <= 1e-5, name
@@ -112,9 +126,11 @@ def test_a_first_scratch_block_of_minus_inf_logits_takes_no_probability():
 def test_float32_gradient_is_written_over_the_kept_logits():
     hidden, weight, bias, rows, targets = _wide_head(torch.float32)
     hidden, weight, bias = hidden.float(), weight.float(), bias.float()
-    stats = cpp.logits_stats(hidden, weight, bias, rows, targets, HeadSpec(), False, True)
+    stats = cpp.logits_stats(Chunk(hidden, weight, bias, rows, targets, HeadSpec()), False, True)
     kept = stats.logits.data_ptr()
-    grad = cpp.logits_grad(hidden, weight, bias, rows, targets, stats, torch.ones(rows.shape[0]), None, HeadSpec())
+    grad = cpp.logits_grad(
+        Chunk(hidden, weight, bias, rows, targets, HeadSpec()), stats, torch.ones(rows.shape[0]), None
+    )
     assert grad.data_ptr() == kept
 
 

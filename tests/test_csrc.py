@@ -14,7 +14,7 @@ import torch
 from helpers import device_of
 
 from dpo_fast import _build
-from dpo_fast.backends import HeadSpec, torch_chunked
+from dpo_fast.backends import Chunk, HeadSpec, torch_chunked
 
 EXTENSION = "cuda" if torch.cuda.is_available() else "cpp"
 DEVICE = device_of(EXTENSION)
@@ -189,7 +189,7 @@ def test_the_spill_check_sees_a_spill(tmp_path):
 def test_cuda_binding_runs_on_the_current_stream():
     module = _build.load("cuda")
     chunk = _chunk()
-    expected = torch_chunked.logits_stats(**chunk, head=HeadSpec(), with_metrics=True, keep_logits=False)
+    expected = torch_chunked.logits_stats(Chunk(**chunk, head=HeadSpec()), True, False)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -205,7 +205,7 @@ def test_cuda_binding_runs_on_the_current_stream():
 def test_cuda_binding_runs_on_the_tensors_device():
     module = _build.load("cuda")
     chunk = {key: value.to("cuda:1") for key, value in _chunk().items()}
-    expected = torch_chunked.logits_stats(**chunk, head=HeadSpec(), with_metrics=True, keep_logits=False)
+    expected = torch_chunked.logits_stats(Chunk(**chunk, head=HeadSpec()), True, False)
     with torch.cuda.device(0):
         stats = _stats(module, chunk)
     assert stats[0].device == torch.device("cuda:1")

@@ -168,14 +168,14 @@ class _ProductSpy:
         module = backends.get(name)
         stats, grad = module.logits_stats, module.logits_grad
 
-        def logits_stats(hidden, weight, bias, rows, targets, head, with_metrics, keep_logits):
-            self.stats_rows += rows.shape[0]
+        def logits_stats(chunk, with_metrics, keep_logits):
+            self.stats_rows += chunk.rows.shape[0]
             self.with_metrics.append(with_metrics)
-            return stats(hidden, weight, bias, rows, targets, head, with_metrics, keep_logits)
+            return stats(chunk, with_metrics, keep_logits)
 
-        def logits_grad(hidden, weight, bias, rows, *args):
-            self.grad_rows += rows.shape[0]
-            return grad(hidden, weight, bias, rows, *args)
+        def logits_grad(chunk, *args):
+            self.grad_rows += chunk.rows.shape[0]
+            return grad(chunk, *args)
 
         monkeypatch.setattr(module, "logits_stats", logits_stats)
         monkeypatch.setattr(module, "logits_grad", logits_grad)

@@ -388,14 +388,14 @@ class VocabProducts(TorchDispatchMode):
 
         stats_fn, grad_fn, add_fn = torch_chunked.logits_stats, torch_chunked.logits_grad, chunking._GradAccumulator.add
 
-        def logits_stats(hidden, weight, bias, rows, *args):
-            self.chunk_product(rows.shape[0], hidden.shape[1], weight.shape[0])
-            return stats_fn(hidden, weight, bias, rows, *args)
+        def logits_stats(chunk, *args):
+            self.chunk_product(chunk.rows.shape[0], chunk.hidden.shape[1], chunk.vocab)
+            return stats_fn(chunk, *args)
 
-        def logits_grad(hidden, weight, bias, rows, targets, stats, *args):
+        def logits_grad(chunk, stats, *args):
             if stats.logits is None:  # recomputed, not kept from the log-prob pass
-                self.chunk_product(rows.shape[0], hidden.shape[1], weight.shape[0])
-            return grad_fn(hidden, weight, bias, rows, targets, stats, *args)
+                self.chunk_product(chunk.rows.shape[0], chunk.hidden.shape[1], chunk.vocab)
+            return grad_fn(chunk, stats, *args)
 
         def add(grads, rows, grad_logits):
             products = (grads.grad_hidden is not None) + (grads.grad_weight is not None)

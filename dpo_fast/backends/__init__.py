@@ -16,10 +16,10 @@ from types import ModuleType
 import torch
 
 from .. import _build
-from .contract import ChunkStats, HeadSpec, accumulate_dtype
+from .contract import Chunk, ChunkStats, HeadSpec, accumulate_dtype
 
 __all__ = [
-    "CHUNKED_BACKENDS", "NAMES", "ChunkStats", "HeadSpec", "accumulate_dtype", "float32_matmul_precision", "get",
+    "CHUNKED_BACKENDS", "NAMES", "Chunk", "ChunkStats", "HeadSpec", "accumulate_dtype", "float32_matmul_precision", "get",
     "resolve",
 ]  # fmt: skip
 

@@ -8,14 +8,14 @@ A chunked backend (``torch``, ``triton``, ``cpp``, ``cuda``) is a module with th
     why it cannot run here (and how to get it), or None when it can.
 ``scratch_bytes_per_logit(keep_logits, dtype) -> int``
     the scratch memory one logit costs it, used to size chunks under the memory budget.
-``logits_stats(hidden, weight, bias, rows, targets, head, with_metrics, keep_logits) -> ChunkStats``
-    the forward row pass on the tokens ``rows`` of ``hidden``.
-``logits_grad(hidden, weight, bias, rows, targets, stats, grad_logp, grad_entropy, head) -> Tensor``
+``logits_stats(chunk, with_metrics, keep_logits) -> ChunkStats``
+    the forward row pass on the tokens of a ``Chunk``.
+``logits_grad(chunk, stats, grad_logp, grad_entropy) -> Tensor``
     ``dL/dx`` for those tokens, ``(C, V)`` in the compute dtype, for the pre-head logits ``x = h W^T + b``.
 
-Shapes and dtypes: ``hidden (N, H)`` and ``weight (V, H)`` of one dtype (float32, bfloat16, float16;
-float64 where the backend takes it), any strides; ``bias (V,)`` of that dtype, any stride, or None;
-``rows, targets (C,)`` int64. Statistics are in ``accumulate_dtype(hidden.dtype)``.
+Shapes and dtypes (``Chunk``): ``hidden (N, H)`` and ``weight (V, H)`` of one dtype (float32, bfloat16,
+float16; float64 where the backend takes it), any strides; ``bias (V,)`` of that dtype, any stride, or
+None; ``rows, targets (C,)`` int64. Statistics are in ``accumulate_dtype(hidden.dtype)``.
 
 Numerics every backend honours (tested in ``tests/test_contract.py`` against float64):
 
@@ -40,6 +40,28 @@ class HeadSpec:
 
     softcap: float | None = None
     temperature: float = 1.0
+
+
+@dataclass
+class Chunk:
+    """C tokens of a pass through the head: the rows ``rows`` of ``hidden`` and their ``targets``.
+
+    Attributes:
+        hidden: (N, H) every token of the pass; weight: (V, H); bias: (V,) or None.
+        rows: (C,) int64, the chunk's tokens (indices into ``hidden``); targets: (C,) int64, their labels.
+        head: the logit transform.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    rows: torch.Tensor
+    targets: torch.Tensor
+    head: HeadSpec
+
+    @property
+    def vocab(self) -> int:
+        return self.weight.shape[0]
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import _build
-from . import ChunkStats, HeadSpec
+from . import Chunk, ChunkStats, extension
 
 NAME = "cuda"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -33,36 +33,10 @@ def scratch_bytes_per_logit(keep_logits: bool, dtype: torch.dtype) -> int:
     return 4 if dtype == torch.float32 else 4 + dtype.itemsize
 
 
-def logits_stats(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: torch.Tensor,
-    targets: torch.Tensor,
-    head: HeadSpec,
-    with_metrics: bool,
-    keep_logits: bool,
-) -> ChunkStats:
-    return ChunkStats.from_kernel(
-        _build.load(NAME).logits_stats(
-            hidden, weight, bias, rows, targets, head.softcap, head.temperature, with_metrics, keep_logits
-        )
-    )
+def logits_stats(chunk: Chunk, with_metrics: bool, keep_logits: bool) -> ChunkStats:
+    return extension.logits_stats(_build.load(NAME), chunk, with_metrics, keep_logits)
 
 
-def logits_grad(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: torch.Tensor,
-    targets: torch.Tensor,
-    stats: ChunkStats,
-    grad_logp: torch.Tensor,
-    grad_entropy: torch.Tensor | None,
-    head: HeadSpec,
-) -> torch.Tensor:
-    return _build.load(NAME).logits_grad(
-        hidden, weight, bias, rows, targets, stats.max_logit, stats.log_sum_exp,
-        None if grad_entropy is None else stats.mean_shifted, grad_logp, grad_entropy, head.softcap,
-        head.temperature, stats.logits,
-    )  # fmt: skip
+def logits_grad(chunk: Chunk, stats: ChunkStats, grad_logp: torch.Tensor,
+                grad_entropy: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    return extension.logits_grad(_build.load(NAME), chunk, stats, grad_logp, grad_entropy)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ChunkStats, HeadSpec, accumulate_dtype
+from . import Chunk, ChunkStats, HeadSpec, accumulate_dtype
 
 NAME = "torch"
 # torch.mm(..., out_dtype=torch.float32) from bf16/fp16 operands exists on CUDA since torch 2.8
@@ -55,17 +55,13 @@ def logits(hidden_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return z
 
 
-def logits_stats(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: torch.Tensor,
-    targets: torch.Tensor,
-    head: HeadSpec,
-    with_metrics: bool,
-    keep_logits: bool,
-) -> ChunkStats:
-    z = logits(hidden.index_select(0, rows), weight, bias, head)
+def _chunk_logits(chunk: Chunk) -> torch.Tensor:
+    return logits(chunk.hidden.index_select(0, chunk.rows), chunk.weight, chunk.bias, chunk.head)
+
+
+def logits_stats(chunk: Chunk, with_metrics: bool, keep_logits: bool) -> ChunkStats:
+    targets = chunk.targets
+    z = _chunk_logits(chunk)
     vocab = z.shape[1]
     max_logit = z.max(dim=1).values
     in_range = (targets >= 0) & (targets < vocab)
@@ -86,17 +82,8 @@ def logits_stats(
     )  # fmt: skip
 
 
-def logits_grad(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: torch.Tensor,
-    targets: torch.Tensor,
-    stats: ChunkStats,
-    grad_logp: torch.Tensor,
-    grad_entropy: torch.Tensor | None,
-    head: HeadSpec,
-) -> torch.Tensor:
+def logits_grad(chunk: Chunk, stats: ChunkStats, grad_logp: torch.Tensor,
+                grad_entropy: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
     """``dL/dx`` for the pre-softcap logits ``x = h W^T + b`` of a chunk, (C, V) in hidden's dtype.
 
     With ``p = softmax(z) = exp(z - max - log_sum_exp)``, ``a = grad_logp`` and ``e = grad_entropy``:
@@ -104,7 +91,8 @@ def logits_grad(
     softcap. A ``-inf`` logit has ``p = 0`` and gradient 0; a row whose target is outside ``[0, V)``
     gets NaN. Consumes ``stats.logits`` when they were kept.
     """
-    z = stats.logits if stats.logits is not None else logits(hidden.index_select(0, rows), weight, bias, head)
+    z = stats.logits if stats.logits is not None else _chunk_logits(chunk)
+    targets, head = chunk.targets, chunk.head
     vocab = z.shape[1]
     shifted = z - stats.max_logit[:, None]
     grad = torch.exp(shifted - stats.log_sum_exp[:, None])
@@ -123,4 +111,4 @@ def logits_grad(
         grad.mul_(z.mul_(head.temperature / head.softcap).square_().neg_().add_(1))
     if head.temperature != 1.0:
         grad.div_(head.temperature)
-    return grad.to(hidden.dtype)
+    return grad.to(chunk.hidden.dtype)

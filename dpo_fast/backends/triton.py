@@ -25,7 +25,7 @@ from types import ModuleType
 
 import torch
 
-from . import ChunkStats, HeadSpec, float32_matmul_precision
+from . import Chunk, ChunkStats, float32_matmul_precision
 
 NAME = "triton"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -73,37 +73,20 @@ def _contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.contiguous()
 
 
-def logits_stats(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: torch.Tensor,
-    targets: torch.Tensor,
-    head: HeadSpec,
-    with_metrics: bool,
-    keep_logits: bool,
-) -> ChunkStats:
+def logits_stats(chunk: Chunk, with_metrics: bool, keep_logits: bool) -> ChunkStats:
     return ChunkStats.from_kernel(_kernels().logits_stats(
-        _unit_stride(hidden), _unit_stride(weight), _contiguous(bias), _contiguous(rows), _contiguous(targets),
-        head.softcap, head.temperature, with_metrics, keep_logits, float32_matmul_precision(),
+        _unit_stride(chunk.hidden), _unit_stride(chunk.weight), _contiguous(chunk.bias), _contiguous(chunk.rows),
+        _contiguous(chunk.targets), chunk.head.softcap, chunk.head.temperature, with_metrics, keep_logits,
+        float32_matmul_precision(),
     ))  # fmt: skip
 
 
-def logits_grad(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: torch.Tensor,
-    targets: torch.Tensor,
-    stats: ChunkStats,
-    grad_logp: torch.Tensor,
-    grad_entropy: torch.Tensor | None,
-    head: HeadSpec,
-) -> torch.Tensor:
+def logits_grad(chunk: Chunk, stats: ChunkStats, grad_logp: torch.Tensor,
+                grad_entropy: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
     return _kernels().logits_grad(
-        _unit_stride(hidden), _unit_stride(weight), _contiguous(bias), _contiguous(rows), _contiguous(targets),
-        _contiguous(stats.max_logit), _contiguous(stats.log_sum_exp),
+        _unit_stride(chunk.hidden), _unit_stride(chunk.weight), _contiguous(chunk.bias), _contiguous(chunk.rows),
+        _contiguous(chunk.targets), _contiguous(stats.max_logit), _contiguous(stats.log_sum_exp),
         None if grad_entropy is None else _contiguous(stats.mean_shifted), _contiguous(grad_logp),
-        _contiguous(grad_entropy), head.softcap, head.temperature, _unit_stride(stats.logits),
+        _contiguous(grad_entropy), chunk.head.softcap, chunk.head.temperature, _unit_stride(stats.logits),
         float32_matmul_precision(),
     )  # fmt: skip
