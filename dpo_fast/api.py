@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import torch
 
 from . import core, objectives, validate
+from . import layout as layout_lib
 from .head import LMHead
 from .layout import IGNORE_INDEX, TokenLayout
 from .outputs import DPOOutput, KTOOutput, kto_output, pair_output
@@ -95,7 +96,7 @@ def fused_linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps
                    average_log_prob=average_log_prob)  # fmt: skip
     objective = _objective_or_options(objective, options, objectives.dpo_objective)
     validate.check_flag("reference_free", reference_free)
-    pairs = _num_pairs(hidden, segment_ids, num_pairs, None if reference_free else ref_chosen_logps)
+    pairs = layout_lib.pair_count(hidden, segment_ids, num_pairs, None if reference_free else ref_chosen_logps)
     head, layout = _head_and_layout(hidden, weight, labels, bias, softcap, ignore_index, segment_ids, 2 * pairs)
     ref = None
     if objective.needs.reference and not reference_free:
@@ -122,7 +123,7 @@ def fused_linear_cpo_loss(hidden, weight, labels, *, bias=None, beta: float = 0.
     objective = objectives.CPOObjective(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                                         nll_weight=nll_weight, simpo_gamma=simpo_gamma, alpha=alpha,
                                         average_log_prob=average_log_prob)  # fmt: skip
-    pairs = _num_pairs(hidden, segment_ids, num_pairs, None)
+    pairs = layout_lib.pair_count(hidden, segment_ids, num_pairs, None)
     head, layout = _head_and_layout(hidden, weight, labels, bias, softcap, ignore_index, segment_ids, 2 * pairs)
     result = core.preference_loss(objective, hidden, layout, head, backend=backend, scratch_mib=scratch_mib,
                                   grads_in_forward=grads_in_forward, token_metrics=return_token_metrics)  # fmt: skip
@@ -138,7 +139,7 @@ def fused_linear_orpo_loss(hidden, weight, labels, *, bias=None, beta: float = 0
     ``labels``; TRL's ORPO takes the chosen prompt too: the shifted input ids with only padding masked). An empty
     completion raises a ``ValueError`` (under ``torch.compile``, where it cannot, the loss is NaN)."""
     objective = objectives.ORPOObjective(beta=beta)
-    pairs = _num_pairs(hidden, segment_ids, num_pairs, None)
+    pairs = layout_lib.pair_count(hidden, segment_ids, num_pairs, None)
     head, layout = _head_and_layout(hidden, weight, labels, bias, softcap, ignore_index, segment_ids, 2 * pairs)
     if nll_labels is not None:
         validate.check_nll_labels(nll_labels, labels, head.vocab, ignore_index)
@@ -170,7 +171,7 @@ def fused_linear_kto_loss(hidden, weight, labels, *, desirable, ref_logps=None, 
     objective = objectives.KTOObjective(beta=beta, loss_type=loss_type, desirable_weight=desirable_weight,
                                         undesirable_weight=undesirable_weight)  # fmt: skip
     validate.check_flag("reference_free", reference_free)
-    size = _num_sequences(hidden, segment_ids, desirable)
+    size = layout_lib.sequence_count(hidden, segment_ids, desirable)
     validate.check_desirable(desirable, size, hidden.device)
     if objective.needs.kl:
         validate.check_kl(kl, hidden.device)
@@ -240,35 +241,3 @@ def _head_and_layout(hidden, weight, labels, bias, softcap, ignore_index, segmen
     layout = TokenLayout.of(hidden, labels, vocab=head.vocab, segment_ids=segment_ids, num_sequences=num_sequences,
                             ignore_index=ignore_index)  # fmt: skip
     return head, layout
-
-
-def _num_pairs(hidden, segment_ids, num_pairs, ref_chosen_logps) -> int:
-    """P of a pairwise entry: the padded rows' half, or for packed input ``num_pairs`` or the reference's length."""
-    if segment_ids is None:
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[0] % 2 or hidden.shape[0] == 0:
-            shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else hidden
-            raise ValueError(f"hidden must be (2P, T, H) with chosen rows first and P >= 1, got {shape!r}; for "
-                             "packed input pass (N, H) with segment_ids")  # fmt: skip
-        if num_pairs is not None:
-            raise ValueError(f"num_pairs is for packed input (with segment_ids); padded input has P = "
-                             f"hidden.shape[0] // 2 = {hidden.shape[0] // 2} pairs, got num_pairs={num_pairs!r}")  # fmt: skip
-        return hidden.shape[0] // 2
-    if num_pairs is not None:
-        validate.check_num_segments(num_pairs, "num_pairs")
-        return num_pairs
-    if isinstance(ref_chosen_logps, torch.Tensor) and ref_chosen_logps.dim() == 1:
-        return ref_chosen_logps.shape[0]
-    raise ValueError("with segment_ids and no reference log-probs (reference_free=True, or a reference-free "
-                     "objective), pass num_pairs (P, with segment ids in [0, 2P)): it cannot be told from the segment "
-                     "ids when the last sequences have no tokens")  # fmt: skip
-
-
-def _num_sequences(hidden, segment_ids, desirable) -> int:
-    """B of KTO: the padded rows (at least one), or for packed input the length of ``desirable``."""
-    if segment_ids is None and isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
-        if hidden.shape[0] == 0:
-            raise ValueError(f"hidden must be (B, T, H) with B >= 1 completions, got {tuple(hidden.shape)}")
-        return hidden.shape[0]
-    if isinstance(desirable, torch.Tensor) and desirable.dim() == 1:
-        return desirable.shape[0]
-    raise ValueError(f"desirable must be a (B,) bool tensor, True for a desirable completion, got {desirable!r}")

@@ -102,3 +102,35 @@ class TokenLayout:
     def per_token(self, values: torch.Tensor) -> torch.Tensor:
         """(N,) per-token values in the caller's labels' shape."""
         return values.view(self.shape)
+
+
+def pair_count(hidden, segment_ids, num_pairs, ref_chosen_logps) -> int:
+    """P of a pairwise entry: the padded rows' half, or for packed input ``num_pairs`` or the reference's length."""
+    if segment_ids is None:
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[0] % 2 or hidden.shape[0] == 0:
+            shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else hidden
+            raise ValueError(f"hidden must be (2P, T, H) with chosen rows first and P >= 1, got {shape!r}; for "
+                             "packed input pass (N, H) with segment_ids")  # fmt: skip
+        if num_pairs is not None:
+            raise ValueError(f"num_pairs is for packed input (with segment_ids); padded input has P = "
+                             f"hidden.shape[0] // 2 = {hidden.shape[0] // 2} pairs, got num_pairs={num_pairs!r}")  # fmt: skip
+        return hidden.shape[0] // 2
+    if num_pairs is not None:
+        validate.check_num_segments(num_pairs, "num_pairs")
+        return num_pairs
+    if isinstance(ref_chosen_logps, torch.Tensor) and ref_chosen_logps.dim() == 1:
+        return ref_chosen_logps.shape[0]
+    raise ValueError("with segment_ids and no reference log-probs (reference_free=True, or a reference-free "
+                     "objective), pass num_pairs (P, with segment ids in [0, 2P)): it cannot be told from the segment "
+                     "ids when the last sequences have no tokens")  # fmt: skip
+
+
+def sequence_count(hidden, segment_ids, desirable) -> int:
+    """B of KTO: the padded rows (at least one), or for packed input the length of ``desirable``."""
+    if segment_ids is None and isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
+        if hidden.shape[0] == 0:
+            raise ValueError(f"hidden must be (B, T, H) with B >= 1 completions, got {tuple(hidden.shape)}")
+        return hidden.shape[0]
+    if isinstance(desirable, torch.Tensor) and desirable.dim() == 1:
+        return desirable.shape[0]
+    raise ValueError(f"desirable must be a (B,) bool tensor, True for a desirable completion, got {desirable!r}")

@@ -54,7 +54,6 @@ import torch
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
-IGNORE_INDEX = -100
 PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
 
 # model_type -> the masks its decoder takes: one for every layer, without a window ("full") or with

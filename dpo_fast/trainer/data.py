@@ -19,10 +19,10 @@ import datasets
 import torch
 
 from ..integrations.prefix_sharing import collate_shared
+from ..layout import IGNORE_INDEX
 from . import sources
 
 FIELDS = ("prompt", "chosen", "rejected")
-IGNORE_INDEX = -100
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
