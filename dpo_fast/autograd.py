@@ -29,11 +29,14 @@ from .backends import HeadSpec, accumulate_dtype
 from .chunking import GradsNeeded
 from .head import autocast_off
 from .objectives import TokenWeights
+from .vocab_parallel import VocabShard
 
 _EMPTY = (0,)
 _METRICS = "Tensor entropy, Tensor mean_logit, Tensor is_top1, Tensor log_sum_sq_probs"
 _HEAD = "SymInt ignore_index, float? softcap, float temperature"
 _RUN = "str backend, SymInt scratch_bytes"
+# a vocabulary-parallel head (``vocab_parallel``): the tensor-parallel group's name and V; None and 0 otherwise
+_SHARD = "str? vocab_group, SymInt vocab_size"
 _NEEDS = "bool need_hidden, bool need_weight, bool need_bias"
 
 
@@ -97,6 +100,16 @@ def _fake_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: Grad
     )
 
 
+def _shard(vocab_group: str | None, vocab_size: int) -> VocabShard | None:
+    """This rank's ``VocabShard`` of the ops' ``vocab_group`` and ``vocab_size`` arguments, or None."""
+    return None if vocab_group is None else VocabShard.from_group_name(vocab_group, vocab_size)
+
+
+def _shard_args(shard: VocabShard | None) -> tuple[str | None, int]:
+    """A ``VocabShard`` (or None) as the ops' ``vocab_group`` and ``vocab_size`` arguments."""
+    return (None, 0) if shard is None else (shard.group_name, shard.vocab)
+
+
 def _or_empty(hidden: Tensor, grads: tuple[Tensor | None, ...]) -> tuple[Tensor, ...]:
     return tuple(hidden.new_empty(_EMPTY) if grad is None else grad for grad in grads)
 
@@ -107,22 +120,24 @@ def _or_empty(hidden: Tensor, grads: tuple[Tensor | None, ...]) -> tuple[Tensor,
 
 @torch.library.custom_op(
     "dpo_fast::token_logps_forward", mutates_args=(),
-    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, {_HEAD}, bool with_metrics, {_RUN}) "
-    f"-> (Tensor logp, {_METRICS}, Tensor normalizer)",
+    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, {_HEAD}, bool with_metrics, {_RUN}, "
+    f"{_SHARD}) -> (Tensor logp, {_METRICS}, Tensor normalizer)",
 )  # fmt: skip
 def token_logps_forward(hidden, weight, bias, labels, ignore_index, softcap, temperature, with_metrics, backend,
-                        scratch_bytes) -> tuple[Tensor, ...]:  # fmt: skip
-    """hidden (N, H), weight (V, H), bias (V,)?, labels (N,) int64 -> ``TokenPass``'s fields."""
+                        scratch_bytes, vocab_group, vocab_size) -> tuple[Tensor, ...]:  # fmt: skip
+    """hidden (N, H), weight (V, H), bias (V,)?, labels (N,) int64 -> ``TokenPass``'s fields. With ``vocab_group``
+    (a vocabulary-parallel head of ``vocab_size`` rows), weight and bias are this rank's rows."""
     with autocast_off(hidden):
         logp, normalizer, metrics = chunking.token_forward(
             backends.get(backend), hidden, weight, bias, labels, HeadSpec(softcap, temperature), ignore_index,
-            with_metrics, scratch_bytes,
+            with_metrics, scratch_bytes, _shard(vocab_group, vocab_size),
         )  # fmt: skip
     return (logp, *metrics, normalizer)
 
 
 @token_logps_forward.register_fake
-def _(hidden, weight, bias, labels, ignore_index, softcap, temperature, with_metrics, backend, scratch_bytes):
+def _(hidden, weight, bias, labels, ignore_index, softcap, temperature, with_metrics, backend, scratch_bytes,
+      vocab_group, vocab_size):  # fmt: skip
     num_tokens, acc = labels.shape[0], accumulate_dtype(hidden.dtype)
     return (
         hidden.new_empty(num_tokens, dtype=acc),
@@ -134,36 +149,39 @@ def _(hidden, weight, bias, labels, ignore_index, softcap, temperature, with_met
 @torch.library.custom_op(
     "dpo_fast::token_logps_backward", mutates_args=(),
     schema=f"(Tensor grad_logp, Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, "
-    f"Tensor normalizer, Tensor? entropy, {_HEAD}, {_NEEDS}, {_RUN}) "
+    f"Tensor normalizer, Tensor? entropy, {_HEAD}, {_NEEDS}, {_RUN}, {_SHARD}) "
     "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
 )  # fmt: skip
 def token_logps_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, normalizer, entropy, ignore_index,
-                         softcap, temperature, need_hidden, need_weight, need_bias, backend,
-                         scratch_bytes) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+                         softcap, temperature, need_hidden, need_weight, need_bias, backend, scratch_bytes,
+                         vocab_group, vocab_size) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """The gradients of ``sum(grad_logp * logp + grad_entropy * entropy)``: dL/dhidden (N, H), dL/dweight (V, H),
-    dL/dbias (V,); each (0,) when not needed."""
+    dL/dbias (V,); each (0,) when not needed. With ``vocab_group``: dL/dhidden summed over the group, dL/dweight
+    and dL/dbias this rank's rows."""
     with autocast_off(hidden):
         grads = chunking.token_backward(
             backends.get(backend), hidden, weight, bias, labels, normalizer, entropy, grad_logp, grad_entropy,
             HeadSpec(softcap, temperature), ignore_index, GradsNeeded(need_hidden, need_weight, need_bias),
-            scratch_bytes,
+            scratch_bytes, _shard(vocab_group, vocab_size),
         )  # fmt: skip
     return _or_empty(hidden, grads)
 
 
 @token_logps_backward.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, labels, normalizer, entropy, ignore_index, softcap, temperature,
-      need_hidden, need_weight, need_bias, backend, scratch_bytes):  # fmt: skip
+      need_hidden, need_weight, need_bias, backend, scratch_bytes, vocab_group, vocab_size):  # fmt: skip
     return _fake_grads(hidden, weight, bias, GradsNeeded(need_hidden, need_weight, need_bias))
 
 
 def _token_setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, ignore_index, softcap, temperature, with_metrics, backend, scratch_bytes = inputs
+    (hidden, weight, bias, labels, ignore_index, softcap, temperature, with_metrics, backend, scratch_bytes,
+     vocab_group, vocab_size) = inputs  # fmt: skip
     _logp, entropy, mean_logit, is_top1, log_sum_sq_probs, normalizer = output
     ctx.mark_non_differentiable(mean_logit, is_top1, log_sum_sq_probs, normalizer)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(hidden, weight, bias, labels, normalizer, entropy if with_metrics else None)
     ctx.options = (ignore_index, softcap, temperature, backend, scratch_bytes)
+    ctx.shard = (vocab_group, vocab_size)
 
 
 def _token_backward(ctx, grad_logp, grad_entropy, *_grads_of_nondifferentiable):
@@ -171,7 +189,7 @@ def _token_backward(ctx, grad_logp, grad_entropy, *_grads_of_nondifferentiable):
     needs = GradsNeeded(*ctx.needs_input_grad[:3])
     if entropy is None:  # the (0,) placeholder of metrics not asked for carries no gradient
         grad_entropy = None
-    nothing = (None,) * 10
+    nothing = (None,) * 12
     if (grad_logp is None and grad_entropy is None) or not any((needs.hidden, needs.weight, needs.bias)):
         return nothing
     objectives.check_first_order(hidden, weight, bias, grad_logp, grad_entropy)
@@ -180,7 +198,7 @@ def _token_backward(ctx, grad_logp, grad_entropy, *_grads_of_nondifferentiable):
         grad_logp = torch.zeros_like(normalizer[0])
     grad_hidden, grad_weight, grad_bias = token_logps_backward(
         grad_logp, grad_entropy, hidden, weight, bias, labels, normalizer, entropy, ignore_index, softcap, temperature,
-        needs.hidden, needs.weight, needs.bias, backend, scratch_bytes,
+        needs.hidden, needs.weight, needs.bias, backend, scratch_bytes, *ctx.shard,
     )  # fmt: skip
     return (
         grad_hidden if needs.hidden else None, grad_weight if needs.weight else None,
@@ -192,11 +210,13 @@ token_logps_forward.register_autograd(_token_backward, setup_context=_token_setu
 
 
 def token_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, *, ignore_index: int,
-                head: HeadSpec, with_metrics: bool, backend: str, scratch_bytes: int) -> TokenPass:  # fmt: skip
-    """``dpo_fast::token_logps_forward`` on hidden (N, H) and labels (N,)."""
+                head: HeadSpec, with_metrics: bool, backend: str, scratch_bytes: int,
+                shard: VocabShard | None = None) -> TokenPass:  # fmt: skip
+    """``dpo_fast::token_logps_forward`` on hidden (N, H) and labels (N,); ``shard``: weight and bias are this rank's
+    rows of a vocabulary-parallel head."""
     return TokenPass(*token_logps_forward(
         hidden, weight, bias, labels, ignore_index, head.softcap, head.temperature, with_metrics, backend,
-        scratch_bytes,
+        scratch_bytes, *_shard_args(shard),
     ))  # fmt: skip
 
 
@@ -208,18 +228,20 @@ def token_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Ten
     "dpo_fast::preference_loss_forward", mutates_args=(),
     schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor segment_ids, Tensor logp_weights, "
     "Tensor? nll_weights, Tensor completion, Tensor? ref_sums, Tensor? desirable, Tensor kl, SymInt num_units, "
-    f"str objective, {_HEAD}, {_NEEDS}, bool with_metrics, {_RUN}) -> (Tensor loss, Tensor logps, "
+    f"str objective, {_HEAD}, {_NEEDS}, bool with_metrics, {_RUN}, {_SHARD}) -> (Tensor loss, Tensor logps, "
     f"Tensor nll_logps, Tensor normalizer, {_METRICS}, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
 )  # fmt: skip
 def preference_loss_forward(hidden, weight, bias, targets, segment_ids, logp_weights, nll_weights, completion,
                             ref_sums, desirable, kl, num_units, objective, ignore_index, softcap, temperature,
-                            need_hidden, need_weight, need_bias, with_metrics, backend,
-                            scratch_bytes) -> tuple[Tensor, ...]:  # fmt: skip
+                            need_hidden, need_weight, need_bias, with_metrics, backend, scratch_bytes, vocab_group,
+                            vocab_size) -> tuple[Tensor, ...]:  # fmt: skip
     """The fused pass (``chunking.preference_forward_with_grads``) on hidden (N, H), targets and segment_ids (N,):
     ``PreferencePass``'s fields, then dL/dhidden, dL/dweight, dL/dbias for a unit grad_output ((0,) where not
     needed). The token weights are ``objectives.token_weights``' (N,) each; ``ref_sums`` (S,) the reference's sums
     with the same weights, ``desirable`` (S,) KTO's labels, ``kl`` () KTO's estimate; ``num_units`` P pairs
-    (S = 2P) or S unpaired sequences."""
+    (S = 2P) or S unpaired sequences. With ``vocab_group`` (a vocabulary-parallel head of ``vocab_size`` rows),
+    weight and bias are this rank's rows: the loss, sums and metrics are the whole vocabulary's, dL/dhidden is summed
+    over the group, dL/dweight and dL/dbias are the rank's rows."""
     decoded = objectives.decode_objective(objective)
     weights = TokenWeights(logp_weights, nll_weights, completion)
     nll_tokens = hidden.new_zeros((), dtype=torch.float64) if nll_weights is None else nll_weights.sum()
@@ -228,7 +250,7 @@ def preference_loss_forward(hidden, weight, bias, targets, segment_ids, logp_wei
         loss, (logps, nll_logps), normalizer, metrics, grads = chunking.preference_forward_with_grads(
             backends.get(backend), hidden, weight, bias, targets, segment_ids, weights, ref_sums, desirable, batch,
             decoded, HeadSpec(softcap, temperature), ignore_index, GradsNeeded(need_hidden, need_weight, need_bias),
-            with_metrics, scratch_bytes,
+            with_metrics, scratch_bytes, _shard(vocab_group, vocab_size),
         )  # fmt: skip
     acc = loss.dtype
     nll_logps = hidden.new_empty(_EMPTY, dtype=acc) if nll_logps is None else nll_logps.to(acc)
@@ -238,7 +260,7 @@ def preference_loss_forward(hidden, weight, bias, targets, segment_ids, logp_wei
 @preference_loss_forward.register_fake
 def _(hidden, weight, bias, targets, segment_ids, logp_weights, nll_weights, completion, ref_sums, desirable, kl,
       num_units, objective, ignore_index, softcap, temperature, need_hidden, need_weight, need_bias, with_metrics,
-      backend, scratch_bytes):  # fmt: skip
+      backend, scratch_bytes, vocab_group, vocab_size):  # fmt: skip
     acc, num_tokens = accumulate_dtype(hidden.dtype), targets.shape[0]
     num_seq = 2 * num_units if objectives.decode_objective(objective).paired else num_units
     return (
@@ -254,7 +276,7 @@ def _(hidden, weight, bias, targets, segment_ids, logp_weights, nll_weights, com
 def _preference_setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, segment_ids, logp_weights, nll_weights, *_rest = inputs
     ignore_index, softcap, temperature = inputs[13:16]
-    backend, scratch_bytes = inputs[20:22]
+    backend, scratch_bytes, vocab_group, vocab_size = inputs[20:24]
     _loss, logps, _nll_logps, normalizer, *metrics, grad_hidden, grad_weight, grad_bias = output
     ctx.mark_non_differentiable(normalizer, *metrics, grad_hidden, grad_weight, grad_bias)
     ctx.num_sequences = logps.shape[0]
@@ -262,6 +284,7 @@ def _preference_setup_context(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, bias, targets, segment_ids, logp_weights, nll_weights, normalizer,
                           grad_hidden, grad_weight, grad_bias)  # fmt: skip
     ctx.options = (ignore_index, softcap, temperature, backend, scratch_bytes)
+    ctx.shard = (vocab_group, vocab_size)
 
 
 def _preference_backward(ctx, grad_loss, grad_logps, grad_nll_logps, *_grads_of_nondifferentiable):
@@ -295,10 +318,10 @@ def _preference_backward(ctx, grad_loss, grad_logps, grad_nll_logps, *_grads_of_
         grad_logp = objectives.token_grads(per_sequence, segment_ids, weights).to(normalizer.dtype)
         extra = token_logps_backward(
             grad_logp, None, hidden, weight, bias, targets, normalizer, None, ignore_index, softcap, temperature,
-            needs.hidden, needs.weight, needs.bias, backend, scratch_bytes,
+            needs.hidden, needs.weight, needs.bias, backend, scratch_bytes, *ctx.shard,
         )  # fmt: skip
         grads = [grad if grad is None else grad + more for grad, more in zip(grads, extra)]
-    return (*grads, *(None,) * 19)
+    return (*grads, *(None,) * 21)
 
 
 preference_loss_forward.register_autograd(_preference_backward, setup_context=_preference_setup_context)
@@ -323,11 +346,14 @@ def preference_loss(
     with_metrics: bool,
     backend: str,
     scratch_bytes: int,
+    shard: VocabShard | None = None,
 ) -> PreferencePass:
-    """``dpo_fast::preference_loss_forward`` (see it for the arguments)."""
+    """``dpo_fast::preference_loss_forward`` (see it for the arguments; ``shard``: weight and bias are this rank's rows
+    of a vocabulary-parallel head)."""
     loss, logps, nll_logps, normalizer, *metrics, _grad_hidden, _grad_weight, _grad_bias = preference_loss_forward(
         hidden, weight, bias, targets, segment_ids, weights.logps, weights.nll, weights.completion, ref_sums,
         desirable, kl, num_units, objectives.encode_objective(objective), ignore_index, head.softcap,
         head.temperature, needs.hidden, needs.weight, needs.bias, with_metrics, backend, scratch_bytes,
+        *_shard_args(shard),
     )  # fmt: skip
     return PreferencePass(loss, logps, nll_logps, normalizer, *metrics)

@@ -39,8 +39,9 @@ from types import ModuleType
 
 import torch
 
-from . import objectives
+from . import objectives, vocab_parallel
 from .backends import Chunk, ChunkStats, HeadSpec, accumulate_dtype, torch_chunked
+from .vocab_parallel import VocabShard
 
 # Default scratch budget for one chunk, by device type. On CPU, 64 MiB keeps the float32 logits of
 # a pair of 256-token completions at V = 32000 between the passes of the fused DPO loss (a third
@@ -67,6 +68,16 @@ class GradsNeeded:
 
 def _rows_per_chunk(backend: ModuleType, vocab: int, dtype: torch.dtype, keep_logits: bool, budget: int) -> int:
     return max(1, budget // (vocab * backend.scratch_bytes_per_logit(keep_logits, dtype)))
+
+
+def _on_shard(backend: ModuleType, weight: torch.Tensor, shard: VocabShard | None) -> tuple[object, int]:
+    """The backend a pass runs and the vocabulary its chunks are sized for: ``weight``'s rows, or for a
+    vocabulary-parallel head (``shard``) the backend on this rank's columns with the group's statistics
+    (``vocab_parallel.ShardedBackend``) and ``ceil(V / tp)`` rows on every rank, so that every rank runs the same
+    chunks and makes the same collective calls."""
+    if shard is None:
+        return backend, weight.shape[0]
+    return vocab_parallel.ShardedBackend(backend, shard), shard.rows_per_rank
 
 
 def _valid_rows(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,23 +122,30 @@ def token_forward(
     ignore_index: int,
     with_metrics: bool,
     budget: int,
+    shard: VocabShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
     """Per-token log-probs, logsumexps and token metrics.
 
     Args:
         hidden: (N, H); weight: (V, H); bias: (V,) or None; labels: (N,) int64.
+        shard: for a vocabulary-parallel head, this rank's rows (weight (rows, H), bias (rows,)); the results are
+            the whole vocabulary's, the same on every rank of its group.
     Returns:
         logp (N,); the normalizer (2, N): each token's ``max_logit`` and ``log_sum_exp`` (see
         ``ChunkStats``); and the metrics (entropy, mean_logit, is_top1, log_sum_sq_probs), each (N,) when
         asked for, (0,) otherwise. Float32 (float64 for float64 inputs), 0 at ignored tokens.
     """
-    num_tokens, vocab = labels.shape[0], weight.shape[0]
+    num_tokens = labels.shape[0]
+    backend, vocab = _on_shard(backend, weight, shard)
     acc = accumulate_dtype(hidden.dtype)
     rows, targets = _valid_rows(labels, ignore_index)
     logp = hidden.new_zeros(num_tokens, dtype=acc)
     normalizer = hidden.new_zeros((2, num_tokens), dtype=acc)
     metrics = _TokenMetrics(num_tokens, hidden, with_metrics)
     step = _rows_per_chunk(backend, vocab, hidden.dtype, False, budget)
+    if shard is not None:
+        vocab_parallel.check_same_tokens(shard, hidden, labels, ignore_index, step=step, with_metrics=with_metrics,
+                                         accumulate_bytes=acc.itemsize)  # fmt: skip
     for start in range(0, rows.shape[0], step):
         chunk_rows, chunk_targets = rows[start : start + step], targets[start : start + step]
         stats = backend.logits_stats(Chunk(hidden, weight, bias, chunk_rows, chunk_targets, head), with_metrics, False)
@@ -156,9 +174,9 @@ class _GradAccumulator:
 
     def __init__(
         self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: GradsNeeded,
-        one_chunk: bool,
+        one_chunk: bool, shard: VocabShard | None = None,
     ):  # fmt: skip
-        self.hidden, self.weight = hidden, weight
+        self.hidden, self.weight, self.shard = hidden, weight, shard
         acc = accumulate_dtype(hidden.dtype)
         self.grad_hidden = torch.zeros_like(hidden) if needs.hidden else None
         weight_sum_dtype = weight.dtype if one_chunk else acc
@@ -179,6 +197,10 @@ class _GradAccumulator:
             self.grad_bias += grad_logits.sum(0, dtype=self.grad_bias.dtype)
 
     def results(self, bias: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        """(dL/dh, dL/dW, dL/db); for a vocabulary-parallel head ``dL/dh`` summed over the group (the shard's
+        ``dL/dW`` and ``dL/db`` are this rank's alone)."""
+        if self.shard is not None and self.grad_hidden is not None:
+            vocab_parallel.all_reduce_sum(self.grad_hidden, self.shard)
         grad_weight = None if self.grad_weight is None else self.grad_weight.to(self.weight.dtype)
         grad_bias = None if self.grad_bias is None else self.grad_bias.to(bias.dtype)
         return self.grad_hidden, grad_weight, grad_bias
@@ -198,19 +220,25 @@ def token_backward(
     ignore_index: int,
     needs: GradsNeeded,
     budget: int,
+    shard: VocabShard | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum(grad_logp * logp + grad_entropy * entropy)``, recomputing the logits.
 
     Args:
         normalizer (2, N), entropy (N,): as returned by ``token_forward``; grad_logp, grad_entropy: (N,).
+        shard: as ``token_forward``'s; dL/dhidden is then summed over the group, dL/dweight and dL/dbias are the
+            shard's rows.
     Returns:
         (dL/dhidden (N, H), dL/dweight (V, H), dL/dbias (V,)), each None when not needed.
     """
     rows, targets = _valid_rows(labels, ignore_index)
     acc = normalizer.dtype
     mean_shifted = None if grad_entropy is None else normalizer[1] - entropy
-    step = _rows_per_chunk(backend, weight.shape[0], hidden.dtype, False, budget)
-    grads = _GradAccumulator(hidden, weight, bias, needs, one_chunk=rows.shape[0] <= step)
+    backend, vocab = _on_shard(backend, weight, shard)
+    step = _rows_per_chunk(backend, vocab, hidden.dtype, False, budget)
+    if shard is not None:
+        vocab_parallel.check_same_tokens(shard, hidden, labels, ignore_index, step=step, need_hidden=needs.hidden)
+    grads = _GradAccumulator(hidden, weight, bias, needs, one_chunk=rows.shape[0] <= step, shard=shard)
     for start in range(0, rows.shape[0], step):
         chunk_rows, chunk_targets = rows[start : start + step], targets[start : start + step]
         stats = _saved_stats(normalizer, chunk_rows)
@@ -278,6 +306,7 @@ def preference_forward_with_grads(
     needs: GradsNeeded,
     with_metrics: bool,
     budget: int,
+    shard: VocabShard | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None], torch.Tensor, tuple[torch.Tensor, ...],
            tuple[torch.Tensor | None, ...]]:  # fmt: skip
     """A preference objective's loss and, in the same pass, its gradients for hidden, weight and bias.
@@ -290,13 +319,16 @@ def preference_forward_with_grads(
         ref_logps: (S,) summed reference log-probs (same weights), or None for 0; desirable: (S,) bool or None.
         batch: ``objectives.BatchConstants`` (``num_units``, ``nll_tokens``, ``kl``).
         with_metrics: also form the token metrics, in the log-prob pass.
+        shard: as ``token_forward``'s; the loss, sums and metrics are the whole vocabulary's (the same on every rank
+            of the group), dL/dhidden is summed over the group, dL/dweight and dL/dbias are the shard's rows.
     Returns:
         loss: () the objective (the sum of each group's share); (logps, nll_logps): (S,) float64 sums
         ``sum_t w[t] logp[t]`` and ``sum_t m[t] logp[t]`` (None without an NLL term); normalizer: (2, N) and
         metrics as ``token_forward``'s; grads: (dL/dhidden, dL/dweight, dL/dbias) for a unit upstream
         gradient, None where not needed.
     """
-    num_units, vocab = batch.num_units, weight.shape[0]
+    num_units = batch.num_units
+    backend, vocab = _on_shard(backend, weight, shard)
     num_seq = 2 * num_units if objective.paired else num_units
     acc = accumulate_dtype(hidden.dtype)
     rows, targets = _valid_rows(labels, ignore_index)
@@ -315,8 +347,14 @@ def preference_forward_with_grads(
     metrics = _TokenMetrics(labels.shape[0], hidden, with_metrics)
     keep_cap = _rows_per_chunk(backend, vocab, hidden.dtype, True, budget)
     step = _rows_per_chunk(backend, vocab, hidden.dtype, False, budget)
+    if shard is not None:
+        vocab_parallel.check_same_tokens(
+            shard, hidden, labels, ignore_index, segment_ids, step=step, keep_cap=keep_cap, num_units=num_units,
+            local=objective.local, with_metrics=with_metrics or wpo, need_hidden=needs.hidden,
+            accumulate_bytes=acc.itemsize,
+        )  # fmt: skip
     # all valid tokens within keep_cap: one group of one chunk
-    grads = _GradAccumulator(hidden, weight, bias, needs, one_chunk=rows.shape[0] <= keep_cap)
+    grads = _GradAccumulator(hidden, weight, bias, needs, one_chunk=rows.shape[0] <= keep_cap, shard=shard)
     groups = _unit_groups(tokens_per_unit, keep_cap) if objective.local else [(0, num_units, 0, rows.shape[0])]
     loss = hidden.new_zeros((), dtype=torch.float64)
 

@@ -16,7 +16,12 @@ reference model's, or differentiable ones).
 Every function here takes reference log-probs as *sums* with the objective's token weights and returns sums and
 token counts; converting to and from the objective's reported units (``objectives.reported_logps``) is the
 caller's business, done once. The head's precision rule (autocast included) is ``dpo_fast.head``'s.
+
+A head sharded over the vocabulary (``head.shard``: a ``DTensor`` weight, ``dpo_fast.vocab_parallel``) runs on every
+entry and both paths with the chunked backends: each rank of its group passes the same tokens and gets the same
+loss, sums and metrics, ``dL/dh`` summed over the group and the gradients of its own rows of the head.
 """
+
 
 from __future__ import annotations
 
@@ -89,10 +94,11 @@ def token_logps(
     w.r.t. hidden, weight and bias for any upstream gradient; the other metrics are detached.
     """
     name = _resolve(backend, scratch_mib, hidden, head, loss=False)
+    shard = head.shard
     hidden, weight, bias = _flat_operands(hidden, head)
     with autocast_off(hidden):
         return _token_pass(hidden, weight, bias, layout.labels, layout.ignore_index, head, with_metrics, name,
-                           scratch_mib)  # fmt: skip
+                           scratch_mib, shard)  # fmt: skip
 
 
 def sequence_sums(
@@ -164,6 +170,7 @@ def preference_loss(
     needs = GradsNeeded(*(t is not None and t.requires_grad and torch.is_grad_enabled()
                           for t in (hidden, head.weight, head.bias)))  # fmt: skip
     fused = (name != "reference" if grads_in_forward is None else grads_in_forward) and any(vars(needs).values())
+    shard = head.shard
     hidden, weight, bias = _flat_operands(hidden, head)
     with autocast_off(hidden):
         acc = backends.accumulate_dtype(hidden.dtype)
@@ -172,13 +179,13 @@ def preference_loss(
                 hidden, weight, bias, targets=targets, segment_ids=layout.segment_ids, weights=weights, ref_sums=ref,
                 desirable=desirable, kl=kl, num_units=num_units, objective=objective, ignore_index=layout.ignore_index,
                 head=head.spec, needs=needs, with_metrics=token_metrics, backend=name,
-                scratch_bytes=chunking.scratch_bytes(hidden.device, scratch_mib),
+                scratch_bytes=chunking.scratch_bytes(hidden.device, scratch_mib), shard=shard,
             )  # fmt: skip
             loss, logps, nll_logps, metrics = out.loss, out.logps, out.nll_logps, out[4:]
         else:
             wpo = objective.needs.wpo
             logp, metrics = _token_pass(hidden, weight, bias, targets, layout.ignore_index, head, token_metrics or wpo,
-                                        name, scratch_mib)  # fmt: skip
+                                        name, scratch_mib, shard)  # fmt: skip
             seqs = objectives.sequence_inputs(logp, layout.segment_ids, num_seq, weights, ref_logps=ref,
                                               log_sum_sq_probs=metrics[3] if wpo else None, desirable=desirable)  # fmt: skip
             nll_count = hidden.new_zeros((), dtype=torch.float64) if weights.nll is None else weights.nll.sum()
@@ -200,6 +207,11 @@ def _resolve(backend: str, scratch_mib: float | None, hidden: torch.Tensor, head
     validate.check_scratch_mib(scratch_mib)
     head.check(hidden)
     name = backends.resolve(backend, hidden.device, compute_dtype(hidden))
+    if name == "reference" and head.shard is not None:
+        raise ValueError(
+            "backend='reference' forms the whole (N, V) logits, which a head sharded over the vocabulary (a DTensor "
+            "weight) never does: use a chunked backend (auto, torch, cpp, triton, cuda)"
+        )
     if (loss or name != "reference") and _under_functorch(hidden, head.weight):
         raise RuntimeError(
             "dpo_fast does not support torch.func transforms (vmap, grad, jacrev, ...): its chunked backends are "
@@ -220,12 +232,13 @@ def _flat_operands(hidden: torch.Tensor, head: LMHead) -> tuple[torch.Tensor, to
     return hidden.reshape(-1, hidden.shape[-1]), weight, bias
 
 
-def _token_pass(hidden, weight, bias, labels, ignore_index, head, with_metrics, name, scratch_mib):
-    """(N, H) operands -> (N,) logp and the (N,) metrics or None (``token_logps``'s result)."""
+def _token_pass(hidden, weight, bias, labels, ignore_index, head, with_metrics, name, scratch_mib, shard=None):
+    """(N, H) operands -> (N,) logp and the (N,) metrics or None (``token_logps``'s result); ``shard``: the operands
+    are this rank's rows of a vocabulary-parallel head."""
     if name == "reference":
         return reference.token_logps(hidden, weight, labels, bias, head.spec, ignore_index, with_metrics)
     out = autograd.token_logps(
         hidden, weight, bias, labels, ignore_index=ignore_index, head=head.spec, with_metrics=with_metrics,
-        backend=name, scratch_bytes=chunking.scratch_bytes(hidden.device, scratch_mib),
+        backend=name, scratch_bytes=chunking.scratch_bytes(hidden.device, scratch_mib), shard=shard,
     )  # fmt: skip
     return out.logp, (tuple(out[1:5]) if with_metrics else None)
