@@ -36,7 +36,7 @@ _METRICS = "Tensor entropy, Tensor mean_logit, Tensor is_top1, Tensor log_sum_sq
 _HEAD = "SymInt ignore_index, float? softcap, float temperature"
 _RUN = "str backend, SymInt scratch_bytes"
 # a vocabulary-parallel head (``vocab_parallel``): the tensor-parallel group's name and V; None and 0 otherwise
-_SHARD = "str? vocab_group, SymInt vocab_size"
+_SHARD = "str? vocab_group=None, SymInt vocab_size=0"
 _NEEDS = "bool need_hidden, bool need_weight, bool need_bias"
 
 
@@ -124,7 +124,7 @@ def _or_empty(hidden: Tensor, grads: tuple[Tensor | None, ...]) -> tuple[Tensor,
     f"{_SHARD}) -> (Tensor logp, {_METRICS}, Tensor normalizer)",
 )  # fmt: skip
 def token_logps_forward(hidden, weight, bias, labels, ignore_index, softcap, temperature, with_metrics, backend,
-                        scratch_bytes, vocab_group, vocab_size) -> tuple[Tensor, ...]:  # fmt: skip
+                        scratch_bytes, vocab_group=None, vocab_size=0) -> tuple[Tensor, ...]:  # fmt: skip
     """hidden (N, H), weight (V, H), bias (V,)?, labels (N,) int64 -> ``TokenPass``'s fields. With ``vocab_group``
     (a vocabulary-parallel head of ``vocab_size`` rows), weight and bias are this rank's rows."""
     with autocast_off(hidden):
@@ -137,7 +137,7 @@ def token_logps_forward(hidden, weight, bias, labels, ignore_index, softcap, tem
 
 @token_logps_forward.register_fake
 def _(hidden, weight, bias, labels, ignore_index, softcap, temperature, with_metrics, backend, scratch_bytes,
-      vocab_group, vocab_size):  # fmt: skip
+      vocab_group=None, vocab_size=0):  # fmt: skip
     num_tokens, acc = labels.shape[0], accumulate_dtype(hidden.dtype)
     return (
         hidden.new_empty(num_tokens, dtype=acc),
@@ -154,7 +154,7 @@ def _(hidden, weight, bias, labels, ignore_index, softcap, temperature, with_met
 )  # fmt: skip
 def token_logps_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, normalizer, entropy, ignore_index,
                          softcap, temperature, need_hidden, need_weight, need_bias, backend, scratch_bytes,
-                         vocab_group, vocab_size) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+                         vocab_group=None, vocab_size=0) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """The gradients of ``sum(grad_logp * logp + grad_entropy * entropy)``: dL/dhidden (N, H), dL/dweight (V, H),
     dL/dbias (V,); each (0,) when not needed. With ``vocab_group``: dL/dhidden summed over the group, dL/dweight
     and dL/dbias this rank's rows."""
@@ -169,7 +169,7 @@ def token_logps_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, 
 
 @token_logps_backward.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, labels, normalizer, entropy, ignore_index, softcap, temperature,
-      need_hidden, need_weight, need_bias, backend, scratch_bytes, vocab_group, vocab_size):  # fmt: skip
+      need_hidden, need_weight, need_bias, backend, scratch_bytes, vocab_group=None, vocab_size=0):  # fmt: skip
     return _fake_grads(hidden, weight, bias, GradsNeeded(need_hidden, need_weight, need_bias))
 
 
@@ -233,8 +233,8 @@ def token_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Ten
 )  # fmt: skip
 def preference_loss_forward(hidden, weight, bias, targets, segment_ids, logp_weights, nll_weights, completion,
                             ref_sums, desirable, kl, num_units, objective, ignore_index, softcap, temperature,
-                            need_hidden, need_weight, need_bias, with_metrics, backend, scratch_bytes, vocab_group,
-                            vocab_size) -> tuple[Tensor, ...]:  # fmt: skip
+                            need_hidden, need_weight, need_bias, with_metrics, backend, scratch_bytes, vocab_group=None,
+                            vocab_size=0) -> tuple[Tensor, ...]:  # fmt: skip
     """The fused pass (``chunking.preference_forward_with_grads``) on hidden (N, H), targets and segment_ids (N,):
     ``PreferencePass``'s fields, then dL/dhidden, dL/dweight, dL/dbias for a unit grad_output ((0,) where not
     needed). The token weights are ``objectives.token_weights``' (N,) each; ``ref_sums`` (S,) the reference's sums
@@ -260,7 +260,7 @@ def preference_loss_forward(hidden, weight, bias, targets, segment_ids, logp_wei
 @preference_loss_forward.register_fake
 def _(hidden, weight, bias, targets, segment_ids, logp_weights, nll_weights, completion, ref_sums, desirable, kl,
       num_units, objective, ignore_index, softcap, temperature, need_hidden, need_weight, need_bias, with_metrics,
-      backend, scratch_bytes, vocab_group, vocab_size):  # fmt: skip
+      backend, scratch_bytes, vocab_group=None, vocab_size=0):  # fmt: skip
     acc, num_tokens = accumulate_dtype(hidden.dtype), targets.shape[0]
     num_seq = 2 * num_units if objectives.decode_objective(objective).paired else num_units
     return (

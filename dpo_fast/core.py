@@ -22,7 +22,6 @@ entry and both paths with the chunked backends: each rank of its group passes th
 loss, sums and metrics, ``dL/dh`` summed over the group and the gradients of its own rows of the head.
 """
 
-
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -39,11 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from .backends import Chunk, ChunkStats, accumulate_dtype
-from .backends import torch_chunked
-
-_EXACT = "exact"
-_CLOSE = "close"
+from .backends import Chunk, ChunkStats, accumulate_dtype, torch_chunked
 
 
 @dataclass(frozen=True)

@@ -227,13 +227,13 @@ def test_op_schemas_are_written_out():
     metrics = ["entropy", "mean_logit", "is_top1", "log_sum_sq_probs"]
     assert names[autograd.token_logps_forward] == (
         ["hidden", "weight", "bias", "labels", "ignore_index", "softcap", "temperature", "with_metrics", "backend",
-         "scratch_bytes"],
+         "scratch_bytes", "vocab_group", "vocab_size"],
         ["logp", *metrics, "normalizer"],
     )  # fmt: skip
     assert names[autograd.preference_loss_forward] == (
         ["hidden", "weight", "bias", "targets", "segment_ids", "logp_weights", "nll_weights", "completion", "ref_sums",
          "desirable", "kl", "num_units", "objective", "ignore_index", "softcap", "temperature", "need_hidden",
-         "need_weight", "need_bias", "with_metrics", "backend", "scratch_bytes"],
+         "need_weight", "need_bias", "with_metrics", "backend", "scratch_bytes", "vocab_group", "vocab_size"],
         ["loss", "logps", "nll_logps", "normalizer", *metrics, "grad_hidden", "grad_weight", "grad_bias"],
     )  # fmt: skip
     assert list(autograd.PreferencePass._fields) == names[autograd.preference_loss_forward][1][:8]

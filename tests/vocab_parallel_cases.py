@@ -119,7 +119,11 @@ def _errors(sharded: dict, whole: dict) -> dict:
         elif expected.dtype == torch.bool:
             errors[key] = float((got != expected).sum())
         else:
-            errors[key] = rel_err(got, expected)
+            got, expected = got.double(), expected.double()
+            finite = torch.isfinite(expected)
+            # an infinite value (a -inf mean logit of a masked vocabulary) must be the same infinity
+            same_inf = bool((got[~finite] == expected[~finite]).all())
+            errors[key] = rel_err(got[finite], expected[finite]) if same_inf else float("inf")
     return errors
 
 
@@ -134,9 +138,11 @@ def _batch(vocab: int, seed: int, *, bias=True, softcap=None, packed=False, pair
     return batch
 
 
-def _run(ctx: Ctx, fn, batch: dict, grads_of=("hidden", "weight", "bias"), upstream=None) -> tuple[dict, dict]:
+def _run(ctx: Ctx, fn, batch: dict, grads_of=("hidden", "weight", "bias"), upstream=None,
+         keep: bool = False) -> tuple[dict, dict]:  # fmt: skip
     """``fn(hidden, weight, bias) -> dict of outputs`` unsharded, then sharded under the watch; backward of the
-    ``loss`` output (or of ``upstream(outputs)``) in both. Returns (errors, memory report)."""
+    ``loss`` output (or of ``upstream(outputs)``) in both. Returns (errors, memory report); ``keep``: the errors also
+    hold ``_results``, the two results (unsharded, sharded)."""
     results = []
     for shard in (False, True):
         hidden, weight, bias = _leaves(batch["hidden"], batch["weight"], batch["bias"])
@@ -153,7 +159,10 @@ def _run(ctx: Ctx, fn, batch: dict, grads_of=("hidden", "weight", "bias"), upstr
             if named[key] is not None:
                 out[f"grad_{key}"] = named[key].grad
         results.append({k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in out.items()})
-    return _errors(results[1], results[0]), ctx.watch.report()
+    errors = _errors(results[1], results[0])
+    if keep:
+        errors["_results"] = results
+    return errors, ctx.watch.report()
 
 
 def _dpo_outputs(out) -> dict:
@@ -294,20 +303,117 @@ def _dpo_fn(ctx, batch, **options):
     return fn
 
 
+def case_bf16(ctx, vocab):
+    """A bfloat16 head (16-bit dL/dx, column 0's recomputed gradient rounded as the backend rounds its own): the errors
+    of the sharded and the unsharded result, each against the float64 unsharded one (returned as ``*_vs_float64``)."""
+    batch = _batch(vocab, 12, softcap=3.0, dtype=torch.bfloat16)
+    batch64 = {
+        k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in batch.items()
+    }
+    fn64 = _dpo_fn(Ctx(ctx.mesh, "torch"), batch64, softcap=3.0)
+    hidden, weight, bias = _leaves(batch64["hidden"], batch64["weight"], batch64["bias"])
+    out64 = fn64(hidden, weight, bias)
+    out64["loss"].backward()
+    out64.update(grad_hidden=hidden.grad, grad_weight=weight.grad, grad_bias=bias.grad)
+    errors, memory = _run(ctx, _dpo_fn(ctx, batch, softcap=3.0), batch, keep=True)
+    results = errors.pop("_results")
+    for which, values in zip(("unsharded", "sharded"), results):
+        for key, value in _errors(values, out64).items():
+            errors[f"{key}_{which}_vs_float64"] = value
+    return errors, memory
+
+
+def case_zero_rows(ctx, vocab):
+    """A vocabulary smaller than the group needs: torch.chunk's split leaves the last rank no row at all."""
+    batch = _batch(vocab, 13, softcap=2.0)
+    return _run(ctx, _dpo_fn(ctx, batch, softcap=2.0, scratch_mib=0.0005), batch)
+
+
+def case_replicated_hidden(ctx, vocab):
+    """Hidden states given as a replicated DTensor: their gradient is the group's sum, the same on every rank."""
+    from torch.distributed.tensor import Replicate
+
+    batch = _batch(vocab, 14)
+
+    def fn(hidden, weight, bias):
+        if isinstance(weight, DTensor):
+            hidden = DTensor.from_local(hidden, ctx.mesh, [Replicate()])
+        return {"loss": dpo_fast.sequence_logps(hidden, weight, batch["labels"], bias=bias, backend=ctx.backend).sum()}
+
+    return _run(ctx, fn, batch)
+
+
+def case_different_tokens(ctx, vocab):
+    """Ranks given different labels, different hidden states or different token counts: the same ValueError on every
+    rank, no hang. Returns the messages."""
+    messages = {}
+    for what in ("labels", "hidden", "count"):
+        batch = _batch(vocab, 15)
+        if ctx.rank == 1:
+            if what == "labels":
+                labels = batch["labels"]
+                labels[labels != IGNORE] = (labels[labels != IGNORE] + 1) % vocab
+            elif what == "hidden":
+                batch["hidden"] = batch["hidden"] * 1.5
+            else:
+                batch = _batch(vocab, 15, length=7)
+        weight, bias = ctx.sharded(batch["weight"].requires_grad_()), ctx.sharded(batch["bias"])
+        try:
+            _dpo_fn(ctx, batch)(batch["hidden"], weight, bias)
+            messages[what] = "no error"
+        except ValueError as error:
+            messages[what] = str(error)
+    return messages, {}
+
+
+def case_refusals(ctx, vocab):
+    """backend='reference' (the whole logits) and a bias not sharded as the weight are refused."""
+    batch = _batch(vocab, 16)
+    weight = ctx.sharded(batch["weight"])
+    messages = {}
+    for what, call in (
+        ("reference", lambda: dpo_fast.token_logps(batch["hidden"], weight, batch["labels"], backend="reference")),
+        ("plain bias", lambda: dpo_fast.token_logps(batch["hidden"], weight, batch["labels"], bias=batch["bias"])),
+    ):
+        try:
+            call()
+            messages[what] = "no error"
+        except ValueError as error:
+            messages[what] = str(error)
+    return messages, {}
+
+
+def case_gathered_weight_is_caught(ctx, vocab):
+    """The memory watch has teeth: a call that gathers the weight (``full_tensor``) is seen holding a tensor with V
+    rows (the report the test's memory assertion rejects)."""
+    batch = _batch(vocab, 17)
+    weight = ctx.sharded(batch["weight"])
+    with ctx.watch:
+        dpo_fast.token_logps(batch["hidden"], weight.full_tensor(), batch["labels"], backend=ctx.backend)
+    return {}, ctx.watch.report()
+
+
 CASES = {
     "token_logps": case_token_logps,
     "sequence_logps": case_sequence_logps,
     # fused: the gradients in the forward pass, several groups and a unit longer than the kept chunk
     "dpo_fused_chunked": _dpo_case(3, softcap=2.5, scratch_mib=0.002),
     "dpo_recompute": _dpo_case(4, packed=True, grads_in_forward=False),
-    "dpo_wpo_ld_several_types": _dpo_case(5, loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.5],
-                                          use_weighting=True, ld_alpha=0.5, scratch_mib=0.003),  # fmt: skip
+    "dpo_wpo_ld_several_types": _dpo_case(
+        5, loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.5], use_weighting=True, ld_alpha=0.5, scratch_mib=0.003
+    ),  # fmt: skip
     "dpo_aot_not_pair_local": _dpo_case(6, loss_type="aot", scratch_mib=0.002),
     "cpo_simpo": case_cpo_simpo,
     "orpo": case_orpo,
     "kto": case_kto,
     "module": case_module,
     "masked_shard": case_masked_shard,
+    "bf16": case_bf16,
+    "zero_rows": case_zero_rows,
+    "replicated_hidden": case_replicated_hidden,
+    "different_tokens": case_different_tokens,
+    "refusals": case_refusals,
+    "gathered_weight_is_caught": case_gathered_weight_is_caught,
 }
 
 
