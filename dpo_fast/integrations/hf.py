@@ -5,7 +5,8 @@ how to hand them to dpo_fast; ``dpo_fast.trainer`` and ``dpo_fast.integrations.t
 both accept the same models:
 
 - ``lm_head_of(model)``: the model's head as a ``dpo_fast.head.LMHead``: the weight (tied or not; gathered from
-  FSDP2's shards when read outside an unsharded scope) and bias, the final soft-capping (Gemma 2) and the logit
+  FSDP2's shards when read outside an unsharded scope; kept sharded when tensor parallelism splits it over the
+  vocabulary, ``dpo_fast.vocab_parallel``) and bias, the final soft-capping (Gemma 2) and the logit
   scale some models multiply by (Cohere, Granite, Falcon-H1, ...), read as TRL 1.16 reads them:
   ``z = softcap * tanh(scale * (h W^T + b) / softcap)``. The callers hand it to ``dpo_fast.core`` with the rows'
   ``HeadRows.layout()``.
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from ..core import TokenMetrics
@@ -99,15 +101,25 @@ class HeadRows:
 
 
 def lm_head_of(model: torch.nn.Module) -> LMHead:
-    """The head of a ``transformers`` causal LM (the LM itself, not a PEFT or parallel wrapper)."""
+    """The head of a ``transformers`` causal LM (the LM itself, not a PEFT or parallel wrapper).
+
+    A ``DTensor`` weight is either FSDP2's shard outside an unsharded scope (the model holds ``FSDPModule``s), which
+    is gathered, or a tensor-parallel head split over the vocabulary (``ColwiseParallel`` on ``lm_head``,
+    transformers' ``tp_plan``), which is kept sharded: the fused loss then runs on each rank's rows
+    (``dpo_fast.vocab_parallel``).
+    """
     text_config = model.config.get_text_config()
     lm_head = model.get_output_embeddings()
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-    if isinstance(weight, DTensor):  # FSDP2 outside an unsharded scope
+    if isinstance(weight, DTensor) and _under_fsdp(model):
         weight = weight.full_tensor()
-        bias = None if bias is None else bias.full_tensor()
+        bias = None if bias is None or not isinstance(bias, DTensor) else bias.full_tensor()
     softcap = getattr(text_config, "final_logit_softcapping", None)
     return LMHead(weight, bias, softcap=softcap, logit_scale=logit_scale(text_config))
+
+
+def _under_fsdp(model: torch.nn.Module) -> bool:
+    return any(isinstance(module, FSDPModule) for module in model.modules())
 
 
 def logit_scale(text_config) -> float:

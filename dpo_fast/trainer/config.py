@@ -39,7 +39,7 @@ MINIMUM = {
     "lora_r": 0, "lora_alpha": 1, "lora_dropout": 0, "label_smoothing": 0, "learning_rate": 0, "weight_decay": 0,
     "adam_beta1": 0, "adam_beta2": 0, "adam_epsilon": 0, "warmup_steps": 0, "per_device_train_batch_size": 1,
     "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1, "max_grad_norm": 0, "num_train_epochs": 1,
-    "logging_steps": 1, "eval_steps": 0, "save_steps": 0, "save_total_limit": 0,
+    "logging_steps": 1, "eval_steps": 0, "save_steps": 0, "save_total_limit": 0, "tensor_parallel": 1,
 }  # fmt: skip
 
 
@@ -148,6 +148,11 @@ class TrainConfig:
     num_train_epochs: int = field(default=1, metadata={"help": "epochs when max_steps is -1"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (mixed precision) over dtype's weights"})
     seed: int = field(default=42, metadata={"help": "seed of init, data order and dropout"})
+    tensor_parallel: int = field(
+        default=1,
+        metadata={"help": "N > 1: the LM head split over the vocabulary across the N launched processes, which all take "
+                  "the same batches (docs/vocab-parallel.md); 1: off"},
+    )  # fmt: skip
     # bookkeeping
     output_dir: str = field(default="dpo-fast-output", metadata={"help": "metrics.jsonl and checkpoints"})
     overwrite_output_dir: bool = field(

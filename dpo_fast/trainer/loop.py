@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import SchedulerType, get_scheduler
 
 from ..integrations import hf
-from . import checkpoint, data, output, parallel, reference, sources
+from . import checkpoint, data, output, parallel, reference, sources, tensor_parallel
 from . import model as model_lib
 from . import objective as objective_lib
 from .config import TrainConfig
@@ -39,6 +39,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         raise ValueError(f"lr_scheduler_type must be one of {' | '.join(k.value for k in SchedulerType)}, "
                          f"got {cfg.lr_scheduler_type!r}")  # fmt: skip
     accelerator = parallel.make_accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+    tp = tensor_parallel.TensorParallel.setup(cfg, accelerator)  # None unless tensor_parallel > 1
+    data_acc = tensor_parallel.data_view(accelerator, tp)  # the processes as the data sees them
     set_seed(cfg.seed)
 
     # data: tokenized once (by the main process first, the others read datasets' cache)
@@ -48,7 +50,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         if cfg.eval_dataset:
             splits["eval"] = _tokenized("eval_dataset", cfg.eval_dataset, cfg.eval_split, tokenizer, cfg)
     train_rows = splits["train"]
-    micro_batches_per_step = cfg.gradient_accumulation_steps * accelerator.num_processes
+    micro_batches_per_step = cfg.gradient_accumulation_steps * data_acc.num_processes
     steps_per_epoch = len(train_rows) // cfg.per_device_train_batch_size // micro_batches_per_step
     if steps_per_epoch == 0:
         raise ValueError(
@@ -59,6 +61,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
     # model, optimizer, schedule; weight decay on matrices only
     model = model_lib.DPOModel(model_lib.load_model(cfg), cfg)
+    if tp is not None:
+        tp.shard_head(model, model.hf_model, accelerator.device)
     objective = model.objective  # read before accelerate wraps the model
     metric_names = objective_lib.metric_names(objective)
     num_sums = len(metric_names) + 1 + 2 * len(hf.TOKEN_METRICS)
@@ -84,11 +88,15 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     )  # fmt: skip
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, total_steps)
     frozen = reference.frozen_copy(model) if cfg.reference_mode == "model" else None
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.print(parallel.describe(accelerator, model))
+    if tp is None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        accelerator.print(parallel.describe(accelerator, model))
+    else:
+        model, optimizer = tp.prepare(accelerator, model, optimizer)
+        accelerator.print(tp.describe(accelerator, accelerator.unwrap_model(model).hf_model))
 
     # the reference is taken from the initial weights, before any checkpoint is loaded
-    ref_logps = reference.build(cfg, model, accelerator, splits, tokenizer.pad_token_id, frozen)
+    ref_logps = reference.build(cfg, model, data_acc, splits, tokenizer.pad_token_id, frozen)
     start_step = 0
     if resume is not None:
         state = checkpoint.load(resume, accelerator, model, optimizer, scheduler)
@@ -120,19 +128,19 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         batch = data.to_device(data.collate(mismatched, cfg.padding_free, tokenizer.pad_token_id), accelerator.device)
         with torch.no_grad():
             difference = (model(**batch) - ref_logps(split, rows, batch)).double().mean()
-        return accelerator.reduce(difference, "mean").clamp(min=0)
+        return data_acc.reduce(difference, "mean").clamp(min=0)
 
     def evaluate(step: int) -> dict[str, float]:
         sums = torch.zeros(num_sums, dtype=torch.float64, device=accelerator.device)
         model.eval()
         with torch.no_grad():
             batches = data.eval_batches(len(splits["eval"]), cfg.per_device_eval_batch_size)
-            for rows, counted in data.shard(batches, accelerator):
+            for rows, counted in data.shard(batches, data_acc):
                 batch = collate("eval", rows)
                 out = model(**batch, ref_logps=ref_logps("eval", rows, batch), kl=kl_of("eval", rows))
                 sums += sums_of(out) if counted else 0
         model.train()
-        record = {"eval_" + name: value for name, value in means(accelerator.reduce(sums, "sum")).items()}
+        record = {"eval_" + name: value for name, value in means(data_acc.reduce(sums, "sum")).items()}
         log({"step": step, "epoch": step / steps_per_epoch, **record})
         return record
 
@@ -145,8 +153,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         order = data.epoch_batches(len(train_rows), cfg.per_device_train_batch_size, cfg.seed, epoch)
         for micro in range(cfg.gradient_accumulation_steps):
-            rows = order[(step_in_epoch * cfg.gradient_accumulation_steps + micro) * accelerator.num_processes
-                         + accelerator.process_index]  # fmt: skip
+            rows = order[(step_in_epoch * cfg.gradient_accumulation_steps + micro) * data_acc.num_processes
+                         + data_acc.process_index]  # fmt: skip
             batch = collate("train", rows)
             ref = ref_logps("train", rows, batch)
             kl = kl_of("train", rows)
@@ -156,7 +164,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                 accelerator.backward(out.loss / cfg.gradient_accumulation_steps)
             window += sums_of(out)
         clip = cfg.max_grad_norm > 0
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if clip else None
+        clip_grad_norm_ = accelerator.clip_grad_norm_ if tp is None else tp.clip_grad_norm_
+        grad_norm = clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if clip else None
         if isinstance(grad_norm, DTensor):  # FSDP2
             grad_norm = grad_norm.full_tensor()
         learning_rate = scheduler.get_last_lr()[0]
@@ -167,7 +176,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         progress.update(1)
 
         if done % cfg.logging_steps == 0 or done == total_steps:
-            last = means(accelerator.reduce(window, "sum"))
+            last = means(data_acc.reduce(window, "sum"))
             window.zero_()
             extra = {} if grad_norm is None else {"grad_norm": grad_norm.item()}
             log({"step": done, "epoch": done / steps_per_epoch, "learning_rate": learning_rate, **extra, **last})

@@ -1,0 +1,182 @@
+"""The trainers with the LM head split over the vocabulary on 2 CPU processes (gloo) against 1 process (issue 28).
+
+- ``dpo-fast train`` with ``tensor_parallel: 2``: both processes run the whole (tiny, tied) Llama on the same
+  batches, the head (and the tied embedding) a ``Shard(0)`` DTensor of 20 of its 40 rows on each; the run's logged
+  metrics and its checkpoints' full weights equal a 1-process run's with the same batch size, and a checkpoint saved
+  so resumes so.
+- ``FastDPOTrainer`` on a model loaded with transformers' ``from_pretrained(..., tp_plan="auto")`` (the whole model
+  tensor-parallel, the head ``colwise_gather_output``: a ``Shard(0)`` DTensor the drop-in keeps sharded): the log
+  history and the final full weights equal a 1-process run's (SGD, as tests/test_fsdp_trl.py). The Trainer hands
+  accelerate a ``ParallelismConfig(tp_size=2)``, which accelerate 1.15/1.16 accept on accelerators only (its
+  ``multi_device`` leaves out ``MULTI_CPU``); the script treats CPU processes as accelerate treats GPUs
+  (``_accept_parallelism_config_on_cpu``), the one departure from the GPU route. No GPU here: NCCL has not run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytest.importorskip("accelerate")
+
+from trainer_helpers import TINY_LLAMA, TOKENIZER, flags, launch, logged, run, run_values, weights, write_tiny_files
+
+pytestmark = pytest.mark.slow
+
+RUN = {"max_steps": 4, "save_steps": 2, "save_total_limit": 0, "per_device_eval_batch_size": 5}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return write_tiny_files(tmp_path_factory.mktemp("tiny"))
+
+
+def _train_tp(files, out, **overrides) -> str:
+    config = out.parent / f"{out.name}.json"
+    config.write_text(json.dumps(run_values(files, out, tensor_parallel=2, **RUN)))
+    command = ["-m", "dpo_fast.trainer.cli", "train", "--config", str(config), *flags(overrides)]
+    return launch(2, ["--multi_gpu"], command).stdout
+
+
+def _assert_same(got: list[dict], expected: list[dict], rel=1e-4, abs=1e-5) -> None:
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert a == pytest.approx(b, rel=rel, abs=abs)
+
+
+def test_dpo_fast_train_with_the_head_split_over_two_processes_matches_one(files, tmp_path):
+    log = _train_tp(files, tmp_path / "tp")
+    rows = math.ceil(TINY_LLAMA["vocab_size"] / 2)
+    line = re.search(r"parallelism: tensor parallel over 2 processes on cpu \(gloo\): lm_head.weight split over the "
+                     r"vocabulary, (\d+) of (\d+) rows on this process \(at most (\d+)\) \(the tied input embedding "
+                     r"with it\)", log)  # fmt: skip
+    assert line is not None, log
+    assert line.groups() == (str(rows), str(TINY_LLAMA["vocab_size"]), str(rows))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(files, tmp_path / "one", **RUN)
+    finally:
+        torch.set_num_threads(threads)
+    expected = logged(tmp_path / "one")
+    _assert_same(logged(tmp_path / "tp"), expected)
+    for step in (2, 4):
+        got, want = weights(tmp_path / "tp" / f"checkpoint-{step}"), weights(tmp_path / "one" / f"checkpoint-{step}")
+        assert got.keys() == want.keys()
+        for key in want:  # the full (gathered) head, saved once (tied)
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+
+    # a checkpoint saved with the head sharded resumes with it sharded: the same steps 3 and 4
+    resumed = tmp_path / "resumed"
+    _train_tp(files, resumed, resume_from_checkpoint=str(tmp_path / "tp" / "checkpoint-2"))
+    steps = [r for r in logged(resumed) if "loss" in r]
+    _assert_same(steps, [r for r in logged(tmp_path / "tp") if "loss" in r][2:], rel=1e-5, abs=1e-6)
+    for key, value in weights(tmp_path / "tp" / "checkpoint-4").items():
+        torch.testing.assert_close(weights(resumed / "checkpoint-4")[key], value, rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_tensor_parallel_other_than_the_process_count_is_refused(files, tmp_path):
+    from dpo_fast.trainer import TrainConfig, train
+
+    with pytest.raises(ValueError, match="tensor_parallel=2 but the run has 1 processes"):
+        train(TrainConfig(**run_values(files, tmp_path / "run", tensor_parallel=2)))
+
+
+# ---- FastDPOTrainer on transformers' tensor-parallel model
+
+STEPS, PAIRS = 3, 4
+COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+            "grad_norm", "entropy", "mean_token_accuracy")  # fmt: skip
+
+
+def _save_model(path: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA)).save_pretrained(path)
+
+
+def _fast_dpo(model_path: Path, output_dir: Path, **load) -> tuple[list[dict], dict[str, torch.Tensor], dict]:
+    """FastDPOTrainer (SGD) from the saved model, a second copy as reference; its log, full final weights, and what
+    its head was."""
+    from datasets import Dataset
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig
+
+    from dpo_fast.integrations.trl import FastDPOTrainer
+
+    rows = [json.loads(line) for line in (Path(TOKENIZER).parent / "train.jsonl").read_text().splitlines()[:24]]
+    model = AutoModelForCausalLM.from_pretrained(model_path, **load)
+    reference = AutoModelForCausalLM.from_pretrained(model_path, **load)
+    args = DPOConfig(
+        output_dir=str(output_dir), per_device_train_batch_size=PAIRS, max_steps=STEPS, learning_rate=0.1,
+        optim="sgd", logging_steps=1, beta=0.5, max_length=32, bf16=False, report_to=[], seed=0, save_strategy="no",
+        disable_tqdm=True, lr_scheduler_type="constant",
+    )  # fmt: skip
+    trainer = FastDPOTrainer(model=model, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=AutoTokenizer.from_pretrained(TOKENIZER))  # fmt: skip
+    trainer.train()
+    head = trainer.accelerator.unwrap_model(trainer.model_wrapped).get_output_embeddings().weight
+    about = {"head": type(head).__name__, "rows": tuple(head.to_local().shape) if isinstance(head, DTensor) else None,
+             "placements": str(getattr(head, "placements", None))}  # fmt: skip
+    full = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for name, p in trainer.model.named_parameters()}  # fmt: skip
+    history = [{key: log[key] for key in COMPARED} for log in trainer.state.log_history if "loss" in log]
+    return history, full, about
+
+
+def test_fast_dpo_trainer_on_a_tensor_parallel_model_matches_one_process(tmp_path):
+    from accelerate.state import AcceleratorState
+
+    _save_model(tmp_path / "model")
+    launch(2, ["--multi_gpu"], [__file__, str(tmp_path / "model"), str(tmp_path / "two")])
+    two = torch.load(tmp_path / "two" / "result.pt", weights_only=True)
+    rows = math.ceil(TINY_LLAMA["vocab_size"] / 2)
+    assert two["about"] == {"head": "DTensor", "rows": (rows, TINY_LLAMA["hidden_size"]),
+                            "placements": "(Shard(dim=0),)"}  # fmt: skip
+
+    torch.set_num_threads(1)
+    try:
+        history, full, about = _fast_dpo(tmp_path / "model", tmp_path / "one")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert about["head"] == "Parameter"
+    _assert_same(two["history"], history)
+    assert two["weights"].keys() == full.keys()
+    for key, value in full.items():
+        torch.testing.assert_close(two["weights"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert history[-1]["loss"] != history[0]["loss"]  # it trained
+
+
+def _accept_parallelism_config_on_cpu() -> None:
+    """accelerate (1.15, 1.16) refuses a ``ParallelismConfig`` unless its state is FSDP2, DeepSpeed or one of its
+    ``multi_device`` types, which name every accelerator but not ``MULTI_CPU``. Counting CPU processes among them
+    lets the Trainer of a tensor-parallel model run on gloo as it runs on GPUs (no DDP wrapper; the tensor-parallel
+    ranks take the same batches)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    multi_device = Accelerator.multi_device.fget
+    Accelerator.multi_device = property(
+        lambda self: multi_device(self) or (self.use_distributed and self.distributed_type == DistributedType.MULTI_CPU)
+    )
+
+
+if __name__ == "__main__":  # one of the 2 processes of accelerate launch
+    import torch.distributed as dist
+
+    _accept_parallelism_config_on_cpu()
+    model_path, out = Path(sys.argv[1]), Path(sys.argv[2])
+    history, full, about = _fast_dpo(model_path, out, tp_plan="auto")
+    if dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({"history": history, "weights": full, "about": about}, out / "result.pt")
