@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -124,10 +125,11 @@ def _fast_dpo(model_path: Path, output_dir: Path, **load) -> tuple[list[dict], d
     )  # fmt: skip
     trainer = FastDPOTrainer(model=model, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=AutoTokenizer.from_pretrained(TOKENIZER))  # fmt: skip
-    trainer.train()
+    with _count_sharded_passes() as passes:
+        trainer.train()
     head = trainer.accelerator.unwrap_model(trainer.model_wrapped).get_output_embeddings().weight
     about = {"head": type(head).__name__, "rows": tuple(head.to_local().shape) if isinstance(head, DTensor) else None,
-             "placements": str(getattr(head, "placements", None))}  # fmt: skip
+             "placements": str(getattr(head, "placements", None)), "sharded_passes": passes}  # fmt: skip
     full = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
             for name, p in trainer.model.named_parameters()}  # fmt: skip
     history = [{key: log[key] for key in COMPARED} for log in trainer.state.log_history if "loss" in log]
@@ -141,6 +143,9 @@ def test_fast_dpo_trainer_on_a_tensor_parallel_model_matches_one_process(tmp_pat
     launch(2, ["--multi_gpu"], [__file__, str(tmp_path / "model"), str(tmp_path / "two")])
     two = torch.load(tmp_path / "two" / "result.pt", weights_only=True)
     rows = math.ceil(TINY_LLAMA["vocab_size"] / 2)
+    # the drop-in ran every fused pass (policy and reference, forward and backward) on the rank's 20 rows
+    passes = two["about"].pop("sharded_passes")
+    assert passes["passes"] >= 2 * STEPS and passes["rows"] == rows, passes
     assert two["about"] == {"head": "DTensor", "rows": (rows, TINY_LLAMA["hidden_size"]),
                             "placements": "(Shard(dim=0),)"}  # fmt: skip
 
@@ -149,12 +154,33 @@ def test_fast_dpo_trainer_on_a_tensor_parallel_model_matches_one_process(tmp_pat
         history, full, about = _fast_dpo(tmp_path / "model", tmp_path / "one")
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
-    assert about["head"] == "Parameter"
+    assert about["head"] == "Parameter" and about["sharded_passes"]["passes"] == 0
     _assert_same(two["history"], history)
     assert two["weights"].keys() == full.keys()
     for key, value in full.items():
         torch.testing.assert_close(two["weights"][key], value, rtol=1e-4, atol=1e-5, msg=key)
     assert history[-1]["loss"] != history[0]["loss"]  # it trained
+
+
+@contextlib.contextmanager
+def _count_sharded_passes():
+    """Yields {"passes": n, "rows": r}: the fused passes run on this rank's rows of the head (``ShardedBackend``s
+    made) while the block runs, and the most rows one held."""
+    from dpo_fast import vocab_parallel
+
+    counts = {"passes": 0, "rows": 0}
+    init = vocab_parallel.ShardedBackend.__init__
+
+    def counting_init(self, backend, shard):
+        counts["passes"] += 1
+        counts["rows"] = max(counts["rows"], shard.rows)
+        init(self, backend, shard)
+
+    vocab_parallel.ShardedBackend.__init__ = counting_init
+    try:
+        yield counts
+    finally:
+        vocab_parallel.ShardedBackend.__init__ = init
 
 
 def _accept_parallelism_config_on_cpu() -> None:

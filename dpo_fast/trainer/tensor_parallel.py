@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from ..integrations import hf
 from ..vocab_parallel import shard_of
 
 
@@ -106,9 +107,12 @@ class TensorParallel:
         return total
 
     def describe(self, accelerator: Accelerator, hf_model: torch.nn.Module) -> str:
-        """One line: the group and this process's rows of the head."""
-        weight = hf_model.get_output_embeddings().weight
-        shard = shard_of(weight)
+        """One line: the group and this process's rows of the head, as the fused loss reads them
+        (``hf.lm_head_of``)."""
+        head = hf.lm_head_of(hf_model)
+        shard, weight = head.shard, hf_model.get_output_embeddings().weight
+        if shard is None:
+            raise RuntimeError("tensor_parallel: the fused loss would read the LM head whole, not this process's rows")
         embedding = hf_model.get_input_embeddings()
         tied = " (the tied input embedding with it)" if embedding is not None and embedding.weight is weight else ""
         backend = torch.distributed.get_backend()
