@@ -108,17 +108,21 @@ def shard_of(weight: torch.Tensor, bias: torch.Tensor | None = None) -> VocabSha
     if mesh.ndim != 1 or len(placements) != 1 or type(placements[0]) is not Shard or placements[0].dim != 0:
         raise ValueError(
             f"weight is a DTensor placed {placements} on a {mesh.ndim}-D mesh; dpo_fast takes a head sharded over "
-            "the vocabulary, Shard(0) on a 1-D tensor-parallel mesh (ColwiseParallel on lm_head), or a replicated "
-            "one. Under FSDP2 with tensor parallelism, call it inside the forward, where the weight is the "
-            "tensor-parallel DTensor"
+            "the vocabulary, Shard(0) on a 1-D tensor-parallel mesh (ColwiseParallel on lm_head), or a replicated one"
         )
     vocab = weight.shape[0]
     group = mesh.get_group()
-    offset, rows = split(vocab, dist.get_world_size(group), dist.get_rank(group))
-    local = weight.to_local()
-    if local.shape[0] != rows:
+    if mesh.get_local_rank() != dist.get_rank(group):
         raise ValueError(
-            f"weight's local shard holds {local.shape[0]} rows, but Shard(0) of {vocab} rows over "
+            f"weight's mesh orders its ranks {mesh.mesh.tolist()} unlike its process group (sorted): build the "
+            "tensor-parallel mesh over its ranks in increasing order"
+        )
+    offset, rows = split(vocab, dist.get_world_size(group), dist.get_rank(group))
+    with torch.no_grad():
+        local_rows = weight.to_local().shape[0]
+    if local_rows != rows:
+        raise ValueError(
+            f"weight's local shard holds {local_rows} rows, but Shard(0) of {vocab} rows over "
             f"{dist.get_world_size(group)} ranks gives rank {dist.get_rank(group)} {rows} (torch.chunk's split): "
             "build the DTensor with distribute_tensor, or from_local with that split"
         )
@@ -128,8 +132,10 @@ def shard_of(weight: torch.Tensor, bias: torch.Tensor | None = None) -> VocabSha
                 "bias must be sharded as weight is (a (V,) DTensor placed Shard(0) on the weight's mesh): "
                 f"got {type(bias).__name__}{'' if not isinstance(bias, DTensor) else ' ' + str(bias.placements)}"
             )
-        if bias.to_local().shape[0] != rows:
-            raise ValueError(f"bias's local shard holds {bias.to_local().shape[0]} rows, weight's {rows}")
+        with torch.no_grad():
+            bias_rows = bias.to_local().shape[0]
+        if bias_rows != rows:
+            raise ValueError(f"bias's local shard holds {bias_rows} rows, weight's {rows}")
     return VocabShard(group, offset, rows, vocab)
 
 
@@ -187,14 +193,14 @@ def check_same_tokens(
     row_sums = torch.where(valid, hidden.sum(-1, dtype=acc), 0).nan_to_num(0.0, 0.0, 0.0)
     close = {"hidden checksum": (row_sums * position).sum()}
     scale = (row_sums.abs() * position).sum()
+    # the scale rides along (its maximum), so that every rank judges with the same numbers and raises alike
     values = torch.stack([torch.as_tensor(v, dtype=acc, device=labels.device).reshape(())
-                          for v in (*exact.values(), *close.values())])  # fmt: skip
+                          for v in (*exact.values(), *close.values(), scale)])  # fmt: skip
     both = torch.cat([values, -values])
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=shard.group)
-    high, low = both[: values.numel()], -both[values.numel() :]
-    names = [*exact, *close]
-    high, low, scale = high.tolist(), low.tolist(), float(scale)
-    for index, name in enumerate(names):
+    high, low = both[: values.numel()].tolist(), (-both[values.numel() :]).tolist()
+    scale = high[-1]
+    for index, name in enumerate([*exact, *close]):
         spread = high[index] - low[index]
         allowed = 0.0 if name in exact else 1e-3 * (scale + 1.0)
         if spread > allowed:

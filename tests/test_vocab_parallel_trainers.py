@@ -75,6 +75,13 @@ def test_dpo_fast_train_with_the_head_split_over_two_processes_matches_one(files
         for key in want:  # the full (gathered) head, saved once (tied)
             torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
 
+    # the checkpoint loads with from_pretrained: the whole head, tied
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tp" / "checkpoint-4" / "model")
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tuple(model.get_output_embeddings().weight.shape) == (TINY_LLAMA["vocab_size"], TINY_LLAMA["hidden_size"])
+
     # a checkpoint saved with the head sharded resumes with it sharded: the same steps 3 and 4
     resumed = tmp_path / "resumed"
     _train_tp(files, resumed, resume_from_checkpoint=str(tmp_path / "tp" / "checkpoint-2"))

@@ -347,9 +347,13 @@ def case_different_tokens(ctx, vocab):
     """Ranks given different labels, different hidden states or different token counts: the same ValueError on every
     rank, no hang. Returns the messages."""
     messages = {}
-    for what in ("labels", "hidden", "count"):
+    for what in ("labels", "hidden", "count", "hidden at the tolerance"):
         batch = _batch(vocab, 15)
-        if ctx.rank == 1:
+        if what == "hidden at the tolerance":
+            # positive rows summing to ~1e6: rank 1's copy 1.0005e-3 larger lies beyond rank 0's allowed 1e-3 of its
+            # own checksum and within rank 1's of its own; every rank must judge alike (with the group's scale)
+            batch["hidden"] = (batch["hidden"].abs() + 1) * 1000 * (1 + 1.0005e-3 * (ctx.rank == 1))
+        elif ctx.rank == 1:
             if what == "labels":
                 labels = batch["labels"]
                 labels[labels != IGNORE] = (labels[labels != IGNORE] + 1) % vocab
@@ -367,13 +371,16 @@ def case_different_tokens(ctx, vocab):
 
 
 def case_refusals(ctx, vocab):
-    """backend='reference' (the whole logits) and a bias not sharded as the weight are refused."""
+    """backend='reference' (the whole logits), a bias not sharded as the weight and a weight split over its hidden
+    dimension are refused."""
     batch = _batch(vocab, 16)
     weight = ctx.sharded(batch["weight"])
+    by_column = distribute_tensor(batch["weight"], ctx.mesh, [Shard(1)])
     messages = {}
     for what, call in (
         ("reference", lambda: dpo_fast.token_logps(batch["hidden"], weight, batch["labels"], backend="reference")),
         ("plain bias", lambda: dpo_fast.token_logps(batch["hidden"], weight, batch["labels"], bias=batch["bias"])),
+        ("Shard(1)", lambda: dpo_fast.token_logps(batch["hidden"], by_column, batch["labels"])),
     ):
         try:
             call()
