@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import ModelOutput
 
 from .. import api, objectives
 from ..integrations import hf
@@ -100,23 +101,24 @@ def check_prefix_sharing(model: PreTrainedModel, device: torch.device) -> None:
 
 
 @dataclass
-class StepOutput:
-    """One policy forward: the fused loss and TRL's statistics.
+class StepOutput(ModelOutput):
+    """One policy forward: the fused loss and TRL's statistics, tensors only.
+
+    A ``ModelOutput`` (a dict) with the loss at its top level: DeepSpeed ZeRO-3 finds the tensors a module returns
+    and hooks the parameters it gathered for the forward to be gathered again before the backward.
 
     Attributes:
-        dpo: the ``DPOOutput`` of the objective's fused loss (``fused_linear_dpo_loss``, ``..._cpo_loss`` or
-            ``..._orpo_loss``: loss, log-probs, rewards, ``nll_loss``), or KTO's ``KTOOutput`` (2P completions, the P
-            chosen first).
+        loss: () the objective's fused loss (``fused_linear_dpo_loss``, ``..._cpo_loss``, ``..._orpo_loss`` or
+            ``..._kto_loss``; KTO: 2P completions, the P chosen first), differentiable.
+        pair_sums: float64 TRL's pair metrics of the objective summed over the pairs, then the pair count
+            (``objective.pair_sums``), detached.
         token_sums: (8,) float64 sums and counts behind TRL's per-token metrics (``hf.token_metric_sums``),
             from the same pass.
     """
 
-    dpo: api.DPOOutput | api.KTOOutput
-    token_sums: torch.Tensor
-
-    @property
-    def loss(self) -> torch.Tensor:
-        return self.dpo.loss
+    loss: torch.Tensor | None = None
+    pair_sums: torch.Tensor | None = None
+    token_sums: torch.Tensor | None = None
 
 
 class DPOModel(torch.nn.Module):
@@ -202,14 +204,18 @@ class DPOModel(torch.nn.Module):
         options = dict(self.loss_options)
         if self.loss_fn is api.fused_linear_kto_loss:
             out = self._kto_loss(rows, head, ref_logps, kl)
-            return StepOutput(out, hf.token_metric_sums(out.token_metrics, rows))
+            return self._step_output(out, rows)
         if self.loss_fn is api.fused_linear_dpo_loss:
             pairs = ref_logps.shape[0] // 2
             options.update(ref_chosen_logps=ref_logps[:pairs], ref_rejected_logps=ref_logps[pairs:])
         elif nll_labels is not None:
             options["nll_labels"] = nll_labels.to(rows.labels.device)
         out = head.dpo_loss(rows, loss_fn=self.loss_fn, return_token_metrics=True, backend=self.backend, **options)
-        return StepOutput(out, hf.token_metric_sums(out.token_metrics, rows))
+        return self._step_output(out, rows)
+
+    def _step_output(self, out: api.DPOOutput | api.KTOOutput, rows: hf.HeadRows) -> StepOutput:
+        pair_sums = objective_lib.pair_sums(self.objective, out)
+        return StepOutput(out.loss, pair_sums, hf.token_metric_sums(out.token_metrics, rows).to(pair_sums))
 
     def _kto_loss(self, rows: hf.HeadRows, head: hf.LMHead, ref_logps: torch.Tensor,
                   kl: torch.Tensor | None) -> api.KTOOutput:  # fmt: skip
