@@ -107,14 +107,14 @@ def assert_same_run(got, expected) -> tuple[float, float]:
     return worst_metric, worst_weight
 
 
-def assert_killed_run_resumes_bit_for_bit(stage: int, files, run_dir, model: str) -> str:
+def assert_killed_run_resumes_bit_for_bit(stage: int, files, run_dir, model: str, **overrides) -> str:
     """A run killed after checkpoint-2 (its folder: checkpoint-2 and the log of every step) resumes with
     ``resume_from_checkpoint: auto`` to the uninterrupted run's log and checkpoint-4, bit for bit."""
     killed = run_dir.parent / f"{run_dir.name}-killed"
     killed.mkdir()
     shutil.copytree(run_dir / "checkpoint-2", killed / "checkpoint-2")
     shutil.copy(run_dir / "metrics.jsonl", killed / "metrics.jsonl")  # lines past step 2: cut back on resume
-    log = two_processes(stage, files, killed, model, resume_from_checkpoint="auto")
+    log = two_processes(stage, files, killed, model, resume_from_checkpoint="auto", **overrides)
     assert f"resuming from {killed / 'checkpoint-2'} at step 2" in log
     assert logged(killed) == logged(run_dir)
     expected, got = weights(run_dir / "checkpoint-4"), weights(killed / "checkpoint-4")
@@ -148,13 +148,16 @@ def test_zero3_on_two_processes_partitions_matches_one_resumes_and_loads(files, 
 
 
 @pytest.mark.slow
-def test_zero2_on_two_processes_matches_one_resumes_and_loads(files, tmp_path):
+def test_zero2_with_accumulation_on_two_processes_matches_one_resumes_and_loads(files, tmp_path):
+    """ZeRO-2 accumulating 2 micro-batches of 2 pairs per process: the same 8 pairs per step as the 1-process run's
+    2 micro-batches of 4 (the data order is a permutation of rows), the engine stepping at the second."""
     expected = one_process(files, tmp_path / "one", "tied")
-    log = two_processes(2, files, tmp_path / "zero2", "tied")
+    accumulation = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}
+    log = two_processes(2, files, tmp_path / "zero2", "tied", **accumulation)
     assert "parallelism: DeepSpeed ZeRO-2 over 2 processes on cpu (gloo)" in log, log
     metrics, weights_error = assert_same_run(tmp_path / "zero2", expected)
     print(f"ZeRO-2 vs 1 process: metrics within {metrics:.1e}, weights within {weights_error:.1e} (by norm)")
-    assert_killed_run_resumes_bit_for_bit(2, files, tmp_path / "zero2", "tied")
+    assert_killed_run_resumes_bit_for_bit(2, files, tmp_path / "zero2", "tied", **accumulation)
     assert_loads_with_from_pretrained(tmp_path / "zero2" / "checkpoint-4", tied=True)
 
 

@@ -39,9 +39,9 @@ def frozen_copy(model: torch.nn.Module, accelerator: Accelerator | None = None) 
     (an FSDP-sharded module cannot be deep-copied, nor can a model ZeRO-3 partitioned as it was built)."""
     if any(hasattr(param, "ds_id") for param in model.parameters()):
         raise ValueError(
-            "reference='model' cannot copy a model that DeepSpeed ZeRO-3 partitioned as it was built (zero.Init, "
-            "zero3_init_flag: true, accelerate's default for stage 3): set zero3_init_flag: false in the accelerate "
-            "config, or use reference precompute (DPO) or adapters (LoRA)"
+            "reference='model' is not supported under DeepSpeed ZeRO-3: the model is built partitioned (transformers' "
+            "zero.Init under accelerate's DeepSpeed plugin) and cannot be copied; use reference precompute (DPO), "
+            "adapters (with LoRA), or ZeRO-2"
         )
     return copy.deepcopy(model).requires_grad_(False).eval()
 
