@@ -84,7 +84,14 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         eps=cfg.adam_epsilon,
     )
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, total_steps)
-    frozen = reference.frozen_copy(model, accelerator) if cfg.reference_mode == "model" else None
+    frozen = None
+    if cfg.reference_mode == "model":
+
+        def rebuild() -> model_lib.DPOModel:  # ZeRO-3's copy: built as the policy was, the run's generators untouched
+            with torch.random.fork_rng():
+                return model_lib.DPOModel(model_lib.load_model(cfg), cfg)
+
+        frozen = reference.frozen_copy(model, rebuild)
     policy = model.hf_model
     # under ZeRO-3 the head's weight, read (not called) in the wrapped module's forward, is gathered there by
     # DeepSpeed (an "external parameter" of that module) and again before its backward: the forward returns a

@@ -34,16 +34,22 @@ from .config import TrainConfig
 RefLogps = Callable[[str, list[int], dict], torch.Tensor]
 
 
-def frozen_copy(model: torch.nn.Module, accelerator: Accelerator | None = None) -> torch.nn.Module:
+def frozen_copy(model: torch.nn.Module, rebuild: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """A no-grad, eval-mode copy of the policy for ``reference: model``, made before ``accelerator.prepare``
-    (an FSDP-sharded module cannot be deep-copied, nor can a model ZeRO-3 partitioned as it was built)."""
-    if any(hasattr(param, "ds_id") for param in model.parameters()):
-        raise ValueError(
-            "reference='model' is not supported under DeepSpeed ZeRO-3: the model is built partitioned (transformers' "
-            "zero.Init under accelerate's DeepSpeed plugin) and cannot be copied; use reference precompute (DPO), "
-            "adapters (with LoRA), or ZeRO-2"
-        )
-    return copy.deepcopy(model).requires_grad_(False).eval()
+    (an FSDP-sharded module cannot be deep-copied).
+
+    A model that DeepSpeed ZeRO-3 partitioned as it was built (transformers' ``zero.Init``) cannot be deep-copied
+    either: ``rebuild()`` builds another one the same way (partitioned alike), and each process copies its own
+    partition of every parameter into it; ``build`` checks that its weights are the policy's.
+    """
+    if not any(hasattr(param, "ds_id") for param in model.parameters()):
+        return copy.deepcopy(model).requires_grad_(False).eval()
+    copied = rebuild()
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, param in copied.named_parameters():
+            param.ds_tensor.copy_(own[name].ds_tensor)
+    return copied.requires_grad_(False).eval()
 
 
 def build(cfg: TrainConfig, model, accelerator: Accelerator, splits: dict[str, datasets.Dataset], pad_id: int,
@@ -69,7 +75,12 @@ def build(cfg: TrainConfig, model, accelerator: Accelerator, splits: dict[str, d
     if cfg.reference_mode == "model":
         if frozen is None:
             raise ValueError("reference='model' needs the frozen copy of the policy made before prepare")
-        frozen = accelerator.prepare_model(frozen, evaluation_mode=True)
+        if any(hasattr(param, "ds_id") for param in frozen.parameters()):  # ZeRO-3: partitioned, like the policy
+            frozen = _zero3_inference_engine(frozen, accelerator)
+            if weights_digest(frozen, accelerator) != weights_digest(model, accelerator):
+                raise ValueError("the reference copy's weights differ from the policy's initial weights")
+        else:
+            frozen = accelerator.prepare_model(frozen, evaluation_mode=True)
 
         def frozen_model(split, rows, batch):
             with torch.no_grad():
@@ -84,6 +95,17 @@ def build(cfg: TrainConfig, model, accelerator: Accelerator, splits: dict[str, d
         return torch.cat([table[:, 0], table[:, 1]]).to(accelerator.device)
 
     return precomputed
+
+
+def _zero3_inference_engine(frozen: torch.nn.Module, accelerator: Accelerator):
+    """A DeepSpeed ZeRO-3 engine around the partitioned ``frozen`` copy, without an optimizer (as TRL prepares its
+    reference model): its forward gathers each module's parameters as the policy's does."""
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    engine, *_ = deepspeed.initialize(model=frozen, config=config)
+    engine.eval()
+    return engine
 
 
 def compute_table(model, accelerator: Accelerator, rows: datasets.Dataset, batch_size: int, padding_free: bool,
