@@ -12,7 +12,8 @@ config ``.json``'s random init comes out otherwise there). The 1-process run tak
 - saves a ``model/`` that ``from_pretrained`` loads.
 
 ZeRO-3 runs the untied head (lm_head.weight is read only by the fused loss, inside the wrapped module's forward:
-DeepSpeed must gather it there and again for the backward), ZeRO-2 the tied one. The launches use the CPU recipe of
+DeepSpeed must gather it there and again for the backward), ZeRO-2 the tied one and gradient accumulation; KTO runs
+under ZeRO-3 with its live reference, a partitioned copy of the policy. The launches use the CPU recipe of
 ``docs/distributed.md``: no ACCELERATE_USE_CPU, the trainer sets up gloo itself. The unit tests at the end pin the
 defects found under ZeRO-3 without a launch.
 """
@@ -56,11 +57,11 @@ def files(tmp_path_factory):
     return folder
 
 
-def one_process(files, out, model: str):
+def one_process(files, out, model: str, **overrides):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run(files, out, model=str(files / f"init-{model}"), gradient_accumulation_steps=2, **RUN)
+        run(files, out, model=str(files / f"init-{model}"), gradient_accumulation_steps=2, **{**RUN, **overrides})
     finally:
         torch.set_num_threads(threads)
     return out
@@ -161,6 +162,26 @@ def test_zero2_with_accumulation_on_two_processes_matches_one_resumes_and_loads(
     assert_loads_with_from_pretrained(tmp_path / "zero2" / "checkpoint-4", tied=True)
 
 
+@pytest.mark.slow
+def test_zero3_kto_with_its_live_reference_matches_one_process(files, tmp_path):
+    """KTO's live reference (``reference: model``) under ZeRO-3: a second model built partitioned as the policy was,
+    each process's partitions copied from the policy's, run by its own engine; its KL estimate, metrics and weights
+    match 1 process's (no eval: the eval KL is each eval step's mean over the processes' micro-batches, clamped at
+    0, so it depends on the process count, as TRL's does)."""
+    kto = {"objective": "kto", "reference": "model", "max_steps": 2, "save_steps": 0, "eval_dataset": None}
+    expected = one_process(files, tmp_path / "one", "untied", **kto)
+    log = two_processes(3, files, tmp_path / "zero3-kto", "untied", **kto)
+    assert "parallelism: DeepSpeed ZeRO-3 over 2 processes on cpu (gloo); 21 of 21 parameter tensors partitioned" in log
+    got, want = logged(tmp_path / "zero3-kto"), logged(expected)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2]
+    assert got[0]["kl"] == 0 and abs(got[0]["rewards/chosen"]) < 1e-5  # the reference is the policy at step 1
+    for a, b in zip(got, want):
+        assert a == pytest.approx(b, rel=METRICS_RTOL, abs=METRICS_ATOL)
+    final, reference_weights = weights(tmp_path / "zero3-kto" / "checkpoint-2"), weights(expected / "checkpoint-2")
+    for key, value in reference_weights.items():
+        torch.testing.assert_close(final[key], value, rtol=WEIGHTS_RTOL, atol=WEIGHTS_ATOL, msg=key)
+
+
 # ------------------------------------------------------------------------------------ the defects, without a launch
 
 
@@ -168,11 +189,11 @@ def test_the_step_output_shows_deepspeed_its_loss(files):
     """ZeRO-3 hooks the tensors a module returns to gather its parameters again before their backward: it finds them
     in tensors, tuples, lists and dicts only (a plain dataclass hid the loss, and backward failed in AccumulateGrad)."""
     from deepspeed.runtime.zero.utils import apply_to_tensors_only
+    from trainer_helpers import TOKENIZER
     from transformers import AutoTokenizer
 
     from dpo_fast.trainer import TrainConfig, data
     from dpo_fast.trainer.model import DPOModel
-    from trainer_helpers import TOKENIZER
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     rows = data.tokenize(data.load_rows(str(files / "train.jsonl"), "train", "dataset"), tokenizer, 32, 16, "t")

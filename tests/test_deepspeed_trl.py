@@ -90,7 +90,10 @@ def compare(case: dict, beta: float) -> tuple[float, float]:
     assert fast["weights"].keys() == stock["weights"].keys() == initial.keys()
     updates = 0.0
     for name, start in initial.items():
-        expected, got = stock["weights"][name].double() - start.double(), fast["weights"][name].double() - start.double()
+        expected, got = (
+            stock["weights"][name].double() - start.double(),
+            fast["weights"][name].double() - start.double(),
+        )
         if expected.norm() == 0:
             continue
         error = ((got - expected).norm() / expected.norm()).item()
@@ -105,7 +108,9 @@ def test_fast_dpo_trainer_under_zero3_matches_trl_with_very_different_completion
     chunks = case["fast"]["chunks"]  # fused-loss chunks (one token each) per process, over the run
     assert chunks[1] >= 8 * chunks[0] > 0, chunks
     logs, updates = compare(case, beta=0.5)
-    print(f"dpo-uneven (chunks per process {chunks}): metrics within {logs:.1e}, parameter changes within {updates:.1e}")
+    print(
+        f"dpo-uneven (chunks per process {chunks}): metrics within {logs:.1e}, parameter changes within {updates:.1e}"
+    )
 
 
 def test_fast_dpo_trainer_under_zero3_matches_trl_with_a_tied_head(results):

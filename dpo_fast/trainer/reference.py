@@ -88,7 +88,9 @@ def build(cfg: TrainConfig, model, accelerator: Accelerator, splits: dict[str, d
 
         return frozen_model
     digest = weights_digest(model, accelerator)
-    tables = {split: _cached_table(cfg, model, accelerator, rows, split, pad_id, digest) for split, rows in splits.items()}
+    tables = {
+        split: _cached_table(cfg, model, accelerator, rows, split, pad_id, digest) for split, rows in splits.items()
+    }
 
     def precomputed(split, rows, batch):
         table = tables[split][rows]  # (P, 2): chosen, rejected
