@@ -188,15 +188,21 @@ def describe(accelerator: Accelerator, model: torch.nn.Module, policy: torch.nn.
     )
     params = list(model.parameters())
     sharded = sum(isinstance(p, DTensor) for p in params)
-    stage = zero_stage(accelerator)
-    if stage is not None:
+    if zero_stage(accelerator) is not None:
+        if not hasattr(model, "zero_optimization_stage"):
+            return f"parallelism: DeepSpeed requested, but the model is not a DeepSpeed engine ({type(model).__name__})"
+        stage = model.zero_optimization_stage()  # the engine's own
         line = f"parallelism: DeepSpeed ZeRO-{stage} over {where}"
-        partitioned = [p for p in params if (share := _zero3_partition(p)) is not None and share[0] < share[1]]
         if stage == 3:
+            partitioned = [p for p in params if (share := _zero3_partition(p)) is not None and share[0] < share[1]]
             line += f"; {len(partitioned)} of {len(params)} parameter tensors partitioned"
             head = None if policy is None else _zero3_partition(policy.get_output_embeddings().weight)
             if head is not None:
                 line += f" (lm_head.weight: {head[0]} of {head[1]} elements on this process)"
+        elif stage in (1, 2):  # the float32 master weights (and their optimizer state) are partitioned
+            held = sum(p.numel() for p in getattr(model.optimizer, "single_partition_of_fp32_groups", []))
+            total = sum(p.numel() for p in params if p.requires_grad)
+            line += f"; optimizer state partitioned ({held} of {total} trainable elements on this process)"
         return line
     if accelerator.is_fsdp2:
         return f"parallelism: FSDP2 (fully_shard) over {where}; {sharded} of {len(params)} parameter tensors sharded"
