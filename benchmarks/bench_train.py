@@ -68,7 +68,8 @@ class Group:
     timing: Shape
 
 
-# The arms of a GPU run unless --arms says otherwise; the sharing arms are asked for with a long prompt (README)
+# The arms of a GPU run unless --arms says otherwise; the sharing arms run on request, with a long prompt
+# (docs/benchmarks.md)
 DEFAULT_ARMS = ("trl", "trl-liger", "fast", "fast-nometrics", "dpo-fast-cli")
 # The CPU measurement: (question, model, arms, shape); --smoke swaps in the tiny model and short sequences
 CPU_PLAN = (
