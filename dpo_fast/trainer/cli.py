@@ -2,7 +2,7 @@
 
 Flags override the file; without ``--config`` the bundled default runs (a tiny model learning to
 prefer correct string reversals, a few minutes on a laptop CPU). Multi-process runs go through
-``accelerate launch -m dpo_fast.trainer.cli train ...`` (see the README).
+``accelerate launch -m dpo_fast.trainer.cli train ...`` (docs/distributed.md).
 
 A mistake in the config, the flags or the inputs (a ``ValueError`` or an ``OSError``) prints one
 line, ``dpo-fast train: error: ...``, and exits with status 2; ``--debug`` shows the traceback.
@@ -58,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def keys_table() -> str:
-    """The README's table of config keys, from ``TrainConfig`` as ``--help`` shows them (a test keeps the two equal)."""
+    """docs/training.md's table of config keys, from ``TrainConfig`` as ``--help`` shows them (a test keeps them equal)."""
     rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for f in dataclasses.fields(TrainConfig):
         meaning = f.metadata["help"].replace("|", "\\|")
