@@ -17,7 +17,7 @@ memory, goal less), and what TRL's token metrics cost FastDPOTrainer now that th
 fused pass (with and without them, on a tiny Llama with a 32000-token head, where the head is most
 of the step: goal <= 1.05x the step time).
 
-On the lent GPU machine (``shared/gpu/README.md``: run ``../shared/gpu/fetch-wheels.sh`` here first,
+On the lent GPU machine (``docs/gpu.md``: run ``python benchmarks/wheelhouse.py`` here first,
 so that ``.whl/`` holds TRL, Liger and datasets), ``python benchmarks/bench_train.py gpu-command``
 prints the one command to run there, under its 10-minute limit; then copy ``bench_train.json`` and
 ``bench_train.md`` from the results folder into ``benchmarks/results/`` and draw the plot with
@@ -68,7 +68,8 @@ class Group:
     timing: Shape
 
 
-# The arms of a GPU run unless --arms says otherwise; the sharing arms are asked for with a long prompt (README)
+# The arms of a GPU run unless --arms says otherwise; the sharing arms run on request, with a long prompt
+# (docs/benchmarks.md)
 DEFAULT_ARMS = ("trl", "trl-liger", "fast", "fast-nometrics", "dpo-fast-cli")
 # The CPU measurement: (question, model, arms, shape); --smoke swaps in the tiny model and short sequences
 CPU_PLAN = (
@@ -78,7 +79,7 @@ CPU_PLAN = (
 )  # fmt: skip
 
 
-# The GPU machine's command: the wheel kit's set-up (shared/gpu/README.md), then this benchmark.
+# The GPU machine's command: the wheel kit's set-up (benchmarks/wheelhouse.py), then this benchmark.
 GPU_COMMAND = "; ".join([  # noqa: FLY002 (one command, a part a line)
     'R=${R:-gpu-results}',
     'mkdir -p "$R"',

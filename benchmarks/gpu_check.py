@@ -1,7 +1,7 @@
 """The one command for a session that has a GPU: install, build, test and benchmark in 7 minutes, keeping what it got.
 
-On the lent GPU machine (one H100 or H200, no network: ``../shared/gpu/README.md``), from the project
-root, with ``.whl/`` (the wheel kit, made here by ``../shared/gpu/fetch-wheels.sh``) carried along::
+On the lent GPU machine (one H100 or H200, no network: ``docs/gpu.md``), from the project
+root, with ``.whl/`` (the wheel kit, made here by ``python benchmarks/wheelhouse.py``) carried along::
 
     PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out "${OUT:-gpu-results}" --commit SHA
 
@@ -352,7 +352,7 @@ class Check:
     def step_wheels(self) -> dict:
         wheels = sorted(KIT.glob("*.whl"))
         if not wheels:
-            reason = "no .whl/ here: make it with ../shared/gpu/fetch-wheels.sh and carry it (carry: ['.whl'])"
+            reason = "no .whl/ here: make it with python benchmarks/wheelhouse.py and carry it (carry: ['.whl'])"
             return {"status": "skipped" if self.dry_run else "failed", "detail": reason}
         install = ["-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
                    "--upgrade", "--target", str(self.site)]  # fmt: skip

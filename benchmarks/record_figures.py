@@ -1,18 +1,18 @@
-"""Record the measured output behind the README's figures that no benchmark writes, each into benchmarks/results/.
+"""Record the measured output behind the docs' figures that no benchmark writes, each into benchmarks/results/.
 
-Three figures of the README come from a run or a test rather than from ``bench_loss.py``; each
+Three figures of the docs come from a run or a test rather than from ``bench_loss.py``; each
 command here runs it and writes ``<name>.json`` (the figures, the command, the machine, the
 versions and the code: commit and uncommitted changes) and ``<name>.md`` (the figures as the
-README shows them):
+docs show them):
 
-  default-run   ``dpo-fast train``, the bundled run (README, "The default run"): wall time for
+  default-run   ``dpo-fast train``, the bundled run (docs/training.md, "The default run"): wall time for
                 everything, peak RSS of the process, and its ``metrics.jsonl`` (held-out metrics by
                 step). A fresh reference cache, so the reference pass is timed too. About a minute
                 on 2 quiet cores.
-  memory-test   ``tests/test_memory.py``'s probe (README, "Tests"): the extra memory of one step of
+  memory-test   ``tests/test_memory.py``'s probe (docs/testing.md): the extra memory of one step of
                 4 pairs x 512 tokens, H=256, V=32000, for the naive step and the torch and cpp
                 backends, each in a fresh process. Under a minute.
-  trl-parity    ``tests/test_trl.py`` under pytest (README, "Drop-in for TRL"): the largest relative
+  trl-parity    ``tests/test_trl.py`` under pytest (docs/trl.md, "Parity"): the largest relative
                 differences each test prints between FastDPOTrainer and TRL's DPOTrainer, and
                 whether every test passed. A few minutes.
 
@@ -88,7 +88,7 @@ def _write(out: Path, name: str, record: dict, table: list[str]) -> Path:
 
 
 def eval_table(metrics: list[dict]) -> list[str]:
-    """The held-out metrics by step, as README's "The default run" shows them."""
+    """The held-out metrics by step, as docs/training.md's "The default run" shows them."""
     evals = [line for line in metrics if "eval_loss" in line]
     if not evals:
         return ["(no evaluation in this run)"]

@@ -93,3 +93,41 @@ def test_fp32_triton_without_tf32_is_exact_to_float32():
     got = dpo_fast.token_logps(hidden, weight, labels, backend="triton")
     want = dpo_fast.token_logps(hidden.double(), weight.double(), labels, backend="reference")
     assert rel_err(got, want) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("entry", ["token_logps", "sequence_logps", "dpo", "kto"])
+def test_cuda_autocast_runs_the_head_as_linear_would(backend, entry):
+    """CUDA bf16 autocast with float32 inputs: the call on inputs cast to bf16 outside autocast, float32 grads
+    (the CPU twin, with every entry, is tests/test_user_setups.py)."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    hidden = torch.randn(4, 96, 256, device="cuda", generator=gen)
+    weight = torch.randn(5000, 256, device="cuda", generator=gen) * 0.06
+    labels = torch.randint(0, 5000, (4, 96), device="cuda", generator=gen)
+    labels[:, :40] = -100
+    ref = torch.full((2,), -400.0, device="cuda")
+
+    def run(h, w):
+        if entry == "token_logps":
+            return dpo_fast.token_logps(h, w, labels, backend=backend).sum()
+        if entry == "sequence_logps":
+            return dpo_fast.sequence_logps(h, w, labels, backend=backend).sum()
+        if entry == "dpo":
+            return dpo_fast.fused_linear_dpo_loss(h, w, labels, ref_chosen_logps=ref, ref_rejected_logps=ref,
+                                                  beta=0.01, backend=backend).loss  # fmt: skip
+        desirable = torch.tensor([True, False, True, False], device="cuda")
+        return dpo_fast.fused_linear_kto_loss(h, w, labels, desirable=desirable, ref_logps=torch.cat([ref, ref]),
+                                              kl=0.0, beta=0.01, backend=backend).loss  # fmt: skip
+
+    def value_and_grads(h, w):
+        h, w = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        value = run(h, w)
+        value.backward()
+        return value.detach(), h.grad, w.grad
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        value, grad_hidden, grad_weight = value_and_grads(hidden, weight)
+    expected = value_and_grads(hidden.bfloat16(), weight.bfloat16())
+    assert value.dtype == torch.float32 and grad_hidden.dtype == torch.float32 and grad_weight.dtype == torch.float32
+    assert rel_err(value, expected[0]) <= 1e-6
+    assert rel_err(grad_hidden, expected[1]) <= 1e-6 and rel_err(grad_weight, expected[2]) <= 1e-6

@@ -6,7 +6,7 @@ is the one installed there. The builds run on a copy of the project (tracked and
 not-ignored files), never in this checkout. A planted ``#include`` of a missing header makes a C++
 source fail at once, where a real compile would take a minute.
 
-setup.py's promise (README, "Building the C++/CUDA extension"): a skipped or failed extension never
+setup.py's promise (docs/api.md, "Building the C++/CUDA extension"): a skipped or failed extension never
 fails the install. Issue 12, finding 6: with a CUDA build of torch and nvcc but no GPU (a Docker
 build stage, a login node), torch found no architecture to build for, the CUDA extension failed,
 and the editable install then died copying the module that was never built.

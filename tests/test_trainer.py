@@ -2,7 +2,7 @@
 
 Units first (rows -> tokens -> batches, bad rows, config and flags, the model's fused loss against
 the naive full-logits step), then whole runs: end to end, resume, the reference modes, LoRA.
-Elsewhere: the output folder (test_trainer_output.py), errors, help and README (test_trainer_errors.py),
+Elsewhere: the output folder (test_trainer_output.py), errors, help and the keys table (test_trainer_errors.py),
 several processes (test_trainer_distributed.py).
 """
 

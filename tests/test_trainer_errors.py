@@ -1,6 +1,6 @@
 """The trainer says what is wrong, early and in one line: config types, missing paths, bad files, the CLI.
 
-Also the CLI's ``--help`` and the README's table of keys, both made from ``TrainConfig``.
+Also the CLI's ``--help`` and the table of keys in docs/training.md, both made from ``TrainConfig``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from trainer_helpers import TINY_LLAMA, TOKENIZER, flags, run_values, write_tiny
 import dpo_fast
 from dpo_fast.trainer import TrainConfig, cli, load_config, train
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+TRAINING_DOC = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +212,7 @@ def test_prefix_sharing_refuses_what_it_cannot_share_exactly_in_one_line(files, 
     assert not (tmp_path / "out").exists()
 
 
-# ---------------------------------------------------------------------------------------------- help and README
+# ---------------------------------------------------------------------------------------- help and the keys table
 
 
 def train_help() -> str:
@@ -236,9 +236,9 @@ def test_help_shows_every_default_and_the_choices_from_the_code(monkeypatch):
     assert tuple(cpo_types.split(" | ")) == dpo_fast.CPO_LOSS_TYPES
 
 
-def test_readme_table_of_keys_is_the_code():
-    training = README.read_text().split("## Training", 1)[1].split("\n## ", 1)[0]
-    assert cli.keys_table() in training, (
+def test_the_documented_table_of_keys_is_the_code():
+    keys = TRAINING_DOC.read_text().split("## The keys", 1)[1].split("\n## ", 1)[0]
+    assert cli.keys_table() in keys, (
         "regenerate it: python -c 'from dpo_fast.trainer import cli; print(cli.keys_table())'"
     )
 

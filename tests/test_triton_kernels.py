@@ -14,7 +14,7 @@ import torch
 from helpers import TOLERANCE, device_of, rel_err
 
 from dpo_fast import backends
-from dpo_fast.backends import HeadSpec
+from dpo_fast.backends import Chunk, HeadSpec
 
 DEVICE = device_of("triton")  # CUDA on a machine with a GPU, else CPU (the interpreter)
 if backends.get("triton").unavailable_reason(DEVICE, torch.float32) is not None:
@@ -133,7 +133,7 @@ def _check_against_float64(launches, dtype, shape, with_bias, softcap, tol):
     backend = backends.get("triton")
     for with_metrics in (False, True):
         for keep_logits in (False, True):
-            stats = backend.logits_stats(*inputs, head, with_metrics, keep_logits)
+            stats = backend.logits_stats(Chunk(*inputs, head), with_metrics, keep_logits)
             assert rel_err(stats.logp, expected["logp"]) < tol["values"]
             assert rel_err(stats.max_logit, expected["max_logit"]) < tol["values"]
             if with_metrics:
@@ -142,7 +142,7 @@ def _check_against_float64(launches, dtype, shape, with_bias, softcap, tol):
             if keep_logits:
                 assert stats.logits.shape == (shape[0], shape[2])
             grad_logp_on, grad_entropy_on = _on_device(grad_logp, grad_entropy if with_metrics else None)
-            grad = backend.logits_grad(*inputs, stats, grad_logp_on, grad_entropy_on, head)
+            grad = backend.logits_grad(Chunk(*inputs, head), stats, grad_logp_on, grad_entropy_on)
             assert grad.dtype == dtype and grad.shape == (shape[0], shape[2])
             want = expected_grad if with_metrics else expected_grad_logp_only
             assert rel_err(grad, want) < tol["grads"], (with_metrics, keep_logits)
@@ -186,7 +186,9 @@ def test_float32_precision_read_through_either_torch_api(restore_fp32_precision,
         torch.set_float32_matmul_precision("high")
     assert backends.float32_matmul_precision() == expected
     hidden, weight, bias, rows, targets, head = _problem(5, 24, 40, torch.float32, True, None)
-    stats = backends.get("triton").logits_stats(*_on_device(hidden, weight, bias, rows, targets), head, True, False)
+    stats = backends.get("triton").logits_stats(
+        Chunk(*_on_device(hidden, weight, bias, rows, targets), head), True, False
+    )
     expected_stats, _ = _oracle(hidden, weight, bias, rows, targets, head, torch.zeros(5), torch.zeros(5))
     tol = TOLERANCE[torch.float32 if expected == "ieee" else torch.bfloat16]["values"]
     assert rel_err(stats.logp, expected_stats["logp"]) < tol

@@ -1,4 +1,5 @@
-"""The README's plain-PyTorch recipe, run as written, against the naive full-logits DPO loss."""
+"""The plain-PyTorch recipe of docs/api.md ("In your own training loop"), run as written, against the naive
+full-logits DPO loss."""
 
 import copy
 import re
@@ -10,15 +11,15 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+API_DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
 
 def _recipe() -> str:
-    section = README.read_text().split("## In your own training loop", 1)[1]
+    section = API_DOC.read_text().split("## In your own training loop", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_readme_recipe_equals_the_naive_loss():
+def test_the_documented_recipe_equals_the_naive_loss():
     config = transformers.LlamaConfig(
         vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2,

@@ -64,7 +64,7 @@ def test_dpo_fast_train_with_the_head_split_over_two_processes_matches_one(files
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run(files, tmp_path / "one", **RUN)
+        run(files, tmp_path / "one", reference_cache_dir=str(tmp_path / "one-cache"), **RUN)  # its own reference
     finally:
         torch.set_num_threads(threads)
     expected = logged(tmp_path / "one")
@@ -112,9 +112,11 @@ def _save_model(path: Path) -> None:
     AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA)).save_pretrained(path)
 
 
-def _fast_dpo(model_path: Path, output_dir: Path, **load) -> tuple[list[dict], dict[str, torch.Tensor], dict]:
-    """FastDPOTrainer (SGD) from the saved model, a second copy as reference; its log, full final weights, and what
-    its head was."""
+def _fast_dpo(model_path: Path, output_dir: Path, load: dict | None = None,
+              **options) -> tuple[list[dict], dict[str, torch.Tensor], dict]:  # fmt: skip
+    """FastDPOTrainer (SGD) from the saved model (``from_pretrained(**load)``), a second copy as reference; its log,
+    full final weights, and what its head was. ``options`` go to ``DPOConfig``."""
+    load = load or {}
     from datasets import Dataset
     from torch.distributed.tensor import DTensor
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -128,7 +130,7 @@ def _fast_dpo(model_path: Path, output_dir: Path, **load) -> tuple[list[dict], d
     args = DPOConfig(
         output_dir=str(output_dir), per_device_train_batch_size=PAIRS, max_steps=STEPS, learning_rate=0.1,
         optim="sgd", logging_steps=1, beta=0.5, max_length=32, bf16=False, report_to=[], seed=0, save_strategy="no",
-        disable_tqdm=True, lr_scheduler_type="constant",
+        disable_tqdm=True, lr_scheduler_type="constant", **options,
     )  # fmt: skip
     trainer = FastDPOTrainer(model=model, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=AutoTokenizer.from_pretrained(TOKENIZER))  # fmt: skip
@@ -207,9 +209,13 @@ def _accept_parallelism_config_on_cpu() -> None:
 if __name__ == "__main__":  # one of the 2 processes of accelerate launch
     import torch.distributed as dist
 
+    from dpo_fast.trainer.parallel import setup_cpu_processes
+
+    setup_cpu_processes()  # gloo over the launched processes (docs/distributed.md), before transformers' own setup
     _accept_parallelism_config_on_cpu()
     model_path, out = Path(sys.argv[1]), Path(sys.argv[2])
-    history, full, about = _fast_dpo(model_path, out, tp_plan="auto")
+    configured = {"accelerator_config": {"use_configured_state": True}}
+    history, full, about = _fast_dpo(model_path, out, {"tp_plan": "auto"}, **configured)
     if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         torch.save({"history": history, "weights": full, "about": about}, out / "result.pt")

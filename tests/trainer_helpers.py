@@ -77,8 +77,10 @@ def flags(values: dict) -> list[str]:
 
 
 def cpu_env() -> dict:
-    """The environment of CPU processes: one thread each, gloo through accelerate."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    """The environment of CPU processes: one thread each, no GPU seen (DeepSpeed's CPU accelerator); gloo is set up by
+    ``dpo_fast.trainer.parallel.setup_cpu_processes``, for DDP, FSDP2 and DeepSpeed alike (no ACCELERATE_USE_CPU)."""
+    env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
+    return {**env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
 
 
 def launch(processes: int, launcher_flags: list[str], program: list[str], **kwargs) -> subprocess.CompletedProcess:

@@ -7,13 +7,20 @@
 - ``base/``: for LoRA on a model built from a config ``.json`` (a random init that exists nowhere
   else), the base model and the tokenizer, and ``model/adapter_config.json`` names this folder
   as its ``base_model_name_or_path``;
-- ``optimizer.pt``: full (unsharded) optimizer and scheduler state;
+- ``optimizer.pt``: full (unsharded) optimizer and scheduler state; under DeepSpeed instead
+- ``deepspeed/`` (the engine's own checkpoint, ``engine.save_checkpoint``: each process's partition of the
+  optimizer state and, under ZeRO-3, of the float32 weights) and ``scheduler.pt`` (the schedule);
 - ``rng_state_<rank>.pt``: each process's Python, NumPy and torch generators;
 - ``trainer_state.json``: step, data position (epoch, step within the epoch) and the config.
 
 Model and optimizer state go through ``torch.distributed.checkpoint.state_dict``, which gives
-full state dicts from a plain, DDP or FSDP module alike. ``optimizer.pt`` and the RNG files are
-read with ``torch.load(weights_only=True)``: a checkpoint from elsewhere cannot run code on load.
+full state dicts from a plain, DDP or FSDP module alike. Under DeepSpeed ZeRO the engine saves and
+restores its own partitions (as accelerate's ``save_state`` and transformers' Trainer do), so a resume
+continues from exactly the saved optimizer state; ``model/`` is the consolidated model all the same
+(under ZeRO-3 gathered a module at a time, ``_zero3_consolidated_16bit_state_dict``, in the weights' own
+dtype). ``optimizer.pt``, ``scheduler.pt`` and the RNG files are read with ``torch.load(weights_only=True)``:
+a checkpoint from elsewhere cannot run code on load through them. DeepSpeed reads ``deepspeed/`` with its
+own ``torch.load(weights_only=False)``: resume only from DeepSpeed checkpoints you trust.
 """
 
 from __future__ import annotations
@@ -32,11 +39,13 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from . import parallel
 from .config import TrainConfig
 from .model import built_from_config
 
 _PREFIX = "model."  # DPOModel holds the HF (or PEFT) model as .model
 _PEFT_PREFIX = "base_model.model."  # a PeftModel's names of the transformers model's weights
+_DEEPSPEED_DIR, _DEEPSPEED_TAG = "deepspeed", "state"  # engine.save_checkpoint(<checkpoint>/deepspeed, tag="state")
 # what np.random.get_state() pickles, allowed by torch.load(weights_only=True) (as transformers' Trainer does)
 _NUMPY_CORE = getattr(np, "_core", None) or np.core
 _RNG_GLOBALS = [_NUMPY_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
@@ -50,9 +59,14 @@ def save(accelerator: Accelerator, model, optimizer, scheduler, tokenizer, cfg: 
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    model_state, optim_state = get_state_dict(
-        model, optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
+    deepspeed = parallel.zero_stage(accelerator) is not None
+    if deepspeed:  # every process writes its partitions; the main process gets the consolidated weights
+        model.save_checkpoint(str(partial / _DEEPSPEED_DIR), tag=_DEEPSPEED_TAG, save_latest=False)
+        model_state, optim_state = _deepspeed_model_state(model), None
+    else:
+        model_state, optim_state = get_state_dict(
+            model, optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     if accelerator.is_main_process:
         policy = accelerator.unwrap_model(model).model
         second_names = _second_names_of_tied(policy)
@@ -63,7 +77,10 @@ def save(accelerator: Accelerator, model, optimizer, scheduler, tokenizer, cfg: 
         tokenizer.save_pretrained(partial / "model")
         if hasattr(policy, "peft_config") and built_from_config(cfg):
             _save_lora_base(policy, weights, tokenizer, partial, final)
-        torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict()}, partial / "optimizer.pt")
+        if deepspeed:
+            torch.save({"scheduler": scheduler.state_dict()}, partial / "scheduler.pt")
+        else:
+            torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict()}, partial / "optimizer.pt")
         record = {**state, "config": dataclasses.asdict(cfg)}
         (partial / "trainer_state.json").write_text(json.dumps(record, indent=2))
     torch.save(_rng_state(), partial / f"rng_state_{accelerator.process_index}.pt")
@@ -105,6 +122,25 @@ def trainer_state(path: Path) -> dict:
 def load(path: Path, accelerator: Accelerator, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and this process's RNG from ``path``; returns its trainer state."""
     state = trainer_state(path)
+    saved_by_deepspeed = (path / _DEEPSPEED_DIR).is_dir()
+    if parallel.zero_stage(accelerator) is not None:
+        if not saved_by_deepspeed:
+            raise ValueError(
+                f"checkpoint {str(path)!r} was saved without DeepSpeed: resume it without DeepSpeed, as it was run"
+            )
+        loaded, _ = model.load_checkpoint(
+            str(path / _DEEPSPEED_DIR), tag=_DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if loaded is None:
+            raise ValueError(f"DeepSpeed found no checkpoint in {str(path / _DEEPSPEED_DIR)!r}")
+        scheduler.load_state_dict(_load_plain(path / "scheduler.pt")["scheduler"])
+        _set_rng_state(_load_plain(path / f"rng_state_{accelerator.process_index}.pt"))
+        return state
+    if saved_by_deepspeed:
+        raise ValueError(
+            f"checkpoint {str(path)!r} was saved under DeepSpeed ZeRO (its optimizer state is partitioned): resume it "
+            "under DeepSpeed with the same number of processes"
+        )
     policy = accelerator.unwrap_model(model).model
     weights = {}
     for file in sorted((path / "model").glob("*.safetensors")):
@@ -125,6 +161,17 @@ def load(path: Path, accelerator: Accelerator, model, optimizer, scheduler) -> d
     scheduler.load_state_dict(saved["scheduler"])
     _set_rng_state(_load_plain(path / f"rng_state_{accelerator.process_index}.pt"))
     return state
+
+
+def _deepspeed_model_state(engine) -> dict[str, torch.Tensor] | None:
+    """The full state dict of a DeepSpeed engine's module on the main process (None elsewhere); collective.
+
+    ZeRO-3 partitions the weights: they are gathered a module at a time (a tied weight once, under both names).
+    ZeRO-1 and 2 leave every process the whole module.
+    """
+    if engine.zero_optimization_partition_weights():
+        return engine._zero3_consolidated_16bit_state_dict()
+    return {key: value.detach().cpu() for key, value in engine.module.state_dict().items()}
 
 
 def _load_plain(path: Path):

@@ -1,11 +1,13 @@
 """``dpo-fast train [--config FILE] [--KEY VALUE ...]``: every config key is also a flag.
+``dpo-fast plot RUN_DIR [--out PNG]``: a run's metrics.jsonl drawn to a PNG (``plot.py``).
 
 Flags override the file; without ``--config`` the bundled default runs (a tiny model learning to
 prefer correct string reversals, a few minutes on a laptop CPU). Multi-process runs go through
-``accelerate launch -m dpo_fast.trainer.cli train ...`` (see the README).
+``accelerate launch -m dpo_fast.trainer.cli train ...`` (docs/distributed.md).
 
-A mistake in the config, the flags or the inputs (a ``ValueError`` or an ``OSError``) prints one
-line, ``dpo-fast train: error: ...``, and exits with status 2; ``--debug`` shows the traceback.
+A mistake in the config, the flags or the inputs (a ``ValueError`` or an ``OSError``; for ``plot`` also a
+missing matplotlib) prints one line, ``dpo-fast COMMAND: error: ...``, and exits with status 2; ``--debug``
+shows the traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import dataclasses
 import sys
 
+from . import plot as plot_lib
 from .config import TrainConfig, load_config
 
 _PARSERS = {"str": str, "int": int, "float": float}
@@ -54,11 +57,14 @@ def parser() -> argparse.ArgumentParser:
         base, _, rest = f.type.partition(" | ")
         parse = _nullable(_PARSERS[base]) if rest == "None" else _PARSERS[base]
         train.add_argument(*flags, dest=f.name, type=parse, metavar=base.upper(), help=text)
+    plot_lib.add_arguments(
+        commands.add_parser("plot", help="draw a run's metrics.jsonl to a PNG", description=plot_lib.DESCRIPTION)
+    )
     return top
 
 
 def keys_table() -> str:
-    """The README's table of config keys, from ``TrainConfig`` as ``--help`` shows them (a test keeps the two equal)."""
+    """docs/training.md's table of config keys, from ``TrainConfig`` as ``--help`` shows them (a test keeps them equal)."""
     rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for f in dataclasses.fields(TrainConfig):
         meaning = f.metadata["help"].replace("|", "\\|")
@@ -70,18 +76,21 @@ def keys_table() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(parser().parse_args(argv))
-    args.pop("command")
+    command = args.pop("command")
     debug = args.pop("debug", False)
     try:
+        if command == "plot":
+            plot_lib.run_command(**args)
+            return 0
         cfg = load_config(args.pop("config", None), **args)
         from .loop import train  # heavy imports (transformers, datasets, accelerate) only for a run
 
         train(cfg)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, *((ImportError,) if command == "plot" else ())) as error:
         if debug:
             raise
         message = " ".join(str(error).split()) or type(error).__name__
-        print(f"dpo-fast train: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        print(f"dpo-fast {command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
         return USER_ERROR_STATUS
     return 0
 

@@ -49,8 +49,8 @@ def _default_cache_dir() -> str:
 
 @dataclass
 class TrainConfig:
-    """Every knob of a run. ``help`` in each field's metadata becomes the CLI flag's help and the README's
-    table of keys (``dpo_fast.trainer.cli.keys_table``); ``default`` there, where given, describes the default."""
+    """Every knob of a run. ``help`` in each field's metadata becomes the CLI flag's help and the table of keys
+    in docs/training.md (``dpo_fast.trainer.cli.keys_table``); ``default`` there, where given, describes the default."""
 
     # model
     model: str = field(default="", metadata={"help": "HF model folder, hub name, or a config .json (random init)"})
@@ -96,7 +96,11 @@ class TrainConfig:
         default=None, metadata={"help": "dpo: one weight per loss_type, separated by commas; null: 1 each"}
     )
     label_smoothing: float = field(
-        default=0.0, metadata={"help": "dpo: cDPO / robust label smoothing, EXO's epsilon; cpo: conservative sigmoid"}
+        default=0.0,
+        metadata={
+            "help": "dpo: robust's and aot's label smoothing, EXO's epsilon (as TRL's DPOConfig: sigmoid reads "
+            "none); cpo: conservative sigmoid and simpo"
+        },
     )
     f_divergence_type: str = field(
         default="reverse_kl", metadata={"help": f"dpo: f-DPO's divergence, one of {' | '.join(F_DIVERGENCES)}"}

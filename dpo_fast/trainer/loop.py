@@ -39,6 +39,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         raise ValueError(f"lr_scheduler_type must be one of {' | '.join(k.value for k in SchedulerType)}, "
                          f"got {cfg.lr_scheduler_type!r}")  # fmt: skip
     accelerator = parallel.make_accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+    zero_stage = parallel.zero_stage(accelerator)  # DeepSpeed ZeRO's stage, None without DeepSpeed
+    if zero_stage is not None:  # before the model loads: ZeRO-3 partitions it as it is built (zero.Init)
+        for note in parallel.configure_deepspeed(accelerator, cfg):
+            accelerator.print(note)
     tp = tensor_parallel.TensorParallel.setup(cfg, accelerator)  # None unless tensor_parallel > 1
     data_acc = tensor_parallel.data_view(accelerator, tp)  # the processes as the data sees them
     set_seed(cfg.seed)
@@ -69,8 +73,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
     def sums_of(out: model_lib.StepOutput) -> torch.Tensor:
         """(num_sums,) float64: the pair metrics summed over the batch's pairs, the pair count, the token sums."""
-        pair_sums = objective_lib.pair_sums(objective, out.dpo)
-        return torch.cat([pair_sums, out.token_sums.to(pair_sums)])
+        return torch.cat([out.pair_sums, out.token_sums.to(out.pair_sums)])
 
     def means(sums: torch.Tensor) -> dict[str, float]:
         """The pair metrics (means over pairs) and the token metrics (means over completion tokens) of summed sums."""
@@ -80,20 +83,31 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
     if cfg.prefix_sharing:
         model_lib.check_prefix_sharing(model.hf_model, accelerator.device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-         {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}],
-        lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-    )  # fmt: skip
+        _param_groups(model, cfg.weight_decay),
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+    )
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, total_steps)
-    frozen = reference.frozen_copy(model) if cfg.reference_mode == "model" else None
+    frozen = None
+    if cfg.reference_mode == "model":
+
+        def rebuild() -> model_lib.DPOModel:  # ZeRO-3's copy: built as the policy was, the run's generators untouched
+            with torch.random.fork_rng():
+                return model_lib.DPOModel(model_lib.load_model(cfg), cfg)
+
+        frozen = reference.frozen_copy(model, rebuild)
+    policy = model.hf_model
+    # under ZeRO-3 the head's weight, read (not called) in the wrapped module's forward, is gathered there by
+    # DeepSpeed (an "external parameter" of that module) and again before its backward: the forward returns a
+    # ModelOutput (model.StepOutput), whose loss DeepSpeed's hooks see
     if tp is None:
         model, optimizer = accelerator.prepare(model, optimizer)
-        accelerator.print(parallel.describe(accelerator, model))
+        accelerator.print(parallel.describe(accelerator, model, policy))
     else:
         model, optimizer = tp.prepare(accelerator, model, optimizer)
-        accelerator.print(tp.describe(accelerator, accelerator.unwrap_model(model).hf_model))
+        accelerator.print(tp.describe(accelerator, policy))
 
     # the reference is taken from the initial weights, before any checkpoint is loaded
     ref_logps = reference.build(cfg, model, data_acc, splits, tokenizer.pad_token_id, frozen)
@@ -159,26 +173,38 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             ref = ref_logps("train", rows, batch)
             kl = kl_of("train", rows)
             last_micro = micro == cfg.gradient_accumulation_steps - 1
-            with nullcontext() if last_micro else accelerator.no_sync(model):
+            if zero_stage is not None:
+                # the engine scales the loss by its accumulation steps (the run's), and at the last micro-batch
+                # reduces the gradients, clips them (max_grad_norm), steps the optimizer and zeroes the gradients
                 out = model(**batch, ref_logps=ref, kl=kl)
-                accelerator.backward(out.loss / cfg.gradient_accumulation_steps)
+                model.set_gradient_accumulation_boundary(last_micro)
+                model.backward(out.loss)
+                model.step()
+            else:
+                with nullcontext() if last_micro else accelerator.no_sync(model):
+                    out = model(**batch, ref_logps=ref, kl=kl)
+                    accelerator.backward(out.loss / cfg.gradient_accumulation_steps)
             window += sums_of(out)
         clip = cfg.max_grad_norm > 0
-        clip_grad_norm_ = accelerator.clip_grad_norm_ if tp is None else tp.clip_grad_norm_
-        grad_norm = clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if clip else None
+        if zero_stage is not None:
+            grad_norm = model.get_global_grad_norm() if clip else None  # the norm before clipping, as below
+        else:
+            clip_grad_norm_ = accelerator.clip_grad_norm_ if tp is None else tp.clip_grad_norm_
+            grad_norm = clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if clip else None
         if isinstance(grad_norm, DTensor):  # FSDP2
             grad_norm = grad_norm.full_tensor()
         learning_rate = scheduler.get_last_lr()[0]
-        optimizer.step()
+        if zero_stage is None:  # DeepSpeed's engine stepped at the last micro-batch
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         done = step + 1
         progress.update(1)
 
         if done % cfg.logging_steps == 0 or done == total_steps:
             last = means(data_acc.reduce(window, "sum"))
             window.zero_()
-            extra = {} if grad_norm is None else {"grad_norm": grad_norm.item()}
+            extra = {} if grad_norm is None else {"grad_norm": float(grad_norm)}  # DeepSpeed's is a float
             log({"step": done, "epoch": done / steps_per_epoch, "learning_rate": learning_rate, **extra, **last})
             accuracy = {"acc": f"{last['rewards/accuracies']:.2f}"} if "rewards/accuracies" in last else {}
             progress.set_postfix(loss=f"{last['loss']:.4f}", **accuracy)
@@ -191,6 +217,20 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     accelerator.print(json.dumps(last, indent=2))
     accelerator.end_training()
     return last
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's parameter groups: weight decay on the trainable matrices, none on the vectors; no empty group.
+
+    A parameter's dimensions are its full shape's: under ZeRO-3 each is a 1-D placeholder of its partition
+    (``ds_shape`` holds the shape), and an empty group would leave DeepSpeed's optimizer with fewer groups than the
+    schedule.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    matrices = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    vectors = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) < 2]
+    groups = [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 def _tokenized(key: str, source: str, split: str, tokenizer, cfg: TrainConfig):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import ModelOutput
 
 from .. import core, objectives, outputs
 from ..head import LMHead
@@ -101,23 +102,24 @@ def check_prefix_sharing(model: PreTrainedModel, device: torch.device) -> None:
 
 
 @dataclass
-class StepOutput:
-    """One policy forward: the fused loss and TRL's statistics.
+class StepOutput(ModelOutput):
+    """One policy forward: the fused loss and TRL's statistics, tensors only.
+
+    A ``ModelOutput`` (a dict) with the loss at its top level: DeepSpeed ZeRO-3 finds the tensors a module returns
+    and hooks the parameters it gathered for the forward to be gathered again before the backward.
 
     Attributes:
-        dpo: the ``DPOOutput`` of the objective's fused loss (``fused_linear_dpo_loss``, ``..._cpo_loss`` or
-            ``..._orpo_loss``: loss, log-probs, rewards, ``nll_loss``), or KTO's ``KTOOutput`` (2P completions, the P
-            chosen first).
+        loss: () the objective's fused loss (``fused_linear_dpo_loss``, ``..._cpo_loss``, ``..._orpo_loss`` or
+            ``..._kto_loss``; KTO: 2P completions, the P chosen first), differentiable.
+        pair_sums: float64 TRL's pair metrics of the objective summed over the pairs, then the pair count
+            (``objective.pair_sums``), detached.
         token_sums: (8,) float64 sums and counts behind TRL's per-token metrics (``hf.token_metric_sums``),
             from the same pass.
     """
 
-    dpo: outputs.DPOOutput | outputs.KTOOutput
-    token_sums: torch.Tensor
-
-    @property
-    def loss(self) -> torch.Tensor:
-        return self.dpo.loss
+    loss: torch.Tensor | None = None
+    pair_sums: torch.Tensor | None = None
+    token_sums: torch.Tensor | None = None
 
 
 class DPOModel(torch.nn.Module):
@@ -213,7 +215,8 @@ class DPOModel(torch.nn.Module):
                 objectives.reported_logps(objective, ref, result.counts) if objective.needs.reference else None
             )
             out = outputs.pair_output(objective, result, reported_ref)
-        return StepOutput(out, hf.token_metric_sums(result.token_metrics, rows))
+        pair_sums = objective_lib.pair_sums(objective, out)
+        return StepOutput(out.loss, pair_sums, hf.token_metric_sums(result.token_metrics, rows).to(pair_sums))
 
 
 def _next_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

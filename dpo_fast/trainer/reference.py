@@ -1,8 +1,9 @@
 """Reference log-probs, four ways (``cfg.reference_mode``), as the objective's sums (``DPOModel._reference_logps``):
 
 - ``precompute`` (default): one no-grad pass of the initial policy over the train and eval rows
-  before training, cached on disk under a key of the model's source and the tokenized data; the
-  reference model need not stay in memory, and a rerun (or a resume) reads the cache.
+  before training, cached on disk under a key of the initial policy's weights (a hash of their bytes,
+  ``weights_digest``), its config and the tokenized data; the reference model need not stay in memory,
+  and a rerun (or a resume) reads the cache.
 - ``model``: a frozen copy of the initial policy, run beside it on every batch.
 - ``adapters``: a LoRA policy with its adapters disabled, i.e. the base model.
 - ``none``: reference-free DPO (reference log-probs 0), and the objectives that read no reference.
@@ -24,6 +25,7 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast, broadcast_object_list
+from torch.distributed.tensor import DTensor
 
 from . import data
 from . import objective as objective_lib
@@ -32,10 +34,22 @@ from .config import TrainConfig
 RefLogps = Callable[[str, list[int], dict], torch.Tensor]
 
 
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+def frozen_copy(model: torch.nn.Module, rebuild: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """A no-grad, eval-mode copy of the policy for ``reference: model``, made before ``accelerator.prepare``
-    (an FSDP-sharded module cannot be deep-copied)."""
-    return copy.deepcopy(model).requires_grad_(False).eval()
+    (an FSDP-sharded module cannot be deep-copied).
+
+    A model that DeepSpeed ZeRO-3 partitioned as it was built (transformers' ``zero.Init``) cannot be deep-copied
+    either: ``rebuild()`` builds another one the same way (partitioned alike), and each process copies its own
+    partition of every parameter into it; ``build`` checks that its weights are the policy's.
+    """
+    if not any(hasattr(param, "ds_id") for param in model.parameters()):
+        return copy.deepcopy(model).requires_grad_(False).eval()
+    copied = rebuild()
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, param in copied.named_parameters():
+            param.ds_tensor.copy_(own[name].ds_tensor)
+    return copied.requires_grad_(False).eval()
 
 
 def build(cfg: TrainConfig, model, accelerator: Accelerator, splits: dict[str, datasets.Dataset], pad_id: int,
@@ -61,20 +75,39 @@ def build(cfg: TrainConfig, model, accelerator: Accelerator, splits: dict[str, d
     if cfg.reference_mode == "model":
         if frozen is None:
             raise ValueError("reference='model' needs the frozen copy of the policy made before prepare")
-        frozen = accelerator.prepare_model(frozen, evaluation_mode=True)
+        if any(hasattr(param, "ds_id") for param in frozen.parameters()):  # ZeRO-3: partitioned, like the policy
+            frozen = _zero3_inference_engine(frozen, accelerator)
+            if weights_digest(frozen, accelerator) != weights_digest(model, accelerator):
+                raise ValueError("the reference copy's weights differ from the policy's initial weights")
+        else:
+            frozen = accelerator.prepare_model(frozen, evaluation_mode=True)
 
         def frozen_model(split, rows, batch):
             with torch.no_grad():
                 return frozen(**batch)
 
         return frozen_model
-    tables = {split: _cached_table(cfg, model, accelerator, rows, split, pad_id) for split, rows in splits.items()}
+    digest = weights_digest(model, accelerator)
+    tables = {
+        split: _cached_table(cfg, model, accelerator, rows, split, pad_id, digest) for split, rows in splits.items()
+    }
 
     def precomputed(split, rows, batch):
         table = tables[split][rows]  # (P, 2): chosen, rejected
         return torch.cat([table[:, 0], table[:, 1]]).to(accelerator.device)
 
     return precomputed
+
+
+def _zero3_inference_engine(frozen: torch.nn.Module, accelerator: Accelerator):
+    """A DeepSpeed ZeRO-3 engine around the partitioned ``frozen`` copy, without an optimizer (as TRL prepares its
+    reference model): its forward gathers each module's parameters as the policy's does."""
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    engine, *_ = deepspeed.initialize(model=frozen, config=config)
+    engine.eval()
+    return engine
 
 
 def compute_table(model, accelerator: Accelerator, rows: datasets.Dataset, batch_size: int, padding_free: bool,
@@ -100,9 +133,50 @@ def compute_table(model, accelerator: Accelerator, rows: datasets.Dataset, batch
     return accelerator.reduce(table, reduction="sum").cpu()
 
 
-def _cached_table(cfg, model, accelerator, rows, split, pad_id) -> torch.Tensor:
-    revision = getattr(accelerator.unwrap_model(model).hf_model.config, "_commit_hash", None)
-    path = Path(cfg.reference_cache_dir) / f"{_cache_key(cfg, rows, revision)}.pt"
+def weights_digest(model, accelerator: Accelerator) -> str:
+    """sha256 of what the reference computes with: the prepared policy's weights (names, dtypes, shapes and bytes,
+    LoRA adapters left out: they start as the identity) and its config; the same on every process. Collective.
+
+    Sharded weights are made whole one tensor at a time: FSDP2's DTensors by ``full_tensor``, ZeRO-3's partitions by
+    ``deepspeed.zero.GatheredParameters``; the main process hashes them.
+    """
+    policy = accelerator.unwrap_model(model).hf_model
+    config = {key: value for key, value in policy.config.to_dict().items()
+              if not key.startswith("_") and key != "transformers_version"}  # fmt: skip
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, param in policy.named_parameters():
+        if "lora_" in name:
+            continue
+        with _whole(param) as whole:
+            if accelerator.is_main_process:
+                digest.update(f"{name} {whole.dtype} {tuple(whole.shape)}".encode())
+                digest.update(memoryview(whole.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return broadcast_object_list([digest.hexdigest() if accelerator.is_main_process else None])[0]
+
+
+class _whole:
+    """``with _whole(param) as tensor``: the whole tensor of a parameter, gathered where it is sharded (collective)."""
+
+    def __init__(self, param: torch.nn.Parameter):
+        self.param, self.gathered = param, None
+
+    def __enter__(self) -> torch.Tensor:
+        if isinstance(self.param, DTensor):
+            return self.param.full_tensor()
+        if hasattr(self.param, "ds_id"):  # ZeRO-3
+            import deepspeed
+
+            self.gathered = deepspeed.zero.GatheredParameters([self.param])
+            self.gathered.__enter__()
+        return self.param
+
+    def __exit__(self, *exc) -> None:
+        if self.gathered is not None:
+            self.gathered.__exit__(*exc)
+
+
+def _cached_table(cfg, model, accelerator, rows, split, pad_id, digest: str) -> torch.Tensor:
+    path = Path(cfg.reference_cache_dir) / f"{_cache_key(cfg, rows, digest)}.pt"
     hit = broadcast_object_list([path.is_file()])[0]  # the main process decides, so all take the same branch
     if hit:
         table = torch.load(path, weights_only=True) if accelerator.is_main_process else torch.zeros(len(rows), 2)
@@ -118,24 +192,15 @@ def _cached_table(cfg, model, accelerator, rows, split, pad_id) -> torch.Tensor:
     return table
 
 
-def _cache_key(cfg: TrainConfig, rows: datasets.Dataset, revision: str | None) -> str:
-    """sha256 of the reference model's source, what changes its numbers, and the tokenized rows.
+def _cache_key(cfg: TrainConfig, rows: datasets.Dataset, weights: str | None) -> str:
+    """sha256 of the reference's weights, what changes its numbers, and the tokenized rows.
 
-    A folder is known by its files' names, sizes and modification times; a hub model by its name
-    and the revision it was loaded at; a config file by its bytes and the seed of the
-    random init. LoRA adapters start as the identity, so they do not enter the key.
+    Args:
+        weights: ``weights_digest`` of the initial policy: the weights themselves, not where they came from (a
+            config file's random init differs under ZeRO-3's partitioned init, a folder's files can change in place).
     """
-    source = Path(cfg.model)
-    if source.is_file():
-        model_id = {"config": hashlib.sha256(source.read_bytes()).hexdigest(), "seed": cfg.seed,
-                    "torch": torch.__version__}  # fmt: skip
-    elif source.is_dir():
-        files = sorted(f for f in source.iterdir() if f.is_file())
-        model_id = {"folder": str(source.resolve()), "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns)
-                                                                 for f in files]}  # fmt: skip
-    else:
-        model_id = {"hub": cfg.model, "revision": revision}
-    built = objective_lib.build(cfg)  # the log-probs are sums, weighted by LD-DPO's ld_alpha
+    model_id = {"weights": weights}
+    built = objective_lib.build(cfg)  # the log-probs are the objective's sums, weighted by LD-DPO's ld_alpha
     options = {"dtype": cfg.dtype, "bf16": cfg.bf16, "units": "sums"}
     if built.ld_alpha is not None:
         options["ld_alpha"] = built.ld_alpha

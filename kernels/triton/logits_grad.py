@@ -19,6 +19,7 @@ dtype; the two products ``dL/dx @ W`` and ``dL/dx^T @ h`` run as matmuls on that
 """
 
 import torch
+
 import triton
 import triton.language as tl
 

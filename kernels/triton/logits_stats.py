@@ -29,6 +29,7 @@ buffer exists otherwise.
 """
 
 import torch
+
 import triton
 import triton.language as tl
 
