@@ -292,6 +292,14 @@ def case_masked_shard(ctx, vocab):
     return _run(ctx, _dpo_fn(ctx, batch), batch)
 
 
+def case_frozen_head(ctx, vocab):
+    """A frozen head (LoRA): only dL/dh, summed over the group, from the fused pass."""
+    batch = _batch(vocab, 18, softcap=2.0)
+    fn = _dpo_fn(ctx, batch, softcap=2.0, scratch_mib=0.002)
+    return _run(ctx, lambda hidden, weight, bias: fn(hidden, weight.detach(), bias.detach()), batch,
+                grads_of=("hidden",))  # fmt: skip
+
+
 def _dpo_fn(ctx, batch, **options):
     def fn(hidden, weight, bias):
         out = dpo_fast.fused_linear_dpo_loss(
@@ -415,6 +423,7 @@ CASES = {
     "kto": case_kto,
     "module": case_module,
     "masked_shard": case_masked_shard,
+    "frozen_head": case_frozen_head,
     "bf16": case_bf16,
     "zero_rows": case_zero_rows,
     "replicated_hidden": case_replicated_hidden,
