@@ -168,7 +168,9 @@ def preference_loss(
     ref = None if ref_sums is None else ref_sums.detach().double()
     needs = GradsNeeded(*(t is not None and t.requires_grad and torch.is_grad_enabled()
                           for t in (hidden, head.weight, head.bias)))  # fmt: skip
-    fused = (name != "reference" if grads_in_forward is None else grads_in_forward) and any(vars(needs).values())
+    fused = (name != "reference" if grads_in_forward is None else grads_in_forward) and any(
+        (needs.hidden, needs.weight, needs.bias)
+    )
     shard = head.shard
     hidden, weight, bias = _flat_operands(hidden, head)
     with autocast_off(hidden):
