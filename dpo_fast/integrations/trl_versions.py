@@ -16,7 +16,8 @@ from importlib import metadata
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-SUPPORTED_TRL = SpecifierSet(">=1.14.1,<1.17")
+SUPPORTED_TRL_SPEC = ">=1.14.1,<1.17"  # as pyproject.toml writes it
+SUPPORTED_TRL = SpecifierSet(SUPPORTED_TRL_SPEC)
 # the releases the parity tests have run on (docs/trl.md, "Versions")
 TESTED_TRL = ("1.14.1", "1.15.0", "1.16.0")
 ALLOW_UNTESTED = "DPO_FAST_ALLOW_UNTESTED_TRL"
@@ -42,8 +43,8 @@ def check_trl_version(who: str) -> None:
     if Version(installed) in SUPPORTED_TRL:
         return
     message = (
-        f"{who} is tested with TRL {SUPPORTED_TRL} (releases {', '.join(TESTED_TRL)}), but TRL {installed} is "
-        f"installed: install a supported TRL (pip install 'trl{SUPPORTED_TRL}'), or set {ALLOW_UNTESTED}=1 to run "
+        f"{who} is tested with TRL {SUPPORTED_TRL_SPEC} (releases {', '.join(TESTED_TRL)}), but TRL {installed} is "
+        f"installed: install a supported TRL (pip install 'trl{SUPPORTED_TRL_SPEC}'), or set {ALLOW_UNTESTED}=1 to run "
         "on this one untested (its DPOTrainer/KTOTrainer may compute a loss dpo_fast does not reproduce)"
     )
     if os.environ.get(ALLOW_UNTESTED, "").strip().lower() in ("1", "true", "yes", "on"):
