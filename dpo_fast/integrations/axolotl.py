@@ -26,11 +26,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from axolotl.integrations.base import BasePlugin
+from axolotl.utils.logging import get_logger
 from pydantic import BaseModel
 
 from .kto import KTOFastMixin
 from .trl import DPOFastMixin
 
+LOG = get_logger("axolotl.integrations.dpo_fast")  # under axolotl's name: its logging shows it as its own
 PAIRED = ("dpo", "ipo")
 RL_TYPES = (*PAIRED, "kto")
 
@@ -130,3 +132,5 @@ class DPOFastPlugin(BasePlugin):
                 f"DPOFastPlugin: axolotl built {type(trainer).__name__}, not the plugin's trainer: another plugin "
                 "returned a trainer class first (axolotl takes the first); list dpo_fast's plugin first"
             )
+        LOG.info(f"DPOFastPlugin: {type(trainer).__name__} trains with dpo_fast's LM head and loss "
+                 f"(backend {trainer._backend!r})")  # fmt: skip

@@ -33,6 +33,10 @@ TINY_LLAMA = {
 }  # fmt: skip
 
 
+# the keys axolotl requires for an rl beyond the template's (its config validation refuses KTO without this one)
+RL_KEYS = {"dpo": {}, "kto": {"remove_unused_columns": False}}
+
+
 def build_model(folder: str | Path, seed: int = 0) -> Path:
     """Save a randomly initialized ``TINY_LLAMA`` (seeded by ``seed``) and the tokenizer into ``folder``; gives it."""
     import torch

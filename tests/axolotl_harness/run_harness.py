@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     plugins = args.plugin if args.plugin is not None else [PROBE]
     runs = []
     for name, listed in [("plain", [])] + [(plugin, [plugin]) for plugin in plugins]:
-        config = fixtures.render_config(model_dir, data, work / name, plugins=listed, max_steps=args.steps, rl=args.rl)
+        config = fixtures.render_config(model_dir, data, work / name, plugins=listed, max_steps=args.steps, rl=args.rl,
+                                        **fixtures.RL_KEYS[args.rl])  # fmt: skip
         print(f"running axolotl: {name} ...", flush=True)
         runs.append(run_axolotl(name, config, work))
     failures = [f"{r['name']}: axolotl exited {r['returncode']} (see {r['log']})" for r in runs if r["returncode"]]
