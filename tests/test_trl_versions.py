@@ -31,6 +31,19 @@ def test_pyproject_declares_the_range_the_code_checks():
     assert all(version in trl_versions.SUPPORTED_TRL for version in trl_versions.TESTED_TRL)
 
 
+def test_ci_tests_the_declared_minimum_and_a_release_in_range_on_the_gpu_stack():
+    """CI's third job pins the range's floor (.ci/trl-oldest.txt); the GPU machine's stack (.ci/gpu-stack.txt) a
+    release inside it: declared is tested."""
+
+    def pins(name: str) -> dict:
+        lines = (ROOT / ".ci" / name).read_text().split()
+        return dict(line.split("==") for line in lines if "==" in line)
+
+    floor = trl_versions.SUPPORTED_TRL_SPEC.split(",")[0]
+    assert floor == f">={pins('trl-oldest.txt')['trl']}" and pins("trl-oldest.txt")["trl"] in trl_versions.TESTED_TRL
+    assert pins("gpu-stack.txt")["trl"] in trl_versions.SUPPORTED_TRL
+
+
 def test_the_installed_trl_is_supported():
     """The suite runs on a TRL the range holds (CI: 1.16 in job 1, 1.14.1 in job 3)."""
     trl_versions.check_trl_version("FastDPOTrainer")
