@@ -1,8 +1,9 @@
-"""The axolotl harness (tests/axolotl_harness/): its config and data, and, where axolotl is installed, a real run of it.
+"""The axolotl harness (tests/axolotl_harness/): its config and data, and, where axolotl is installed, real runs of it.
 
-The config and data tests run anywhere (no axolotl needed). The end-to-end test runs plain axolotl and the
-hook-probe plugin (``run_harness.py``, about 4 minutes on 2 cores) and needs axolotl >= 0.20, Python 3.12:
-docs/axolotl-harness.md says how to make that venv; elsewhere it skips.
+The config and data tests run anywhere (no axolotl needed). The end-to-end tests (marked slow) need axolotl >= 0.20,
+Python 3.12 (docs/trl.md, "axolotl", says how to make that venv; elsewhere they skip): plain axolotl against the
+hook-probe plugin (identical runs), and against dpo_fast's ``DPOFastPlugin`` for ``rl: dpo`` and ``rl: kto`` (the
+loss per step and the weight update within 1e-4), each pair of runs a few minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def test_the_data_are_the_bundled_pairs_in_chatml_intel_fields(tmp_path):
     ]
     with pytest.raises(ValueError, match="fewer than"):
         fixtures.intel_rows(10**6)
+    kto = [json.loads(line) for line in fixtures.build_data(tmp_path / "kto.jsonl", rows=5, rl="kto").read_text()
+           .splitlines()]  # fmt: skip
+    assert [(r["question"], r["completion"], r["label"]) for r in kto] == [
+        (b["prompt"], b["chosen"] if i % 2 == 0 else b["rejected"], i % 2 == 0) for i, b in enumerate(bundled)
+    ]
 
 
 def test_the_tiny_model_saves_and_loads_offline_with_its_tokenizer(tmp_path):
@@ -73,3 +79,24 @@ def test_plain_axolotl_and_the_hook_probe_train_identically(tmp_path):
     assert sorted(plain["losses"]) == ["1", "2", "3"] and plain["update_norm"] > 0
     assert probe["vs_plain"]["loss_max_rel"] == probe["vs_plain"]["update_max_rel"] == 0.0
     assert "[hook-probe] post_trainer_create AxolotlDPOTrainer" in done.stdout
+
+
+PLUGIN = "dpo_fast.integrations.axolotl.DPOFastPlugin"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rl", ["dpo", "kto"])
+def test_the_dpo_fast_plugin_trains_as_plain_axolotl_does(rl, tmp_path):
+    """axolotl with ``plugins: [DPOFastPlugin]``: the same loss at every step and the same update as without it, within
+    1e-4 (float32 rounding apart), and the loss is dpo_fast's (the plugin's trainer class ran)."""
+    pytest.importorskip("axolotl.integrations.base")
+    done = subprocess.run([sys.executable, str(HARNESS / "run_harness.py"), "--work", str(tmp_path), "--steps", "3",
+                           "--rows", "24", "--rl", rl, "--plugin", PLUGIN, "--tolerance", "1e-4"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    plain, fast = summary["runs"]
+    assert sorted(plain["losses"]) == ["1", "2", "3"] and plain["update_norm"] > 0
+    assert max(fast["vs_plain"]["loss_max_rel"], fast["vs_plain"]["update_max_rel"]) <= 1e-4
+    trainer_class = "DPOFastAxolotlDPOTrainer" if rl == "dpo" else "DPOFastAxolotlKTOTrainer"
+    assert trainer_class in (tmp_path / PLUGIN / "axolotl.log").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,7 @@ from trainer_helpers import run, write_tiny_files  # noqa: E402
 from dpo_fast.trainer import cli, plot  # noqa: E402
 
 TITLES = ["loss", "reward accuracy", "reward margin"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +144,18 @@ def test_without_matplotlib_the_error_names_the_install(runs, monkeypatch, capsy
     assert status == 2 and "pip install matplotlib" in line
     with pytest.raises(ModuleNotFoundError, match="pip install matplotlib"):
         plot.figure(plot.read_records(runs["dpo"] / "metrics.jsonl"))
+
+
+def test_the_default_runs_recorded_metrics_plot_with_its_eval_figures(tmp_path, capsys):
+    """The bundled default run's metrics.jsonl, as benchmarks/results/default-run.json recorded it (400 steps, eval
+    every 100): the CLI draws it, and each panel's eval curve is the recorded eval metrics at steps 100 to 400."""
+    recorded = json.loads((ROOT / "benchmarks" / "results" / "default-run.json").read_text())["metrics"]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in recorded))
+    assert cli.main(["plot", str(tmp_path), "--out", str(tmp_path / "default-run.png")]) == 0
+    assert (tmp_path / "default-run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = plot.figure(plot.read_records(tmp_path / "metrics.jsonl"))
+    evals = [record for record in recorded if "eval_loss" in record]
+    assert [record["step"] for record in evals] == [100, 200, 300, 400]
+    for ax, (key, _) in zip(fig.axes, plot.PANELS):
+        assert lines_of(ax)["eval"] == ([100, 200, 300, 400], [record["eval_" + key] for record in evals]), key
+        assert len(lines_of(ax)["train"][0]) == sum("loss" in record for record in recorded)

@@ -1,4 +1,5 @@
-"""``FastKTOTrainer``: TRL's ``KTOTrainer`` with dpo_fast computing the log-probs and the loss.
+"""``FastKTOTrainer``: TRL's ``KTOTrainer`` with dpo_fast computing the log-probs and the loss; ``KTOFastMixin``,
+the same over any ``KTOTrainer`` subclass (``class MyTrainer(KTOFastMixin, FrameworkKTOTrainer)``).
 
 Change one import, keep the ``KTOConfig``::
 
@@ -12,7 +13,7 @@ loss and LM-head gradients come from ``dpo_fast.fused_linear_kto_loss`` on its l
 the model's forward (``dpo_fast.integrations.hf``); the reference's log-probs, and both models' log-probs of
 the mismatched pairs (TRL's KL estimate, forward only), from ``sequence_logps``: never the ``N x V`` logits.
 
-Tested with TRL 1.16 (the ``trl`` extra pins the range): ``loss_type`` ``kto`` and ``apo_zero_unpaired``,
+Tested with TRL 1.14.1 to 1.16 (``trl_versions.SUPPORTED_TRL``; outside it the constructor raises): ``loss_type`` ``kto`` and ``apo_zero_unpaired``,
 ``desirable_weight``, ``undesirable_weight``, ``precompute_ref_log_probs``, PEFT, ``sync_ref_model``, a MoE
 policy's ``router_aux_loss_coef``; the logged metrics are TRL's, under TRL's names.
 """
@@ -30,9 +31,11 @@ from .. import core, objectives, outputs, validate
 from ..head import LMHead
 from ..layout import IGNORE_INDEX
 from .hf import HeadRows
+from .mixins import check_mixin_order, config_argument
 from .trl_heads import ReferenceHead, full_logits_outputs, install_head, reference_context, run_policy
+from .trl_versions import check_trl_version
 
-# batch keys that are not the model's inputs (TRL 1.16's KTOTrainer)
+# batch keys that are not the model's inputs (TRL's KTOTrainer)
 _NON_MODEL_KEYS = {"completion_mask", "KL_input_ids", "KL_attention_mask", "KL_completion_mask", "KL_token_type_ids",
                    "KL_mm_token_type_ids", "label", "ref_logps", "ref_KL_logps"}  # fmt: skip
 _NON_KL_MODEL_KEYS = {"input_ids", "attention_mask", "completion_mask", "KL_completion_mask", "KL_token_type_ids",
@@ -40,7 +43,7 @@ _NON_KL_MODEL_KEYS = {"input_ids", "attention_mask", "completion_mask", "KL_comp
 
 
 def kto_objective(args: KTOConfig) -> objectives.KTOObjective:
-    """The objective of a ``KTOConfig`` (TRL 1.16's names), or a ``ValueError`` naming the option it cannot take."""
+    """The objective of a ``KTOConfig`` (TRL's names), or a ``ValueError`` naming the option it cannot take."""
     return objectives.KTOObjective(
         beta=args.beta, loss_type=args.loss_type, desirable_weight=args.desirable_weight,
         undesirable_weight=args.undesirable_weight,
@@ -68,7 +71,7 @@ class KTOPolicyOutput(ModelOutput):
 
 
 def kto_token_sums(metrics, rows: HeadRows, desirable: torch.Tensor) -> torch.Tensor:
-    """(6,) float64: TRL 1.16's KTO token metrics as (sum, count) pairs: the entropy over every completion token,
+    """(6,) float64: TRL's KTO token metrics as (sum, count) pairs: the entropy over every completion token,
     the mean logit over the desirable and over the undesirable completions' tokens.
 
     Args:
@@ -124,23 +127,36 @@ class KTOPolicyHead:
         )  # fmt: skip
 
 
-class FastKTOTrainer(KTOTrainer):
-    """TRL's ``KTOTrainer`` with the log-probs and the loss from dpo_fast; same arguments, same logs.
+class KTOFastMixin:
+    """dpo_fast's LM head and loss for any ``trl.KTOTrainer`` subclass: put it first among the bases,
+    ``class MyTrainer(KTOFastMixin, SomeKTOTrainer)``; the subclass keeps its own behaviour, and the log-probs, the KL
+    estimate's log-probs and the loss become dpo_fast's, with TRL's semantics and metric names. Like
+    ``trl.DPOFastMixin`` it hooks the model's forward, ``compute_loss`` and ``compute_ref_log_probs`` only.
 
-    Args (besides ``KTOTrainer``'s):
+    Takes (besides the trainer's own arguments, passed on unchanged):
         token_metrics: log TRL's per-token diagnostics (``entropy``, ``logits/chosen``, ``logits/rejected``),
             formed in the fused pass that forms the log-probs; ``False`` skips them.
         backend: dpo_fast's backend ("auto": Triton on CUDA, the C++ kernel on CPU once built, else chunked PyTorch).
+
+    Raises at construction: ``TypeError`` when the class is not a ``KTOTrainer`` with the mixin before it in the
+    method resolution order; ``trl_versions.UnsupportedTRLVersion`` outside the tested TRL releases; ``ValueError``
+    for a bad weight or ``beta``.
     """
 
-    def __init__(self, model, ref_model=None, args: KTOConfig | None = None, *trainer_args,
-                 token_metrics: bool = True, backend: str = "auto", **trainer_kwargs):  # fmt: skip
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        check_mixin_order(cls, KTOFastMixin, KTOTrainer, defining=True)
+
+    def __init__(self, *trainer_args, token_metrics: bool = True, backend: str = "auto", **trainer_kwargs):
+        check_mixin_order(type(self), KTOFastMixin, KTOTrainer)
+        check_trl_version(type(self).__name__)
         validate.check_backend(backend)
         validate.check_flag("token_metrics", token_metrics)
+        args = config_argument(trainer_args, trainer_kwargs)
         if args is not None:
             kto_objective(args)  # refuse before TRL loads, tokenizes or precomputes anything
         self._token_metrics, self._backend = token_metrics, backend
-        super().__init__(model, ref_model, args, *trainer_args, **trainer_kwargs)
+        super().__init__(*trainer_args, **trainer_kwargs)
         self._objective = kto_objective(self.args)
         for module in (self.model, self.ref_model):
             if module is not None:
@@ -213,7 +229,7 @@ class FastKTOTrainer(KTOTrainer):
 
     def _record_metrics(self, mode: str, batch: dict, desirable: torch.Tensor, kl: torch.Tensor,
                         outputs: KTOPolicyOutput) -> None:  # fmt: skip
-        """Append this step's metrics under TRL 1.16's names, gathered across processes as TRL gathers them."""
+        """Append this step's metrics under TRL's names, gathered across processes as TRL gathers them."""
         metrics, gather = self._metrics[mode], self.accelerator.gather_for_metrics
         metrics["kl"].append(kl.item())
         if outputs.token_sums is not None:
@@ -246,3 +262,8 @@ def _labels(batch: dict, prefix: str) -> torch.Tensor:
 def _model_inputs(batch: dict, prefix: str) -> dict:
     """The inputs TRL's ``compute_ref_log_probs`` gives the model: the (``KL_``) input ids and attention mask."""
     return {"input_ids": batch[f"{prefix}input_ids"], "attention_mask": batch[f"{prefix}attention_mask"]}
+
+
+class FastKTOTrainer(KTOFastMixin, KTOTrainer):
+    """TRL's ``KTOTrainer`` with the log-probs and the loss from dpo_fast: ``KTOFastMixin`` over TRL's class; the same
+    arguments (and the mixin's ``token_metrics``, ``backend``), the same logs."""

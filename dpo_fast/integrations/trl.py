@@ -1,10 +1,15 @@
-"""``FastDPOTrainer``: TRL's ``DPOTrainer`` with dpo_fast computing the log-probs and the loss.
+"""``FastDPOTrainer``: TRL's ``DPOTrainer`` with dpo_fast computing the log-probs and the loss; ``DPOFastMixin``,
+the same over any ``DPOTrainer`` subclass (a framework's, a user's).
 
 Change one import, keep the ``DPOConfig``::
 
     from dpo_fast.integrations.trl import FastDPOTrainer   # instead of: from trl import DPOTrainer
 
     trainer = FastDPOTrainer(model=model, args=DPOConfig(...), train_dataset=data, processing_class=tokenizer)
+
+or keep a framework's own trainer and put the mixin first::
+
+    class MyTrainer(DPOFastMixin, FrameworkDPOTrainer): ...
 
 Everything but the LM head and the loss is TRL's own: data preparation and collation, the reference
 model (a copy, a PEFT policy with its adapters disabled, or log-probs precomputed before training),
@@ -14,11 +19,12 @@ forward pass, prompt and padding tokens never multiplied) and the reference log-
 ``dpo_fast.sequence_logps``: never the ``N x V`` logits. Both run inside the model's forward
 (``dpo_fast.integrations.hf``), so wrappers that shard parameters see an ordinary forward.
 
-Tested with TRL 1.16 (the ``trl`` extra pins the range). Every ``DPOConfig`` option of TRL 1.16's
-``DPOTrainer`` keeps its meaning (``trl_objective``: every loss type, several at once with
-``loss_weights``, f-divergences, ``discopop_tau``, WPO's ``use_weighting``, LD-DPO's ``ld_alpha``), and a
-MoE policy's load-balancing loss is added as TRL adds it (``router_aux_loss_coef``, logged as ``aux_loss``).
-``aot`` and ``aot_unpaired`` sort within each micro-batch, as TRL's do.
+Tested with TRL 1.14.1 to 1.16 (``trl_versions.SUPPORTED_TRL``, the ``trl`` extra's range; outside it the
+constructor raises). Every ``DPOConfig`` option of those releases' ``DPOTrainer`` keeps its meaning
+(``trl_objective``: every loss type, several at once with ``loss_weights``, f-divergences, ``discopop_tau``, WPO's
+``use_weighting``, LD-DPO's ``ld_alpha``), and a MoE policy's load-balancing loss is added as TRL adds it
+(``router_aux_loss_coef``, logged as ``aux_loss``). ``aot`` and ``aot_unpaired`` sort within each micro-batch, as
+TRL's do.
 """
 
 from __future__ import annotations
@@ -35,19 +41,21 @@ from .. import core, objectives, validate
 from ..head import LMHead
 from ..layout import IGNORE_INDEX
 from .hf import HeadRows, token_metric_means, token_metric_sums
-from .kto import FastKTOTrainer
+from .kto import FastKTOTrainer, KTOFastMixin
+from .mixins import check_mixin_order, config_argument
 from .prefix_sharing import check_model, collate_shared, pairs_from_trl_batch
 from .trl_heads import ReferenceHead, full_logits_outputs, install_head, reference_context, run_policy
+from .trl_versions import check_trl_version
 
-__all__ = ["FastDPOTrainer", "FastKTOTrainer", "trl_objective"]
+__all__ = ["DPOFastMixin", "FastDPOTrainer", "FastKTOTrainer", "KTOFastMixin", "trl_objective"]
 
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
-# TRL 1.16's loss types that divide each score by its completion's token count
+# TRL's loss types that divide each score by its completion's token count
 AVERAGED_LOSSES = ("ipo", "sigmoid_norm")
 
 
 def trl_objective(args: DPOConfig) -> objectives.DPOObjective:
-    """The objective of a ``DPOConfig`` with TRL 1.16's semantics (``objectives.trl_dpo_objective``).
+    """The objective of a ``DPOConfig`` with TRL's semantics (1.14.1 to 1.16) (``objectives.trl_dpo_objective``).
 
     Every loss type, ``loss_weights``, ``label_smoothing`` where TRL reads it, the f-divergences,
     ``discopop_tau``, ``use_weighting`` (WPO) and ``ld_alpha`` (LD-DPO). A ``ValueError`` names an option
@@ -114,10 +122,17 @@ class PolicyHead:
         )
 
 
-class FastDPOTrainer(DPOTrainer):
-    """TRL's ``DPOTrainer`` with the log-probs and the loss from dpo_fast; same arguments, same logs.
+class DPOFastMixin:
+    """dpo_fast's LM head and loss for any ``trl.DPOTrainer`` subclass: put it first among the bases,
+    ``class MyTrainer(DPOFastMixin, SomeDPOTrainer)``; the subclass keeps its own behaviour (its loop, logging,
+    optimizer, saving), and the log-probs and the loss become dpo_fast's, with TRL's semantics and metric names.
 
-    Args (besides ``DPOTrainer``'s):
+    It hooks TRL's narrowest points only: the model's forward (``hf.add_dpo_fast_head``, installed on the policy and
+    the reference at construction), ``compute_loss`` and ``compute_ref_log_probs`` (public, with the same signature
+    in every supported TRL release); it calls nothing underscored of ``DPOTrainer``'s loss path. A subclass that
+    overrides ``compute_loss`` itself and calls ``super()`` gets this one.
+
+    Takes (besides the trainer's own arguments, passed on unchanged):
         token_metrics: log TRL's per-token diagnostics (``entropy``, ``logits/chosen``,
             ``logits/rejected``, ``mean_token_accuracy``). They come from the fused pass that forms the
             log-probs (no extra product over the vocabulary: ``6*N*H*V`` FLOPs per step with a
@@ -131,32 +146,44 @@ class FastDPOTrainer(DPOTrainer):
             cannot reproduce exactly are refused at construction (``prefix_sharing.check_model``), as
             are ``truncation_mode="keep_end"`` (it cuts a pair's two prompts apart) and vision data.
         backend: dpo_fast's backend ("auto": Triton on CUDA, the C++ kernel on CPU once built, else chunked PyTorch).
+
+    Raises at construction: ``TypeError`` when the class is not a ``DPOTrainer`` with the mixin before it in the
+    method resolution order (TRL's loss would run); ``trl_versions.UnsupportedTRLVersion`` outside the tested TRL
+    releases; ``ValueError`` for an option TRL itself cannot run or prefix sharing cannot reproduce.
     """
 
-    def __init__(self, model, ref_model=None, args: DPOConfig | None = None, *trainer_args,
-                 token_metrics: bool = True, prefix_sharing: bool = False, backend: str = "auto",
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        check_mixin_order(cls, DPOFastMixin, DPOTrainer, defining=True)
+
+    def __init__(self, *trainer_args, token_metrics: bool = True, prefix_sharing: bool = False, backend: str = "auto",
                  **trainer_kwargs):  # fmt: skip
+        check_mixin_order(type(self), DPOFastMixin, DPOTrainer)
+        check_trl_version(type(self).__name__)
         validate.check_backend(backend)
         for flag, value in (("token_metrics", token_metrics), ("prefix_sharing", prefix_sharing)):
             validate.check_flag(flag, value)
         # refuse before TRL loads, tokenizes or precomputes anything (the precomputed reference reads ld_alpha)
+        args = config_argument(trainer_args, trainer_kwargs)
         self._objective = None if args is None else trl_objective(args)
         if prefix_sharing and args is not None and args.truncation_mode == "keep_end" and args.max_length is not None:
             raise ValueError(
-                "FastDPOTrainer(prefix_sharing=True) needs DPOConfig(truncation_mode='keep_start'): 'keep_end' "
+                f"{type(self).__name__}(prefix_sharing=True) needs DPOConfig(truncation_mode='keep_start'): 'keep_end' "
                 "cuts each sequence's prompt by its own length, so a pair's two prompts may differ"
             )
         self._token_metrics, self._prefix_sharing, self._backend = token_metrics, prefix_sharing, backend
-        super().__init__(model, ref_model, args, *trainer_args, **trainer_kwargs)
+        super().__init__(*trainer_args, **trainer_kwargs)
         self._objective = trl_objective(self.args)
         if prefix_sharing and self.aux_loss_enabled:
             raise ValueError(
-                f"FastDPOTrainer(prefix_sharing=True) cannot reproduce TRL's MoE load-balancing loss "
+                f"{type(self).__name__}(prefix_sharing=True) cannot reproduce TRL's MoE load-balancing loss "
                 f"(router_aux_loss_coef={self.router_aux_loss_coef}): the router sees each prompt once instead of "
                 "twice. Set DPOConfig(router_aux_loss_coef=0.0), or prefix_sharing=False"
             )
         if prefix_sharing and self._is_vision_dataset:
-            raise ValueError("FastDPOTrainer(prefix_sharing=True) takes text-only preference data, not vision data")
+            raise ValueError(
+                f"{type(self).__name__}(prefix_sharing=True) takes text-only preference data, not vision data"
+            )
         for module, trains in ((self.model, True), (self.ref_model, False)):
             if module is not None:
                 causal_lm = self._install_head(module)
@@ -220,7 +247,7 @@ class FastDPOTrainer(DPOTrainer):
         return outputs.loss, full_logits_outputs(model, {**model_inputs, "use_cache": False})
 
     def _record_metrics(self, mode: str, inputs: dict, outputs: PolicyOutput, ref_logps: torch.Tensor) -> None:
-        """Append this step's metrics under TRL 1.16's names, gathered across processes as TRL gathers them."""
+        """Append this step's metrics under TRL's names, gathered across processes as TRL gathers them."""
         metrics, gather = self._metrics[mode], self.accelerator.gather
         if outputs.aux_loss is not None:
             metrics["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
@@ -242,3 +269,8 @@ class FastDPOTrainer(DPOTrainer):
         metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
         metrics["logps/chosen"].append(gather(chosen_logps).mean().item())
         metrics["logps/rejected"].append(gather(rejected_logps).mean().item())
+
+
+class FastDPOTrainer(DPOFastMixin, DPOTrainer):
+    """TRL's ``DPOTrainer`` with the log-probs and the loss from dpo_fast: ``DPOFastMixin`` over TRL's class; the same
+    arguments (and the mixin's ``token_metrics``, ``prefix_sharing``, ``backend``), the same logs."""

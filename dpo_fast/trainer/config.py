@@ -33,7 +33,9 @@ BACKENDS = ("auto", "reference", *CHUNKED_BACKENDS)
 DTYPES = ("float32", "bfloat16", "float16")
 PATH_KEYS = ("model", "tokenizer", "dataset", "eval_dataset")
 # keys that hold a list, written as one string separated by commas (a YAML list is joined so)
-LIST_KEYS = ("loss_type", "loss_weights")
+LIST_KEYS = ("loss_type", "loss_weights", "report_to")
+# report_to's trackers (accelerate's names; trackers.py)
+TRACKER_NAMES = ("tensorboard", "wandb", "trackio")
 # the smallest value each numeric key takes
 MINIMUM = {
     "lora_r": 0, "lora_alpha": 1, "lora_dropout": 0, "label_smoothing": 0, "learning_rate": 0, "weight_decay": 0,
@@ -163,6 +165,11 @@ class TrainConfig:
         default=False, metadata={"help": "replace the run in a non-empty output_dir (else a fresh run refuses it)"}
     )
     logging_steps: int = field(default=10, metadata={"help": "log every N steps"})
+    report_to: str = field(
+        default="none",
+        metadata={"help": f"experiment trackers that also get every metrics.jsonl record: {' | '.join(TRACKER_NAMES)} "
+                  "| none, or several separated by commas (or a YAML list)"},
+    )  # fmt: skip
     eval_steps: int = field(default=0, metadata={"help": "eval every N steps (0: at the end only)"})
     save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: at the end only)"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept (0: all)"})
@@ -310,6 +317,12 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError(
             f"max_prompt_length must be set and in (0, max_length={cfg.max_length}) so every completion keeps "
             f"a token, got {cfg.max_prompt_length}; or set max_length to null to turn truncation off"
+        )
+    trackers = [] if cfg.report_to == "none" else cfg.report_to.split(",")
+    if any(name not in TRACKER_NAMES for name in trackers) or len(set(trackers)) < len(trackers):
+        raise ValueError(
+            f"report_to must be none, or one or more of {' | '.join(TRACKER_NAMES)} separated by commas (each once), "
+            f"got {cfg.report_to!r}"
         )
     if cfg.max_steps == 0 or cfg.max_steps < -1:
         raise ValueError(f"max_steps must be -1 (use num_train_epochs) or >= 1, got {cfg.max_steps}")

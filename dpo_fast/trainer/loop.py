@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import SchedulerType, get_scheduler
 
 from ..integrations import hf
-from . import checkpoint, data, output, parallel, reference, sources, tensor_parallel
+from . import checkpoint, data, output, parallel, reference, sources, tensor_parallel, trackers
 from . import model as model_lib
 from . import objective as objective_lib
 from .config import TrainConfig
@@ -34,11 +34,13 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     """
     # what can be checked without loading anything: local paths exist, the output folder fits the run
     sources.check(cfg)
+    trackers.check(cfg)
     resume = output.resume_point(cfg)
     if cfg.lr_scheduler_type not in {kind.value for kind in SchedulerType}:
         raise ValueError(f"lr_scheduler_type must be one of {' | '.join(k.value for k in SchedulerType)}, "
                          f"got {cfg.lr_scheduler_type!r}")  # fmt: skip
-    accelerator = parallel.make_accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+    accelerator = parallel.make_accelerator(mixed_precision="bf16" if cfg.bf16 else "no",
+                                            **trackers.accelerator_kwargs(cfg))  # fmt: skip
     zero_stage = parallel.zero_stage(accelerator)  # DeepSpeed ZeRO's stage, None without DeepSpeed
     if zero_stage is not None:  # before the model loads: ZeRO-3 partitions it as it is built (zero.Init)
         for note in parallel.configure_deepspeed(accelerator, cfg):
@@ -122,10 +124,12 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         start_step = state["step"]
         accelerator.print(f"resuming from {resume} at step {start_step}")
     output.start(cfg.output_dir, start_step, accelerator)  # the folder now holds the run as of start_step
+    trackers.start(accelerator, cfg, start_step)
 
     def log(record: dict) -> None:
         if accelerator.is_main_process:
             output.append(cfg.output_dir, record)
+        trackers.log(accelerator, record)  # report_to's trackers, the same record
 
     def collate(split: str, rows: list[int]) -> dict:
         batch = data.collate(splits[split][rows], cfg.padding_free, tokenizer.pad_token_id, cfg.prefix_sharing)

@@ -4,7 +4,9 @@
   ``save_pretrained``, with the repository's character-level tokenizer (``dpo_fast/trainer/default/tokenizer``)
   saved beside it, so ``base_model: <folder>`` loads offline (``HF_HUB_OFFLINE=1``).
 - ``build_data(path, rows)``: the first ``rows`` pairs of the bundled string-reversal data in the fields of
-  axolotl's ``chatml.intel`` DPO strategy: ``system``, ``question``, ``chosen``, ``rejected`` (JSON lines).
+  axolotl's ``chatml.intel`` DPO strategy: ``system``, ``question``, ``chosen``, ``rejected`` (JSON lines);
+  ``build_data(path, rows, rl="kto")``: the same pairs unpaired for its KTO strategy of that name (``question``,
+  ``completion``, ``label``: the chosen completion desirable for even rows, the rejected one undesirable for odd).
 - ``render_config(...)``: ``config.template.yaml`` filled in, with or without a ``plugins:`` list.
 
 The character-level tokenizer knows ``a``-``z``, space, ``:`` and newline; the ``<|im_start|>``/``<|im_end|>``
@@ -31,6 +33,10 @@ TINY_LLAMA = {
 }  # fmt: skip
 
 
+# the keys axolotl requires for an rl beyond the template's (its config validation refuses KTO without this one)
+RL_KEYS = {"dpo": {}, "kto": {"remove_unused_columns": False}}
+
+
 def build_model(folder: str | Path, seed: int = 0) -> Path:
     """Save a randomly initialized ``TINY_LLAMA`` (seeded by ``seed``) and the tokenizer into ``folder``; gives it."""
     import torch
@@ -52,11 +58,22 @@ def intel_rows(rows: int) -> list[dict]:
     return [{"system": "", "question": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
 
 
-def build_data(path: str | Path, rows: int = 64) -> Path:
-    """Write ``intel_rows(rows)`` as JSON lines to ``path``; gives it."""
+def kto_rows(rows: int) -> list[dict]:
+    """``intel_rows(rows)`` unpaired: row i keeps its chosen completion (``label`` true) when i is even, its rejected
+    one (``label`` false) when odd."""
+    return [
+        {"system": "", "question": row["question"], "completion": row["chosen" if i % 2 == 0 else "rejected"],
+         "label": i % 2 == 0}
+        for i, row in enumerate(intel_rows(rows))
+    ]  # fmt: skip
+
+
+def build_data(path: str | Path, rows: int = 64, rl: str = "dpo") -> Path:
+    """Write ``intel_rows(rows)`` (``kto_rows(rows)`` for ``rl="kto"``) as JSON lines to ``path``; gives it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in intel_rows(rows)))
+    records = kto_rows(rows) if rl == "kto" else intel_rows(rows)
+    path.write_text("".join(json.dumps(row) + "\n" for row in records))
     return path
 
 

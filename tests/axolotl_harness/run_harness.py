@@ -1,19 +1,23 @@
 """Run axolotl's DPO on CPU, plain and with plugins, and compare the losses per step and the weight updates.
 
-Usage (with the Python of a venv that has axolotl and dpo_fast; docs/axolotl-harness.md)::
+Usage (with the Python of a venv that has axolotl and dpo_fast; docs/trl.md, "axolotl")::
 
     python tests/axolotl_harness/run_harness.py --work /tmp/axo                       # plain + the hook probe
     python tests/axolotl_harness/run_harness.py --work /tmp/axo --plugin my.module.Plugin --tolerance 1e-4
+    python tests/axolotl_harness/run_harness.py --work /tmp/axo-kto --rl kto --plugin my.module.Plugin \
+        --record benchmarks/results/axolotl-plugin-kto                                # .json and .md written
 
-Takes: a work folder (the tiny model and data are built there once, by ``fixtures.py``), the number of steps and
-pairs, and the plugins to compare (``module.Class`` names, importable with ``tests/axolotl_harness`` on ``PYTHONPATH``;
+Takes: a work folder (the tiny model and data are built there once, by ``fixtures.py``), ``--rl`` (``dpo`` or
+``kto``: the data and ``rl:`` of the config), the number of steps and pairs, and the plugins to compare (``module.Class`` names, importable with ``tests/axolotl_harness`` on ``PYTHONPATH``;
 by default ``hook_probe.HookProbePlugin``, which changes nothing). Runs ``python -m axolotl.cli.train`` once
 plain and once per plugin (``plugins: [name]`` added to the same config), offline (``HF_HUB_OFFLINE=1``), each
 in its own folder with its log. Gives: a table of the loss per step of every run, each run's weight update
 (the checkpoint at the last step minus the initial weights), and per plugin the largest relative difference
 from plain axolotl's loss and update; ``summary.json`` in the work folder holds the same. Exits 1 when a run
 fails, when a plugin was not loaded (axolotl only warns and trains without it), or when ``--tolerance`` is
-given and a plugin's loss or update differs from plain axolotl's by more.
+given and a plugin's loss or update differs from plain axolotl's by more. ``--record STEM`` also writes
+``STEM.json`` and ``STEM.md``: the same with the versions (Python, axolotl, TRL, transformers, ...) and the code's
+commit (``benchmarks/environment.py``).
 """
 
 from __future__ import annotations
@@ -144,22 +148,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", required=True, type=Path, help="work folder (fixtures, one folder per run)")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per run (default: 4)")
     parser.add_argument("--rows", type=int, default=64, help="preference pairs in the data (default: 64)")
+    parser.add_argument("--rl", choices=("dpo", "kto"), default="dpo", help="axolotl's rl: (default: dpo)")
+    parser.add_argument("--record", type=Path, default=None, help="write STEM.json and STEM.md (versions, commit)")
     parser.add_argument("--plugin", action="append", default=None,
                         help=f"a plugin to compare against plain axolotl, module.Class (repeatable; default: {PROBE})")  # fmt: skip
     parser.add_argument("--tolerance", type=float, default=None,
                         help="fail when a plugin's loss or update differs from plain axolotl's by more (relative)")  # fmt: skip
     args = parser.parse_args(argv)
+    load_before = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     work = args.work.resolve()
     model_dir, data = work / "fixtures" / "model", work / "fixtures" / "pairs.jsonl"
     if not (model_dir / "config.json").is_file():
         fixtures.build_model(model_dir)
-    fixtures.build_data(data, args.rows)
+    fixtures.build_data(data, args.rows, rl=args.rl)
     initial = weights(model_dir)
 
     plugins = args.plugin if args.plugin is not None else [PROBE]
     runs = []
     for name, listed in [("plain", [])] + [(plugin, [plugin]) for plugin in plugins]:
-        config = fixtures.render_config(model_dir, data, work / name, plugins=listed, max_steps=args.steps)
+        config = fixtures.render_config(model_dir, data, work / name, plugins=listed, max_steps=args.steps, rl=args.rl,
+                                        **fixtures.RL_KEYS[args.rl])  # fmt: skip
         print(f"running axolotl: {name} ...", flush=True)
         runs.append(run_axolotl(name, config, work))
     failures = [f"{r['name']}: axolotl exited {r['returncode']} (see {r['log']})" for r in runs if r["returncode"]]
@@ -178,9 +186,14 @@ def main(argv: list[str] | None = None) -> int:
             diff = record.get("vs_plain")
             if diff and max(diff["loss_max_rel"], diff["update_max_rel"]) > args.tolerance:
                 failures.append(f"{record['name']}: differs from plain axolotl by more than {args.tolerance}")
-    summary = [{k: v for k, v in record.items() if not k.startswith("_")} for record in runs]
-    (work / "summary.json").write_text(json.dumps({"steps": args.steps, "rows": args.rows, "runs": summary,
-                                                   "failures": failures}, indent=1))  # fmt: skip
+    summary = {"rl": args.rl, "steps": args.steps, "rows": args.rows, "tolerance": args.tolerance,
+               "runs": [{k: v for k, v in record.items() if not k.startswith("_")} for record in runs],
+               "failures": failures, "load_before": load_before}  # fmt: skip
+    (work / "summary.json").write_text(json.dumps(summary, indent=1))
+    if args.record is not None:
+        import record
+
+        record.write(args.record, summary, report(runs, args.steps))
     for failure in failures:
         print(f"FAILED {failure}", file=sys.stderr)
     return 1 if failures else 0
