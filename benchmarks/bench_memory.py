@@ -25,11 +25,12 @@ The plan (``--parts``), in this order, under ``--time-budget``:
   CUDA also TRL + use_liger_kernel) at V = 128,256, the longest sequence whose step stays within
   ``--budget-gib`` (2 GiB): doubling from 512 tokens, then a bisection on the measured peaks
   (``_train.search``), to 5%;
-- ``curves``: every other variant at 512, 1024, 2048 and 4096 tokens (a point whose peak, scaled
-  linearly from the variant's largest measured one, would pass ``--memory-cap-gib`` is not run);
+- ``curves``: every other variant (the body first) at 512, 1024 and 4096 tokens (a point whose
+  peak, scaled linearly from the variant's largest measured one, would pass ``--memory-cap-gib`` is
+  not run);
+- ``gemma``: at V = 262,144, the searched arms and the body at the same lengths;
 - ``batch``: the largest batch (pairs a step) at 2,048 tokens a sequence, for the searched arms;
-- ``gemma``: at V = 262,144, the searched arms and the body at 512 to 4096 tokens, then their
-  length searches.
+- ``gemma-length``: the searched arms' length searches at V = 262,144.
 
 Per variant the report fits the peak against the batch's tokens (2 x pairs x T) by least squares:
 the slope is the step's bytes per token; the head's share is that slope less the body's (same
@@ -69,13 +70,13 @@ BODY = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_at
             head_dim=64, max_position_embeddings=262144, tie_word_embeddings=True)  # fmt: skip
 SMOKE_BODY = dict(MODELS["tiny"], max_position_embeddings=4096)
 WARMUP_LENGTH = 64
-CURVE_LENGTHS = (512, 1024, 2048, 4096)
+CURVE_LENGTHS = (512, 1024, 4096)
 BATCH_LENGTH = 2048
 SEARCH_START, SEARCH_LIMIT, SEARCH_GRANULARITY, SEARCH_TOLERANCE = 512, 131072, 64, 0.05
 BATCH_LIMIT = 256
 POINT_TIMEOUT_S = 3600  # a point's process is stopped after this (its figure is then missing, with the reason)
 SEARCHED = ("trl", "trl-liger", "liger", "fast", "dpo-fast-cli")
-PARTS = ("length", "curves", "batch", "gemma")
+PARTS = ("length", "curves", "gemma", "batch", "gemma-length")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,15 +258,17 @@ def execute(plan: Plan, run: Run) -> None:
         for name in searched:
             run.search("length", name, llama)
     if "curves" in plan.parts:
-        for name in plan.curve_variants:
-            if name not in searched and name not in {m["variant"] for m in run.results["missing"]}:
+        missing = {m["variant"] for m in run.results["missing"]}
+        for name in sorted(plan.curve_variants, key=lambda name: VARIANTS[name].arm != "body"):  # the body first
+            if name not in searched and name not in missing:
                 run.curve(name, llama)
-    if "batch" in plan.parts:
-        for name in searched:
-            run.search("batch", name, llama)
     if "gemma" in plan.parts and gemma:
         for name in [*searched, *(["body"] if "body" in plan.curve_variants else [])]:
             run.curve(name, gemma)
+    if "batch" in plan.parts:
+        for name in searched:
+            run.search("batch", name, llama)
+    if "gemma-length" in plan.parts and gemma:
         for name in searched:
             run.search("length", name, gemma)
 
