@@ -158,7 +158,7 @@ def _torch_record(device: str | None) -> tuple[str, dict]:
         import torch
     except Exception as error:  # noqa: BLE001 (a torch that does not import is what the record must say)
         return device or "cpu", {"error": f"torch does not import: {error!r}"}
-    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kind = str(device) if device else ("cuda" if torch.cuda.is_available() else "cpu")
     found = {"torch_threads": torch.get_num_threads(), "cuda_available": torch.cuda.is_available()}
     if kind.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.device(kind))
