@@ -63,7 +63,7 @@ from _train.arms import ARMS, unavailable
 from _train.models import MODELS
 from _train.search import Point, largest_fitting
 
-GIB, MIB = 2**30, 2**20
+GIB, MIB, KIB = 2**30, 2**20, 2**10
 VOCABS = {"llama3": 128256, "gemma3": 262144}
 # the body of issue 27 (its vocabulary set per point)
 BODY = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
@@ -330,6 +330,10 @@ def _mib(value: float | None, digits: int = 0) -> str:
     return "–" if value is None else f"{value / MIB:,.{digits}f}"
 
 
+def _kib(value: float | None) -> str:
+    return "–" if value is None else f"{value / KIB:,.1f}"
+
+
 def _peak_cell(point: dict | None) -> str:
     if point is None:
         return ""
@@ -393,8 +397,9 @@ def markdown(results: dict) -> str:
          + ("resident set" if settings["device"] == "cpu" else "allocated memory")
          + " above the memory when it began: beyond the weights, the reference model and the optimizer state. "
          f"Budget: {_mib(budget) + ' MiB' if budget else 'none (until out of memory)'}. Sequences: T tokens each, half "
-         "prompt (prefix sharing: prompt 3x the completion), 1 pair a step unless said otherwise; MiB/token: the "
-         "fitted slope over the batch's tokens (2 x pairs x T); head MiB/token: that less the body's."), "",
+         "prompt (prefix sharing: prompt 3x the completion), 1 pair a step unless said otherwise; KiB / token: the "
+         "least-squares slope of the peak over the batch's tokens (2 x pairs x T); head KiB / token: that less the "
+         "body's (the same checkpointing)."), "",
     ]  # fmt: skip
     for key, vocab in settings["vocabs"].items():
         found = slopes(results, vocab)
@@ -406,13 +411,13 @@ def markdown(results: dict) -> str:
             search = _search(results, "length", name, vocab)
             at = next((p for p in points if search and p["pairs"] == 1 and p["length"] == search["fits"]), None)
             figures = found.get(name, {})
-            rows.append([VARIANTS[name].label, _found(search), _peak_cell(at), _mib(figures.get("per_token"), 3),
-                         _mib(figures.get("head_per_token"), 3)])  # fmt: skip
+            rows.append([VARIANTS[name].label, _found(search) if name in settings["searched"] else "–",
+                         _peak_cell(at), _kib(figures.get("per_token")), _kib(figures.get("head_per_token"))])  # fmt: skip
         if not rows:
             continue
         lines += [f"## V = {vocab:,} ({key})", ""]
         lines += report.table(["variant", "longest sequence within budget (first over)", "its peak MiB",
-                               "MiB / token", "head MiB / token"], rows)  # fmt: skip
+                               "KiB / token", "head KiB / token"], rows)  # fmt: skip
         lines += ["", *goal_lines(results, vocab)]
         lengths = sorted({p["length"] for p in results["points"] if p["vocab"] == vocab and p["pairs"] == 1})
         curve_rows = []
