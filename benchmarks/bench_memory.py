@@ -25,16 +25,17 @@ The plan (``--parts``), in this order, under ``--time-budget``:
   CUDA also TRL + use_liger_kernel) at V = 128,256, the longest sequence whose step stays within
   ``--budget-gib`` (2 GiB): doubling from 512 tokens, then a bisection on the measured peaks
   (``_train.search``), to 5%;
-- ``curves``: every other variant (the body first) at 512, 1024 and 4096 tokens (a point whose
-  peak, scaled linearly from the variant's largest measured one, would pass ``--memory-cap-gib`` is
-  not run);
+- ``curves``: every other variant (the body first, and to 16,384 tokens) at 512, 1024 and 4096
+  tokens (a point whose peak, scaled linearly from the variant's largest measured one, would pass
+  ``--memory-cap-gib`` is not run);
 - ``gemma``: at V = 262,144, the searched arms and the body at the same lengths;
 - ``batch``: the largest batch (pairs a step) at 2,048 tokens a sequence, for the searched arms;
 - ``gemma-length``: the searched arms' length searches at V = 262,144.
 
-Per variant the report fits the peak against the batch's tokens (2 x pairs x T) by least squares:
-the slope is the step's bytes per token; the head's share is that slope less the body's (same
-vocabulary, same checkpointing).
+Per variant the report fits the peak against the batch's tokens (2 x pairs x T) by least squares
+over its largest points (lengths at least half its largest; at small T the peak can be a constant,
+the optimizer's update): the slope is the step's bytes per token; the head's share is that slope
+less the body's (same vocabulary, same checkpointing).
 
     python benchmarks/bench_memory.py                        # the CPU run: results/<date>-cpu-memory.{json,md,png}
     python benchmarks/bench_memory.py --smoke --out /tmp/m   # CI: a tiny vocabulary, in-process, seconds
@@ -71,6 +72,8 @@ BODY = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_at
 SMOKE_BODY = dict(MODELS["tiny"], max_position_embeddings=4096)
 WARMUP_LENGTH = 64
 CURVE_LENGTHS = (512, 1024, 4096)
+# the body's too, as far as the searched arms reach: the head's share is an arm's slope less the body's
+BODY_LENGTHS = (*CURVE_LENGTHS, 8192, 16384)
 BATCH_LENGTH = 2048
 SEARCH_START, SEARCH_LIMIT, SEARCH_GRANULARITY, SEARCH_TOLERANCE = 512, 131072, 64, 0.05
 BATCH_LIMIT = 256
@@ -128,6 +131,7 @@ class Plan:
     budget_bytes: int | None
     memory_cap_bytes: int
     curve_lengths: tuple[int, ...]
+    body_lengths: tuple[int, ...]
     batch_length: int
     search_start: int
     search_limit: int
@@ -214,7 +218,8 @@ class Run:
     def curve(self, variant: str, vocab: int) -> None:
         """The variant at each curve length, 1 pair, unless its peak scaled linearly would pass the memory cap."""
         cap = self.plan.memory_cap_bytes
-        for length in self.plan.curve_lengths:
+        lengths = self.plan.body_lengths if VARIANTS[variant].arm == "body" else self.plan.curve_lengths
+        for length in lengths:
             measured = [p for p in self.results["points"] if (p["variant"], p["vocab"], p["pairs"]) == (variant, vocab, 1)
                         and p.get("peak_bytes")]  # fmt: skip
             largest = max(measured, key=lambda p: p["length"], default=None)
@@ -278,11 +283,17 @@ def execute(plan: Plan, run: Run) -> None:
 
 
 def fit(points: list[dict]) -> tuple[float, float] | None:
-    """(bytes per token, bytes at zero tokens): least squares of the peak over the batch's tokens, 1-pair points
-    that ran; None with fewer than two lengths."""
-    xy = [(p["tokens"], p["peak_bytes"]) for p in points if p["status"] == "ok" and p["pairs"] == 1]
-    if len({x for x, _ in xy}) < 2:
+    """(bytes per token, bytes at zero tokens): least squares of the peak over the batch's tokens, over the 1-pair
+    points that ran at lengths of at least half the largest (the two largest where fewer; at small T the peak can be
+    the optimizer's update, a constant); None with fewer than two lengths."""
+    ran = sorted((p for p in points if p["status"] == "ok" and p["pairs"] == 1), key=lambda p: p["tokens"])
+    if len({p["tokens"] for p in ran}) < 2:
         return None
+    largest = [p for p in ran if p["tokens"] >= ran[-1]["tokens"] / 2]
+    if len({p["tokens"] for p in largest}) < 2:
+        second = max(p["tokens"] for p in ran if p["tokens"] < ran[-1]["tokens"])
+        largest = [p for p in ran if p["tokens"] >= second]
+    xy = [(p["tokens"], p["peak_bytes"]) for p in largest]
     n, sx, sy = len(xy), sum(x for x, _ in xy), sum(y for _, y in xy)
     sxx, sxy = sum(x * x for x, _ in xy), sum(x * y for x, y in xy)
     slope = (n * sxy - sx * sy) / (n * sxx - sx * sx)
@@ -527,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device, body={k: v for k, v in body.items() if k != "vocab_size"},
         vocabs={"llama3": 512, "gemma3": 1024} if args.smoke else VOCABS,
         budget_bytes=int(args.budget_gib * GIB) or None, memory_cap_bytes=int(args.memory_cap_gib * GIB),
-        curve_lengths=(16, 32) if args.smoke else CURVE_LENGTHS, batch_length=32 if args.smoke else BATCH_LENGTH,
+        curve_lengths=(16, 32) if args.smoke else CURVE_LENGTHS, body_lengths=(16, 32) if args.smoke else BODY_LENGTHS,
+        batch_length=32 if args.smoke else BATCH_LENGTH,
         search_start=16 if args.smoke else SEARCH_START, search_limit=64 if args.smoke else SEARCH_LIMIT,
         batch_limit=2 if args.smoke else BATCH_LIMIT, granularity=8 if args.smoke else SEARCH_GRANULARITY,
         curve_variants=tuple(args.variants.split(",")) if args.variants else tuple(VARIANTS),

@@ -88,13 +88,37 @@ def test_step_windows_measure_each_optimizer_step_of_any_loop():
     assert windows.attention["calls_without_mask"] == 0
 
 
-def test_the_fitted_slope_is_bytes_per_token_of_the_batch():
-    points = [
-        {"status": "ok", "pairs": 1, "tokens": 2 * n, "peak_bytes": 100 * MIB + 2 * n * 1000} for n in (512, 1024)
-    ]
-    slope, at_zero = bench_memory.fit(points + [{"status": "over_budget", "pairs": 1, "tokens": 9, "peak_bytes": None}])
+def test_the_fitted_slope_is_bytes_per_token_of_the_batch_where_the_peak_grows_with_it():
+    def point(length, peak):
+        return {"status": "ok", "pairs": 1, "tokens": 2 * length, "peak_bytes": peak}
+
+    points = [point(n, 100 * MIB + 2 * n * 1000) for n in (2048, 4096, 8192)]
+    over = {"status": "over_budget", "pairs": 1, "tokens": 2 * 9000, "peak_bytes": None}
+    # at small T the peak is the optimizer's update (a constant): not the per-token memory the slope is about
+    flat = [point(n, 150 * MIB) for n in (256, 512)]
+    slope, at_zero = bench_memory.fit(flat + points + [over])
     assert slope == pytest.approx(1000) and at_zero == pytest.approx(100 * MIB)
+    assert bench_memory.fit(flat[:1] + points[-1:])[0] == pytest.approx((points[-1]["peak_bytes"] - 150 * MIB) / 15872)
     assert bench_memory.fit(points[:1]) is None
+
+
+def test_every_arm_steps_with_the_optimizer_trls_trainer_builds():
+    """The plain loops (naive, Liger's loss, the body) once stepped with torch's default AdamW, whose update on CPU
+    allocates twice the largest parameter (250 MiB at V = 128,256, H = 256): the body's peak at short sequences was
+    that, not its activations. TRL's trainer steps with fused AdamW, which allocates nothing; so must they."""
+    from _train import arms
+    from _train.models import MODELS, Shape
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    seen = {}
+    handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: seen.setdefault(name, optimizer))
+    try:
+        for name in ("trl", "body"):
+            arms.run(name, MODELS["tiny"], [Shape(pairs=1, length=8)], "cpu", gradient_checkpointing=False)
+    finally:
+        handle.remove()
+    assert isinstance(seen["body"], torch.optim.AdamW) and isinstance(seen["trl"], torch.optim.AdamW)
+    assert seen["body"].defaults["fused"] and seen["trl"].defaults["fused"]
 
 
 def test_the_goal_is_judged_from_complete_searches_only():

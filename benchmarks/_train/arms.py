@@ -4,6 +4,9 @@
 steps, step ``i`` on a batch of ``shapes[i]`` (``models.Shape``; every shape has the same number
 of pairs), on a randomly initialised Llama from ``config`` (LlamaConfig keywords) and a frozen
 copy as the live reference model; float32 on CPU, bf16 on CUDA; AdamW, learning rate 1e-6, beta 0.1.
+The plain loops step with the optimizer TRL's trainer builds by default (transformers'
+``adamw_torch_fused``: ``torch.optim.AdamW(fused=True)``, which allocates no temporaries; the
+unfused one allocates up to twice the largest parameter during the update).
 Nothing here measures: ``steps.StepWindows`` does, from outside, the same for every arm.
 
 The arms (``ARMS``):
@@ -205,7 +208,7 @@ def _run_loop(arm: Arm, config: dict, shapes: list[Shape], device: str, gradient
     if gradient_checkpointing:
         enable_checkpointing(policy)
     policy.train()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=LEARNING_RATE)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=LEARNING_RATE, fused=True)  # as TRL's trainer (above)
     loss_of = LOOP_LOSSES[arm.name]
     for index, shape in enumerate(shapes):
         ids, labels = (tensor.to(device) for tensor in token_batch(shape, seed=index))
