@@ -25,9 +25,9 @@ The plan (``--parts``), in this order, under ``--time-budget``:
   CUDA also TRL + use_liger_kernel) at V = 128,256, the longest sequence whose step stays within
   ``--budget-gib`` (2 GiB): doubling from 512 tokens, then a bisection on the measured peaks
   (``_train.search``), to 5%;
-- ``curves``: every other variant (the body first, and to 16,384 tokens) at 512, 1024 and 4096
-  tokens (a point whose peak, scaled linearly from the variant's largest measured one, would pass
-  ``--memory-cap-gib`` is not run);
+- ``curves``: every other variant (the body first) at 512, 1024 and 4096 tokens, the body and
+  dpo_fast's arms with checkpointing at 8192 and 16,384 too (a point whose peak, scaled linearly from
+  the variant's largest measured one, would pass ``--memory-cap-gib`` is not run);
 - ``gemma``: at V = 262,144, the searched arms and the body at the same lengths;
 - ``batch``: the largest batch (pairs a step) at 2,048 tokens a sequence, for the searched arms;
 - ``gemma-length``: the searched arms' length searches at V = 262,144.
@@ -72,8 +72,10 @@ BODY = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_at
 SMOKE_BODY = dict(MODELS["tiny"], max_position_embeddings=4096)
 WARMUP_LENGTH = 64
 CURVE_LENGTHS = (512, 1024, 4096)
-# the body's too, as far as the searched arms reach: the head's share is an arm's slope less the body's
-BODY_LENGTHS = (*CURVE_LENGTHS, 8192, 16384)
+# the body's, and dpo_fast's with checkpointing, as far as the searched arms reach: a slope is fitted where the
+# step's memory grows with T (at short T the peak is the gradients), and the head's share is an arm's less the body's
+LONG_LENGTHS = (*CURVE_LENGTHS, 8192, 16384)
+LONG_CURVES = ("body", "body+gc", "fast+gc", "dpo-fast-cli+gc")
 BATCH_LENGTH = 2048
 SEARCH_START, SEARCH_LIMIT, SEARCH_GRANULARITY, SEARCH_TOLERANCE = 512, 131072, 64, 0.05
 BATCH_LIMIT = 256
@@ -131,7 +133,7 @@ class Plan:
     budget_bytes: int | None
     memory_cap_bytes: int
     curve_lengths: tuple[int, ...]
-    body_lengths: tuple[int, ...]
+    long_lengths: tuple[int, ...]
     batch_length: int
     search_start: int
     search_limit: int
@@ -218,7 +220,7 @@ class Run:
     def curve(self, variant: str, vocab: int) -> None:
         """The variant at each curve length, 1 pair, unless its peak scaled linearly would pass the memory cap."""
         cap = self.plan.memory_cap_bytes
-        lengths = self.plan.body_lengths if VARIANTS[variant].arm == "body" else self.plan.curve_lengths
+        lengths = self.plan.long_lengths if variant in LONG_CURVES else self.plan.curve_lengths
         for length in lengths:
             measured = [p for p in self.results["points"] if (p["variant"], p["vocab"], p["pairs"]) == (variant, vocab, 1)
                         and p.get("peak_bytes")]  # fmt: skip
@@ -538,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device, body={k: v for k, v in body.items() if k != "vocab_size"},
         vocabs={"llama3": 512, "gemma3": 1024} if args.smoke else VOCABS,
         budget_bytes=int(args.budget_gib * GIB) or None, memory_cap_bytes=int(args.memory_cap_gib * GIB),
-        curve_lengths=(16, 32) if args.smoke else CURVE_LENGTHS, body_lengths=(16, 32) if args.smoke else BODY_LENGTHS,
+        curve_lengths=(16, 32) if args.smoke else CURVE_LENGTHS, long_lengths=(16, 32) if args.smoke else LONG_LENGTHS,
         batch_length=32 if args.smoke else BATCH_LENGTH,
         search_start=16 if args.smoke else SEARCH_START, search_limit=64 if args.smoke else SEARCH_LIMIT,
         batch_limit=2 if args.smoke else BATCH_LIMIT, granularity=8 if args.smoke else SEARCH_GRANULARITY,
