@@ -25,7 +25,9 @@ only), token (per-token log-probs, backward with a random per-token upstream gra
 Liger's LigerFusedLinearSimPOLoss / LigerFusedLinearKTOLoss and the naive step).
 
 Writes ``<out>/<date>-<device>[-sweep|-smoke].json``, ``.md`` and, for a sweep, ``-time.png`` and
-``-memory.png``; the JSON is rewritten after every measurement, so a run cut short keeps what it did.
+``-memory.png``; the JSON is rewritten after every measurement, so a run cut short keeps what it did
+(``bench_loss.py report RESULTS.json`` draws its tables and plots). An isolated measurement runs in
+``_stack.worker``'s fresh process, its memory taken by ``_stack.memory``.
 Each file records the code it measured (commit, uncommitted changes, source fingerprint) and what
 dpo_fast's default runs on the machine. The schema is in ``benchmarks/README.md``.
 
@@ -34,6 +36,7 @@ Examples:
   python benchmarks/bench_loss.py --suite cpu-sweep     # the CPU plots, about 20 minutes on 2 quiet cores
   python benchmarks/bench_loss.py --suite gpu --out gpu-results --time-budget 540
   python benchmarks/bench_loss.py --suite gpu --resume benchmarks/results/DATE-GPU.json   # finish a cut-short run
+  python benchmarks/bench_loss.py report benchmarks/results/DATE-GPU.json                # its tables and plots again
 """
 
 from __future__ import annotations
@@ -42,8 +45,6 @@ import argparse
 import dataclasses
 import fnmatch
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,11 +54,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import environment
-import report
-from cases import SUITES, Case, make_batch, reference
-from implementations import Implementation, all_implementations
-from measure import Settings, measure, record_for, release
+from _loss import tables
+from _loss.cases import SUITES, Case, make_batch, reference
+from _loss.implementations import Implementation, all_implementations
+from _loss.measure import Settings, measure, record_for, release
+from _stack import environment, worker
+from _stack.memory import CPU_ENV
 
 DEFAULT_SETTINGS = {"gpu": Settings(warmup=3, repeats=10), "cpu": Settings(warmup=1, repeats=5),
                     "cpu-sweep": Settings(warmup=1, repeats=1), "smoke": Settings(warmup=0, repeats=1)}  # fmt: skip
@@ -91,7 +93,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", type=Path, metavar="RESULTS_JSON",
                         help="keep the rows of an earlier results file and measure only what it lacks")  # fmt: skip
     parser.add_argument("--list", action="store_true", help="list the implementations and whether they run here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # one isolated measurement (JSON spec), internal
     args = parser.parse_args(argv)
     for name in ("repeats", "rounds"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -144,38 +145,31 @@ def available(impls: list[Implementation], suite: str, device: torch.device, dty
     return runnable, missing
 
 
-def _run_isolated(impl: Implementation, case: Case, mode: str, device: torch.device, settings: Settings,
-                  expected: Path | None) -> dict:  # fmt: skip
-    """One measurement in a fresh Python process (on CPU, its peak RSS is the step's alone)."""
-    spec = {"impl": impl.name, "case": dataclasses.asdict(case), "mode": mode, "device": str(device),
-            "expected": str(expected or ""), "settings": dataclasses.asdict(settings)}  # fmt: skip
-    # glibc's mmap threshold fixed at its 128 KiB default, as tests/test_memory.py does: left dynamic,
-    # it keeps freed chunk-sized blocks in the heap, and the peak RSS moves with fragmentation
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"} if device.type == "cpu" else None
-    done = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-    )
-    lines = done.stdout.strip().splitlines()
-    if done.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    record = record_for(case, impl.name, mode)
-    record["oom"] = done.returncode in (-9, 137) or "MemoryError" in done.stderr
-    record["error"] = f"worker exit {done.returncode}: {done.stderr.strip()[-400:]}"
-    return record
-
-
-def worker(spec_json: str) -> None:
-    spec = json.loads(spec_json)
+def run_one(spec: dict, save) -> dict:
+    """``_stack.worker``'s target: one measurement. ``spec``: ``impl``, ``case`` (a ``Case`` as a dict), ``mode``,
+    ``device``, ``settings`` (a ``Settings`` as a dict), ``expected`` (the reference's outputs, a file of them, or
+    None) and ``fresh_process`` (whether this process measures nothing else: then its peak RSS is the step's)."""
     case = Case(**{**spec["case"], "modes": tuple(spec["case"]["modes"])})
     impl = next(impl for impl in all_implementations() if impl.name == spec["impl"])
-    expected = torch.load(spec["expected"]) if spec["expected"] else None
-    record = measure(impl, case, spec["mode"], torch.device(spec["device"]), Settings(**spec["settings"]), expected,
-                     fresh_process=True)  # fmt: skip
-    print(json.dumps(record))
+    expected = torch.load(spec["expected"]) if isinstance(spec["expected"], str) else spec["expected"]
+    return measure(impl, case, spec["mode"], torch.device(spec["device"]), Settings(**spec["settings"]), expected,
+                   fresh_process=spec["fresh_process"])  # fmt: skip
+
+
+def measure_in_worker(impl: Implementation, case: Case, mode: str, device: torch.device, settings: Settings,
+                      expected: dict | Path | None, isolate: bool) -> dict:  # fmt: skip
+    """One measurement: in a fresh process (``isolate``: on CPU its peak RSS is then the step's alone) or here."""
+    spec = {"impl": impl.name, "case": dataclasses.asdict(case), "mode": mode, "device": str(device),
+            "settings": dataclasses.asdict(settings), "fresh_process": isolate,
+            "expected": str(expected) if isinstance(expected, Path) else expected}  # fmt: skip
+    outcome = worker.run("bench_loss:run_one", spec, isolate=isolate,
+                         environ=CPU_ENV if device.type == "cpu" else None)  # fmt: skip
+    if outcome.result is not None:
+        return outcome.result
+    record = record_for(case, impl.name, mode)
+    record["oom"] = outcome.killed or "MemoryError" in (outcome.error or "")
+    record["error"] = (outcome.error or "worker returned nothing")[-500:]
+    return record
 
 
 def _key(row: dict) -> tuple:
@@ -202,7 +196,7 @@ def combine_rounds(rows: list[dict]) -> dict:
     failed = [rows[index] for index in ran if rows[index]["oom"] or rows[index]["error"]]
     if failed:
         return {**failed[0], "rounds": kept}
-    order = sorted(ran, key=lambda index: report.step_ms(rows[index]))
+    order = sorted(ran, key=lambda index: tables.step_ms(rows[index]))
     median = order[(len(order) - 1) // 2]
     row = {**rows[median], "rounds": kept, "median_round": median}
     checked = [rows[index]["errors"] for index in ran if rows[index]["errors"]]
@@ -221,7 +215,7 @@ def memory_cap_reason(measured: tuple[int, float] | None, tokens: int, cap_mib: 
     expected = peak * tokens / smaller
     if expected <= cap_mib:
         return None
-    return (f"{report.MEMORY_CAP_NOTE} of {cap_mib:.0f} MiB ({peak:.0f} MiB at {smaller} tokens, "
+    return (f"{tables.MEMORY_CAP_NOTE} of {cap_mib:.0f} MiB ({peak:.0f} MiB at {smaller} tokens, "
             f"{expected:.0f} MiB scaled to {tokens})")  # fmt: skip
 
 
@@ -311,17 +305,17 @@ class Runner:
             row["error"] = capped
         elif self.over_budget():
             row["error"] = f"not run: time budget of {self.budget:.0f} s spent"
-        elif self.isolate:
-            row = _run_isolated(impl, case, mode, self.device, self.settings, expected)
         else:
-            row = measure(impl, case, mode, self.device, self.settings, expected, fresh_process=False)
+            row = measure_in_worker(impl, case, mode, self.device, self.settings, expected, self.isolate)
         return row
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        path = Path(argv[1])
+        return tables.write(json.loads(path.read_text()), path.with_name(path.stem))
     args = parse_args(argv)
-    if args.worker:
-        return worker(args.worker)
     device = _device(args.suite)
     cases = [case for case in SUITES[args.suite] if _matches(case.name, args.case)]
     dtype = cases[0].torch_dtype if cases else torch.float32
@@ -360,12 +354,12 @@ def main(argv: list[str] | None = None) -> None:
                 for row in runner.rows(case, mode):
                     results["results"].append(row)
                     print(_progress(row), flush=True)
-                    report.write(results, stem, tables=False)
-    results["meta"]["device"]["load_average_1m_end"] = round(os.getloadavg()[0], 2)
+                    tables.write(results, stem, tables=False)
+    environment.finish(results["meta"])
     at_end = dpo_fast_defaults(device, cases)
     if at_end != meta["dpo_fast_default"]:  # e.g. the cpp extension was built during the run
         meta["dpo_fast_default_at_start"], meta["dpo_fast_default"] = meta["dpo_fast_default"], at_end
-    report.write(results, stem)
+    tables.write(results, stem)
     print(f"bench_loss: wrote {stem}.json and .md", flush=True)
 
 

@@ -16,7 +16,8 @@ step         limit  what
 ===========  =====  ==========================================================================================
 wheels          30  the kit's wheels (trl, liger-kernel, cut-cross-entropy, datasets, ...) into /tmp/site,
                     put on PYTHONPATH; ``.whl/check_wheels.py`` checks their needs and imports each one
-environment     15  nvidia-smi, the GPU, the versions, and where they differ from ``.ci/gpu-stack.txt``
+environment     15  nvidia-smi, and ``_stack/environment.py --describe`` (the GPU, the versions, the code: the
+                    record every results file holds), and where it differs from ``.ci/gpu-stack.txt``
 build           90  ``pip install --no-index --no-build-isolation --no-deps -e .``: the C++ and CUDA
                     extensions, for the GPU's architecture (``CUDA_HOME=/usr/local/cuda`` when unset
                     and the headers are there); which of them were built
@@ -38,7 +39,7 @@ one-screen summary. Exit status 0 when every step passed (or was skipped, with t
 ``--dry-run`` runs the same steps on CPU at tiny shapes (Triton in its interpreter, a few test
 files, ``bench_loss.py --suite smoke``, ``bench_train.py --smoke``) in a few minutes; CI runs it, so
 the command cannot rot between GPU sessions. This script imports only the standard library: each
-step runs in the interpreter that runs it (``sys.executable``).
+step runs in the interpreter that runs it (``sys.executable``), the environment record too.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 ROOT = Path(__file__).resolve().parents[1]
+ENVIRONMENT = ROOT / "benchmarks" / "_stack" / "environment.py"  # the environment record every results file holds
 GPU_STACK = ROOT / ".ci" / "gpu-stack.txt"
 KIT = ROOT / ".whl"
 CUDA_TOOLKIT = "/usr/local/cuda"
@@ -80,31 +82,11 @@ TESTS_FIRST = ("test_gpu.py", "test_backends.py", "test_contract.py", "test_csrc
 TESTS_LAST = ("test_bench_smoke.py", "test_trl_bench.py", "test_build.py", "test_packaging.py")
 DRY_RUN_TESTS = ("test_gpu.py", "test_validation.py")
 BACKEND_NAMES = ("torch", "triton", "cuda", "cpp", "reference")
+# the versions the summary shows (the record holds every one of _stack.environment.PACKAGES)
 VERSIONED = ("torch", "triton", "transformers", "accelerate", "datasets", "trl", "peft", "liger-kernel",
              "cut-cross-entropy", "numpy", "huggingface-hub")  # fmt: skip
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}  # fmt: skip
-
-PROBE = r"""
-import importlib.metadata, json, platform, sys
-info = {"python": platform.python_version(), "versions": {}}
-for name in sys.argv[1:]:
-    try:
-        info["versions"][name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        info["versions"][name] = None
-try:
-    import torch
-    info["torch_cuda"] = torch.version.cuda
-    info["cuda_available"] = torch.cuda.is_available()
-    if info["cuda_available"]:
-        props = torch.cuda.get_device_properties(0)
-        info["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
-                       "sm_count": props.multi_processor_count, "memory_gib": round(props.total_memory / 2**30, 1)}
-except Exception as error:
-    info["error"] = repr(error)
-print(json.dumps(info))
-"""
 
 EXTENSIONS_PROBE = r"""
 import json
@@ -245,7 +227,7 @@ def train_rows(report: dict) -> list[dict]:
         rows.append({
             "model": entry.get("model"), "arm": entry.get("arm"), "status": entry.get("status"),
             "step_s": timing.get("step_s"), "tokens_per_s": timing.get("tokens_per_s"),
-            "peak_gib": timing.get("peak_allocated_gib") or timing.get("peak_process_gib"),
+            "peak_gib": timing.get("total_peak_gib"),
             "note": entry.get("reason") or entry.get("worker"),
         })  # fmt: skip
     return rows
@@ -339,13 +321,17 @@ class Check:
     def python(self, *args: str, env: dict | None = None, limit_s: float | None = None) -> dict:
         return self.run([sys.executable, *args], env, limit_s)
 
-    def probe(self, code: str, *args: str) -> dict:
-        """The JSON object a ``python -c code`` prints last, or ``{"error": its output's end}``."""
-        done = self.python("-c", code, *args, limit_s=max(self.step_end - time.monotonic(), 30))
+    @staticmethod
+    def json_of(done: dict) -> dict:
+        """The JSON object a command printed last, or ``{"error": its output's end}``."""
         for line in reversed(done["tail"].splitlines()):
             if line.startswith("{"):
                 return json.loads(line)
         return {"error": done["tail"][-500:] or f"exit {done['returncode']}"}
+
+    def probe(self, code: str, *args: str) -> dict:
+        """The JSON object a ``python -c code`` prints last, or ``{"error": its output's end}``."""
+        return self.json_of(self.python("-c", code, *args, limit_s=max(self.step_end - time.monotonic(), 30)))
 
     # ---- the steps: each returns {"status", "detail"}
 
@@ -369,11 +355,11 @@ class Check:
                         f"{len(wheels)} wheels installed and imported")  # fmt: skip
 
     def step_environment(self) -> dict:
-        environment = {}
+        environment = self.json_of(self.python(str(ENVIRONMENT), "--describe",
+                                               limit_s=max(self.step_end - time.monotonic(), 30)))  # fmt: skip
         if shutil.which("nvidia-smi"):
             query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
             environment["nvidia_smi"] = self.run(query, limit_s=20)["tail"].strip()
-        environment.update(self.probe(PROBE, *VERSIONED))
         versions = {_normalized(name): version for name, version in environment.get("versions", {}).items()}
         environment["differs_from_gpu_stack"] = {
             name: {"here": versions.get(name), "gpu_stack": pin}
@@ -383,9 +369,9 @@ class Check:
         self.results["environment"] = environment
         if "error" in environment:
             return {"status": "failed", "detail": environment["error"]}
-        if not self.dry_run and not environment.get("cuda_available"):
+        if not self.dry_run and not environment["device"].get("cuda_available"):
             return {"status": "failed", "detail": "torch sees no CUDA device (on a CPU machine: --dry-run)"}
-        return {"status": "passed", "detail": (environment.get("gpu") or {}).get("name", "CPU")}
+        return {"status": "passed", "detail": environment["device"].get("gpu", "CPU")}
 
     def step_build(self) -> dict:
         env = {**self.env, "MAX_JOBS": str(os.cpu_count() or 2)}
@@ -425,7 +411,7 @@ class Check:
             return _outcome(done, "no results file")
         results = json.loads(found[0].read_text())
         if not found[0].with_suffix(".md").is_file():  # written at the end of a run: draw it from the JSON
-            self.python("benchmarks/report.py", str(found[0]), limit_s=30)
+            self.python("benchmarks/bench_loss.py", "report", str(found[0]), limit_s=30)
         self._keep(found[0], found[0].with_suffix(".md"))
         rows = results.get("results", [])
         self.results["headline_case"] = {key: rows[0][key] for key in ("H", "V", "tokens", "dtype")} if rows else {}
@@ -440,7 +426,7 @@ class Check:
             arguments = ["--smoke", "--arms", "trl,fast"]
         else:
             limit = self.step_end - time.monotonic()
-            arguments = ["--models", "llama-1b", "--search-models", "", "--arms", "trl,fast", "--timed-steps", "3",
+            arguments = ["--models", "llama-1b", "--arms", "trl,fast", "--timed-steps", "3",
                          "--deadline-s", f"{max(limit - 20, limit / 2):.0f}"]  # fmt: skip
         done = self.python("benchmarks/bench_train.py", *arguments, "--out", str(folder))
         results = folder / "bench_train.json"
@@ -549,19 +535,19 @@ def _headline_lines(results: dict) -> list[str]:
 def summary(results: dict) -> str:
     """The one-screen summary: printed last, and ``gpu_check.md``."""
     environment = results["environment"]
-    gpu, versions = environment.get("gpu"), environment.get("versions", {})
+    found, versions = environment.get("device", {}), environment.get("versions", {})
     title = "gpu_check --dry-run (CPU, tiny shapes)" if results["dry_run"] else "gpu_check"
     device = "CPU"
-    if gpu:
-        architecture = "sm_" + gpu["capability"].replace(".", "")
-        device = f"{gpu['name']} ({architecture}, {gpu['sm_count']} SMs, {gpu['memory_gib']} GiB)"
+    if found.get("gpu"):
+        architecture = "sm_" + found["capability"].replace(".", "")
+        device = f"{found['gpu']} ({architecture}, {found['sm_count']} SMs, {found['gpu_memory_gib']} GiB)"
     lines = [f"# {title}: {results['date']}, commit {results['commit']}", "", f"device: {device}"]
     if environment.get("nvidia_smi"):
         lines[-1] += f"; nvidia-smi: {environment['nvidia_smi']}"
     if versions:
         others = ", ".join(f"{name} {versions[name]}" for name in VERSIONED[1:] if versions.get(name))
-        lines.append(f"python {environment.get('python')}, torch {versions.get('torch')} "
-                     f"(CUDA {environment.get('torch_cuda')}), {others}")  # fmt: skip
+        lines.append(f"python {versions.get('python')}, torch {versions.get('torch')} "
+                     f"(CUDA {environment.get('torch_build', {}).get('cuda')}), {others}")  # fmt: skip
     differs = environment.get("differs_from_gpu_stack")
     if differs:
         pairs = ", ".join(f"{name} {pair['here']} (CI {pair['gpu_stack']})" for name, pair in differs.items())

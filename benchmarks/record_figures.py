@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import environment
+from _stack import environment, report
 
 ROOT = environment.ROOT
 RESULTS = ROOT / environment.RESULTS
@@ -55,32 +55,22 @@ PARITY_LINE = re.compile(r"^(?P<case>\S+): max relative difference: (?P<figures>
 
 def _started() -> dict:
     """The machine, versions and code, with the load average, before a run (``environment.describe``)."""
-    return environment.describe(torch.device("cpu"))
+    return environment.describe("cpu")
 
 
 def _record(meta: dict, command: list[str], runs: list[str], figures: dict) -> dict:
     """The figures with what produced them: the command that records them, the one it ran, the machine (the
     load average after the run too), the versions and the code."""
-    meta["device"]["load_average_1m_end"] = round(os.getloadavg()[0], 2)
+    environment.finish(meta)
     return {"command": command, "runs": runs, "meta": meta, **figures}
 
 
 def _write(out: Path, name: str, record: dict, table: list[str]) -> Path:
-    """``<out>/<name>.json`` and ``<out>/<name>.md``; returns the JSON's path."""
-    out.mkdir(parents=True, exist_ok=True)
-    meta = record["meta"]
-    header = [
-        f"# {name}, {meta['date']}", "",
-        f"`{shlex.join(record['command'])}`", "",
-        (f"{meta['device']['cpu']} ({meta['device']['cpu_cores_available']} cores), torch {meta['versions']['torch']}, "
-         f"load average {meta['device']['load_average_1m']} at the start, {meta['device']['load_average_1m_end']} "
-         "at the end."), "",
-        environment.code_summary(meta["code"]), "",
-    ]  # fmt: skip
-    (out / f"{name}.md").write_text("\n".join(header + table) + "\n")
-    path = out / f"{name}.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    return path
+    """``<out>/<name>.json`` and ``<out>/<name>.md`` (``_stack.report``); returns the JSON's path."""
+    header = [*report.header(f"{name}, {record['meta']['date']}", record["meta"]), f"`{shlex.join(record['command'])}`",
+              ""]  # fmt: skip
+    report.write(record, out / name, "\n".join(header + table))
+    return out / f"{name}.json"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,12 +18,12 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-import environment
+from _loss.cases import SUITES, Case
+from _loss.implementations import all_implementations
+from _loss.measure import Settings, record_for
+from _loss.tables import MEMORY_CAP_NOTE, derive, goal_lines, line_style, markdown
+from _stack import environment
 from bench_loss import DEFAULT_SETTINGS, ROUND_FIGURES, Runner, combine_rounds, memory_cap_reason, suite_defaults
-from cases import SUITES, Case
-from implementations import all_implementations
-from measure import Settings, record_for
-from report import MEMORY_CAP_NOTE, derive, goal_lines, line_style, markdown
 
 ROW_KEYS = {"case", "pairs", "T", "H", "V", "tokens", "valid_tokens", "dtype", "implementation", "mode", "fwd_ms",
             "fwd_bwd_ms", "tflops", "gemm_ratio", "peak_mem_mb", "memory_kind", "max_rel_err", "errors", "oom",
@@ -38,6 +38,19 @@ def smoke(tmp_path_factory):
     assert done.returncode == 0, done.stderr[-3000:]
     (path,) = out.glob("*-smoke.json")
     return json.loads(path.read_text()), out
+
+
+def test_no_module_of_benchmarks_can_shadow_or_be_shadowed_by_an_installed_package():
+    """``python benchmarks/x.py`` puts benchmarks/ first on sys.path: a module there named like a PyPI package
+    (``environment``, ``report``, ``cases`` and ``measure`` were) would hide it from every library importing it, or
+    the other way round. Only the scripts have plain names; the rest is in packages whose names start with ``_``,
+    which no PyPI project's can."""
+    scripts = {
+        "bench_loss", "bench_train", "bench_memory", "gpu_check", "record_figures", "check_wheels", "trl_versions",
+        "vocab_parallel_memory", "wheelhouse",
+    }  # fmt: skip
+    top_level = {path.stem for path in BENCH.glob("*.py")} | {path.parent.name for path in BENCH.glob("*/__init__.py")}
+    assert {name for name in top_level if not name.startswith("_")} == scripts
 
 
 def test_results_have_the_documented_schema(smoke):

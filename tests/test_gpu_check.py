@@ -163,9 +163,9 @@ def test_steps_after_the_whole_run_budget_are_not_run(tmp_path, monkeypatch):
 def test_the_summary_fits_one_screen():
     results = {
         "date": "2026-11-28T10:00:00+00:00", "commit": "abc", "dry_run": False, "files": ["gpu_check.json"],
-        "environment": {"gpu": {"name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "sm_count": 132,
-                                "memory_gib": 79.2}, "python": "3.12.3", "torch_cuda": "13.0",
-                        "versions": {name: "1.0" for name in gpu_check.VERSIONED},
+        "environment": {"device": {"gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0", "sm_count": 132,
+                                   "gpu_memory_gib": 79.2, "cuda_available": True}, "torch_build": {"cuda": "13.0"},
+                        "versions": {"python": "3.12.3", **{name: "1.0" for name in gpu_check.VERSIONED}},
                         "differs_from_gpu_stack": {"torch": {"here": "2.12.0", "gpu_stack": "2.11.0"}}},
         "steps": [{"step": step.name, "status": "passed", "seconds": 1.0, "limit_s": step.limit_s, "detail": "ok"}
                   for step in gpu_check.STEPS],
@@ -184,6 +184,7 @@ def test_the_summary_fits_one_screen():
     }  # fmt: skip
     text = gpu_check.summary(results)
     assert len(text.splitlines()) <= 60 and max(len(line) for line in text.splitlines()) <= 200
-    assert "NVIDIA H100 80GB HBM3 (sm_90" in text and "torch 2.12.0 (CI 2.11.0)" in text
+    assert "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs, 79.2 GiB)" in text and "torch 2.12.0 (CI 2.11.0)" in text
+    assert "python 3.12.3, torch 1.0 (CUDA 13.0)" in text
     assert "| impl-0 | 2.0 (1.20x) | 2.0 (1.20x) | 1.0 (1.20x) | 2.0 (1.20x) | 900 | 2.0e-03 |" in text
     assert "... 2 more in junit.xml" in text and "| llama-1b | trl | 0.500 | 8,000 | 20.0 |" in text

@@ -1,5 +1,5 @@
-"""benchmarks/bench_train.py runs end to end in its CPU smoke mode: every arm measured or skipped with a reason;
-benchmarks/record_figures.py records the TRL parity tests' figures."""
+"""benchmarks/bench_train.py runs end to end in its CPU smoke mode: every arm measured or skipped with a reason,
+the lean trainer's steps measured as TRL's are; benchmarks/record_figures.py records the TRL parity tests' figures."""
 
 import json
 import subprocess
@@ -21,17 +21,14 @@ def test_bench_train_smoke(tmp_path):
     report = json.loads((tmp_path / "bench_train.json").read_text())
     entries = {entry["arm"]: entry for entry in report["results"]}
     assert set(entries) == set(arms.split(","))
-    for arm in ("trl", "fast", "fast-shared"):
+    for arm in ("trl", "fast", "fast-shared", "dpo-fast-cli", "dpo-fast-cli-shared"):
         entry = entries[arm]
         assert entry["status"] == "ok", entry
-        assert entry["timing"]["tokens_per_s"] > 0 and entry["timing"]["steps"] == 3
-        assert entry["longest_sequence"] == {"fits": 64, "fails": None, "complete": True}
-        assert entry["largest_batch"]["fits"] == 2
+        timing = entry["timing"]
+        assert timing["tokens_per_s"] > 0 and timing["steps"] == 3 and timing["memory_kind"] == "rss"
+        assert timing["total_peak_gib"] >= timing["peak_gib"]
     assert entries["trl-liger"]["status"] == "skipped" and "CUDA" in entries["trl-liger"]["reason"]
-    for arm in ("dpo-fast-cli", "dpo-fast-cli-shared"):
-        assert entries[arm]["status"] in ("ok", "skipped"), entries[arm]
-    code = report["environment"]["code"]
-    assert len(code["source_sha256"]) == 64 and code["commit"] == report["environment"]["commit"]
+    assert len(report["meta"]["code"]["source_sha256"]) == 64 and report["meta"]["versions"]["trl"]
     table = (tmp_path / "bench_train.md").read_text()
     assert table.count("| tiny |") == 6 and "FastDPOTrainer, prefix_sharing=True" in table and "Code: " in table
 
@@ -49,12 +46,10 @@ def test_bench_train_cpu_measurement_smoke(tmp_path):
     for (question, arm), entry in measured.items():
         assert entry["status"] == "ok", entry
         timing = entry["timing"]
-        assert timing["tokens_per_s"] > 0 and timing["peak_process_gib"] > 0, entry
+        assert timing["tokens_per_s"] > 0 and timing["total_peak_gib"] > 0, entry
         assert entry["shape"]["prompt_fraction"] == (0.75 if question == "prefix sharing" else 0.5)
-        if arm.startswith("fast"):
-            assert timing["peak_rss_growth_gib"] >= 0
     table = (tmp_path / "bench_train.md").read_text()
-    for goal in ("tokens/s vs without | ", "peak RSS vs without | ", "token metrics on vs off | "):
+    for goal in ("tokens/s vs without | ", "step memory vs without | ", "token metrics on vs off | "):
         assert goal in table and f"{goal}not measured" not in table
 
 

@@ -1,7 +1,12 @@
-"""The machine, the software and the code a run measured: what every results file records beside its numbers.
+"""The one environment record: the machine, the software and the code a run measured.
 
-``python benchmarks/environment.py`` prints the code state of this checkout (commit, uncommitted
-changes, source fingerprint), to compare with the one a results file recorded.
+Every results file of ``benchmarks/`` (``bench_loss.py``, ``bench_train.py``, ``bench_memory.py``,
+``record_figures.py``, ``gpu_check.py``) records ``describe()`` beside its numbers. It imports
+torch only inside ``describe``, so a machine where torch does not import still gets a record
+saying why (``gpu_check.py`` runs it before anything else is known to work)::
+
+    python benchmarks/_stack/environment.py             # this checkout's code state (commit, changes, fingerprint)
+    python benchmarks/_stack/environment.py --describe  # the whole record for this machine, as JSON
 """
 
 from __future__ import annotations
@@ -14,23 +19,23 @@ import os
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 
-import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # What a run writes (and ``--resume`` reads): left out of the dirty check and of the fingerprint
 RESULTS = "benchmarks/results"
 # The code a measurement depends on: hashed into the source fingerprint, which needs no git
 SOURCE_FOLDERS = ("dpo_fast", "kernels", "csrc", "benchmarks")
 SOURCE_FILES = ("pyproject.toml", "setup.py")
+SOURCE_SUFFIXES = (".py", ".cpp", ".cu", ".cuh", ".h", ".json", ".yaml", ".jsonl", ".jinja", ".toml")
 # Where git cannot tell (a copy of the tree, as on the GPU machine), a launcher may state the commit it copied
 STATED_COMMIT = "DPO_FAST_COMMIT"
-SOURCE_SUFFIXES = (".py", ".cpp", ".cu", ".cuh", ".h", ".json", ".yaml", ".jsonl", ".jinja", ".toml")
 
-# Distributions whose versions a run records (the peers' too, or "not installed").
-PACKAGES = ("torch", "triton", "numpy", "dpo-fast", "trl", "liger-kernel", "cut-cross-entropy", "verl",
-            "transformers", "nvidia-cutlass-dsl", "quack-kernels")  # fmt: skip
+# Distributions whose versions a record holds (a version, or None when not installed): dpo_fast's stack and every peer
+PACKAGES = ("torch", "triton", "numpy", "dpo-fast", "transformers", "accelerate", "datasets", "peft", "trl",
+            "liger-kernel", "cut-cross-entropy", "verl", "nvidia-cutlass-dsl", "quack-kernels",
+            "huggingface-hub")  # fmt: skip
 
 
 def _cpu_model() -> str:
@@ -55,11 +60,12 @@ def _memory_gib() -> float | None:
     return None
 
 
-def _version(package: str) -> str:
+def version(package: str) -> str | None:
+    """The installed version of a distribution, or None."""
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+        return None
 
 
 def _git(*args: str) -> subprocess.CompletedProcess | None:
@@ -130,10 +136,11 @@ def code_summary(code: dict | None) -> str:
             f"{files}; diff sha256 {code['diff_sha256'][:12]}); {fingerprint}.")  # fmt: skip
 
 
-def dpo_fast_default(device: torch.device, dtype: torch.dtype) -> dict:
-    """What ``fused_linear_dpo_loss`` runs here with its defaults: ``backend="auto"`` resolved on this
-    machine (``cpp`` on CPU once its extension is built), ``grads_in_forward`` left to its default
-    (True for every chunked backend, as ``dpo_fast.api`` decides), and the benchmark's row name for it."""
+def dpo_fast_default(device, dtype) -> dict:
+    """What ``fused_linear_dpo_loss`` runs here with its defaults (a ``torch.device`` and ``torch.dtype``):
+    ``backend="auto"`` resolved on this machine (``cpp`` on CPU once its extension is built),
+    ``grads_in_forward`` left to its default (True for every chunked backend, as ``dpo_fast.api``
+    decides), and ``bench_loss.py``'s row name for it."""
     from dpo_fast import backends, chunking
 
     backend = backends.resolve("auto", device, dtype)
@@ -145,36 +152,77 @@ def dpo_fast_default(device: torch.device, dtype: torch.dtype) -> dict:
     }  # fmt: skip
 
 
-def describe(device: torch.device) -> dict:
-    """Date, device, host, versions and code, as recorded at the top of a results file."""
+def _torch_record(device: str | None) -> tuple[str, dict]:
+    """(the device type, what torch says about it); device None: ``cuda`` where torch sees one, else ``cpu``."""
+    try:
+        import torch
+    except Exception as error:  # noqa: BLE001 (a torch that does not import is what the record must say)
+        return device or "cpu", {"error": f"torch does not import: {error!r}"}
+    kind = str(device) if device else ("cuda" if torch.cuda.is_available() else "cpu")
+    found = {"torch_threads": torch.get_num_threads(), "cuda_available": torch.cuda.is_available()}
+    if kind.startswith("cuda") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.device(kind))
+        found.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                     sm_count=props.multi_processor_count, capability=f"{props.major}.{props.minor}")  # fmt: skip
+    build = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    return kind.split(":")[0], {"device": found, "torch_build": build}
+
+
+def describe(device: str | None = None) -> dict:
+    """The record at the top of a results file.
+
+    ``device``: ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``), or None for the one torch would use.
+    Returns ``date`` (YYYY-MM-DD) and ``started`` (UTC, ISO 8601); ``device``: ``type``, ``cpu``
+    (model name), ``cpu_cores_available``, ``memory_gib`` (host RAM), ``load_average_1m`` (at the
+    start; a run adds ``load_average_1m_end``), ``torch_threads``, ``cuda_available``, and on CUDA
+    ``gpu`` (name), ``gpu_memory_gib``, ``sm_count``, ``capability``; ``versions``: ``python`` and
+    each of ``PACKAGES`` (None: not installed); ``torch_build``: torch's version and its CUDA;
+    ``env``: ``TRITON_INTERPRET`` and ``OMP_NUM_THREADS`` where set; ``code``: ``code_state()``;
+    ``error`` only where torch does not import.
+    """
+    kind, found = _torch_record(device)
+    now = datetime.datetime.now(datetime.timezone.utc)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    meta = {
-        "date": datetime.date.today().isoformat(),
-        "device": {
-            "type": device.type,
-            "cpu": _cpu_model(),
-            "cpu_cores_available": cores,
-            "memory_gib": _memory_gib(),
-            "load_average_1m": round(os.getloadavg()[0], 2),
-            "torch_threads": torch.get_num_threads(),
-        },
-        "versions": {"python": platform.python_version(), **{name: _version(name) for name in PACKAGES}},
-        "torch_build": {"cuda": torch.version.cuda, "torch": torch.__version__},
+    record = {
+        "date": now.date().isoformat(),
+        "started": now.isoformat(timespec="seconds"),
+        "device": {"type": kind, "cpu": _cpu_model(), "cpu_cores_available": cores, "memory_gib": _memory_gib(),
+                   "load_average_1m": round(os.getloadavg()[0], 2), **found.get("device", {})},
+        "versions": {"python": platform.python_version(), **{name: version(name) for name in PACKAGES}},
+        "torch_build": found.get("torch_build", {}),
         "env": {name: os.environ[name] for name in ("TRITON_INTERPRET", "OMP_NUM_THREADS") if name in os.environ},
         "code": code_state(),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        meta["device"].update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                              sm_count=props.multi_processor_count)  # fmt: skip
-    return meta
+    }  # fmt: skip
+    if "error" in found:
+        record["error"] = found["error"]
+    return record
 
 
-def slug(meta: dict) -> str:
+def finish(record: dict) -> None:
+    """Add what a run knows only at its end: the load average then (``device.load_average_1m_end``)."""
+    record["device"]["load_average_1m_end"] = round(os.getloadavg()[0], 2)
+
+
+def device_name(record: dict) -> str:
+    """The device in words: the GPU's name, or the CPU's with its cores."""
+    device = record["device"]
+    return device.get("gpu") or f"{device['cpu']} ({device['cpu_cores_available']} cores)"
+
+
+def versions_line(record: dict) -> str:
+    """``name version, ...`` of what is installed (files written before None meant that said "not installed")."""
+    installed = {name: value for name, value in record["versions"].items() if value not in (None, "not installed")}
+    return ", ".join(f"{name} {value}" for name, value in installed.items())
+
+
+def slug(record: dict) -> str:
     """The device part of a results file's name: the GPU's name, or ``cpu``."""
-    name = meta["device"].get("gpu", "cpu")
+    name = record["device"].get("gpu", "cpu")
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 if __name__ == "__main__":
-    print(json.dumps(code_state(), indent=1))
+    if sys.argv[1:] == ["--describe"]:
+        print(json.dumps(describe()))
+    else:
+        print(json.dumps(code_state(), indent=1))

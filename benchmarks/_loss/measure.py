@@ -5,13 +5,11 @@ process the memory step below is the first of them), then the median of ``repeat
 ``time.perf_counter`` on CPU, where every op is synchronous). Gradients are cleared before each
 step (set to None), so no step pays for accumulating into the previous one's.
 
-Memory: on CUDA, the peak of ``torch.cuda.max_memory_allocated`` over one step above what was
+Memory (``_stack.memory.MemoryProbe``): on CUDA, the peak allocated over one step above what was
 allocated before it (the inputs): the step's buffers and the gradients it returns. On CPU (Linux),
-in a fresh process, the peak resident set size over the first full-size step above the resident
-set just before it, after a tiny warm-up step has taken the one-time costs (imports, library
-buffers, compilation). The peak is the kernel's high-water mark (``VmHWM``), reset just before the
-step through ``/proc/self/clear_refs``: ``ru_maxrss`` would not do, as a child process starts with
-its parent's peak.
+in a fresh process, the peak resident set over the first full-size step above the resident set
+just before it, after a tiny warm-up step has taken the one-time costs (imports, library buffers,
+compilation).
 
 Errors: ``||out - ref|| / ||ref||`` against ``cases.reference`` for each output the mode has.
 Out-of-memory is recorded (``oom``), never raised; so is any other failure of a peer (``error``).
@@ -27,8 +25,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-from cases import Batch, Case, make_batch
-from implementations import Implementation, StepOutputs
+from _stack.memory import MemoryProbe
+
+from _loss.cases import Batch, Case, make_batch
+from _loss.implementations import Implementation, StepOutputs
+
+MIB = 2**20
 
 
 @dataclass(frozen=True)
@@ -119,21 +121,11 @@ def cuda_peak_mib(run, batch: Batch, mode: str) -> float:
     """Peak allocated memory of one step above what was allocated before it, MiB."""
     batch.clear_grads()
     gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
+    probe = MemoryProbe("cuda")
+    probe.start()
     outputs, _ = _step(run, batch, mode, _Clock(batch.hidden.device))
-    torch.cuda.synchronize()
     del outputs
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"/proc/self/status has no {field}")
+    return probe.growth() / MIB
 
 
 def cpu_rss_growth_mib(impl: Implementation, case: Case, batch: Batch, mode: str, run) -> float:
@@ -142,12 +134,11 @@ def cpu_rss_growth_mib(impl: Implementation, case: Case, batch: Batch, mode: str
     _step(impl.make_step(tiny, mode), tiny, mode, _Clock(tiny.hidden.device))
     del tiny
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # reset the peak (VmHWM) to the current resident set
-    before = _status_mib("VmRSS")
+    probe = MemoryProbe("cpu")
+    probe.start()
     outputs, _ = _step(run, batch, mode, _Clock(batch.hidden.device))
     del outputs
-    return _status_mib("VmHWM") - before
+    return probe.growth() / MIB
 
 
 def measure(impl: Implementation, case: Case, mode: str, device: torch.device, settings: Settings,

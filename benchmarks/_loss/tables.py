@@ -1,19 +1,19 @@
-"""Results files: the JSON of a run, its markdown tables and its plots of time and memory against tokens.
+"""``bench_loss.py``'s report: the derived figures, the markdown tables, the goals and the sweep's plots.
 
-``python benchmarks/report.py RESULTS.json`` rewrites the tables and plots beside a JSON file
-(for instance after a run cut short by a time limit, or after editing nothing but this module).
+``_stack.report`` writes them (``write`` here); ``python benchmarks/bench_loss.py report RESULTS.json``
+rewrites the tables and plots beside a JSON file (for instance after a run cut short by a time
+limit, or after editing nothing but this module).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
-import environment
-from cases import GEMM_PRODUCTS
+from _stack import report
+
+from _loss.cases import GEMM_PRODUCTS
 
 # How a sweep point left out by bench_loss.py's --memory-cap-mib begins its error
 MEMORY_CAP_NOTE = "not run: over the memory cap"
@@ -227,18 +227,9 @@ def rounds_rule(results: dict) -> str:
 
 def markdown(results: dict) -> str:
     meta = results["meta"]
-    device = meta["device"].get("gpu") or f"{meta['device']['cpu']} ({meta['device']['cpu_cores_available']} cores)"
-    versions = ", ".join(
-        f"{name} {version}" for name, version in meta["versions"].items() if version != "not installed"
-    )
     lines = [
-        f"# DPO loss step: {results['suite']} suite, {meta['date']}", "",
-        f"Device: {device}. Versions: {versions}.", "",
-        environment.code_summary(meta.get("code")), "",
+        *report.header(f"DPO loss step: {results['suite']} suite, {meta['date']}", meta),
         default_line(meta), "",
-        (f"Load average (1 min): {meta['device']['load_average_1m']} at the start, "
-         f"{meta['device'].get('load_average_1m_end', '–')} at the end; {meta['device']['torch_threads']} torch "
-         "threads."), "",
         (f"Settings: {json.dumps(results['settings'])}. Times are medians of the timed steps; {rounds_rule(results)} "
          "TFLOP/s counts the mode's products on "
          "valid tokens (2, 4 or 6 x N_valid x H x V) over the step's time; 'x GEMM line' is the time over the same "
@@ -269,68 +260,39 @@ def line_style(impl: str) -> dict:
     return {"color": "black", "linestyle": "--"} if impl == "gemm" else {"linestyle": "-"}
 
 
-def plots(results: dict, stem: Path) -> list[Path]:
-    """PNG plots of forward+backward time and of peak memory against tokens, one line per implementation."""
+def plots(results: dict) -> dict[str, list[report.Panel]]:
+    """The sweep's plots, ``time`` and ``memory``: forward+backward time and peak memory against tokens, one line
+    per implementation (log-log, the GEMM line dashed); none without a sweep."""
     rows = [row for row in results["results"] if row["case"] == "sweep" and row["mode"] == "dpo"]
     if not rows:
-        return []
-    try:
-        import matplotlib
-    except ImportError:
-        print("report: matplotlib is not installed (pip install .[bench]): no plots", file=sys.stderr)
-        return []
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    meta, written = results["meta"], []
+        return {}
+    meta, found = results["meta"], {}
     device = meta["device"].get("gpu") or meta["device"]["cpu"]
-    for key, label, suffix in (("fwd_bwd_ms", "forward+backward ms", "time"),
-                               ("peak_mem_mb", _memory_header(rows), "memory")):  # fmt: skip
+    tokens = sorted({r["tokens"] for r in rows})
+    for key, label, name in (("fwd_bwd_ms", "forward+backward ms", "time"),
+                             ("peak_mem_mb", _memory_header(rows), "memory")):  # fmt: skip
         by_impl = defaultdict(list)
         for row in sorted(rows, key=lambda r: r["tokens"]):
             by_impl[row["implementation"]].append(row)
-        series = {impl: [(r["tokens"], r[key]) for r in impl_rows if r[key] is not None]
-                  for impl, impl_rows in by_impl.items()}  # fmt: skip
-        if not any(series.values()):
-            continue  # e.g. memory, when it was not measured
-        figure, axes = plt.subplots(figsize=(8, 5))
-        for impl, points in series.items():
-            oom = [r["tokens"] for r in by_impl[impl] if r["oom"]]
-            capped = [r["tokens"] for r in by_impl[impl] if (r["error"] or "").startswith(MEMORY_CAP_NOTE)]
+        panel = report.Panel(title=f"DPO loss step, H={rows[0]['H']}, V={rows[0]['V']}, {rows[0]['dtype']}, {device}",
+                             xlabel="tokens (half prompt)", ylabel=label, log_x=True, log_y=True, xticks=tokens)  # fmt: skip
+        for impl, impl_rows in by_impl.items():
+            points = [(r["tokens"], r[key]) for r in impl_rows if r[key] is not None]
+            oom = [r["tokens"] for r in impl_rows if r["oom"]]
+            capped = [r["tokens"] for r in impl_rows if (r["error"] or "").startswith(MEMORY_CAP_NOTE)]
+            legend = impl + (f" (OOM from {min(oom)} tokens)" if oom else "")
+            legend += f" (over the memory cap from {min(capped)} tokens)" if capped else ""
             if points:
-                legend = impl + (f" (OOM from {min(oom)} tokens)" if oom else "")
-                legend += f" (over the memory cap from {min(capped)} tokens)" if capped else ""
-                axes.plot(*zip(*points), marker="o", label=legend, **line_style(impl))
-        axes.set(xscale="log", yscale="log", xlabel="tokens (half prompt)", ylabel=label,
-                 title=f"DPO loss step, H={rows[0]['H']}, V={rows[0]['V']}, {rows[0]['dtype']}, {device}")  # fmt: skip
-        tokens = sorted({r["tokens"] for r in rows})
-        axes.set_xticks(tokens, [str(t) for t in tokens], minor=False)
-        axes.set_xticks([], minor=True)
-        axes.grid(True, which="both", alpha=0.3)
-        axes.legend(fontsize=7)
-        path = stem.parent / f"{stem.name}-{suffix}.png"
-        figure.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(figure)
-        written.append(path)
-    return written
+                panel.lines[legend], panel.styles[legend] = points, line_style(impl)
+        if panel.lines:  # e.g. no memory, when it was not measured
+            found[name] = [panel]
+    return found
 
 
 def write(results: dict, stem: Path, tables: bool = True) -> None:
-    """``<stem>.json`` always; ``<stem>.md`` and the plots when ``tables``."""
+    """``<stem>.json`` always; ``<stem>.md`` and the plots when ``tables`` (``_stack.report``)."""
     derive(results["results"])
-    Path(f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
     if tables:
-        Path(f"{stem}.md").write_text(markdown(results) + "\n")
-        plots(results, stem)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", type=Path, help="a results JSON written by bench_loss.py")
-    path = parser.parse_args().results
-    write(json.loads(path.read_text()), path.with_suffix(""))
-
-
-if __name__ == "__main__":
-    main()
+        report.write(results, stem, markdown(results), plots(results))
+    else:
+        report.write_json(results, stem.with_name(stem.name + ".json"))

@@ -33,7 +33,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from cases import (
+from torch.utils.checkpoint import checkpoint
+
+from _loss.cases import (
     BETA,
     GEMM_PRODUCTS,
     IGNORE,
@@ -47,7 +49,6 @@ from cases import (
     dpo_loss,
     kto_kl,
 )  # fmt: skip
-from torch.utils.checkpoint import checkpoint
 
 # TRL's DPOTrainer passes this vocabulary tile width (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, trl 1.16)
 TRL_VOCAB_CHUNK = 32768
