@@ -150,12 +150,12 @@ def gpu_stack(path: Path = GPU_STACK) -> dict[str, str]:
 
 def ordered_test_files(tests: Path, dry_run: bool) -> list[Path]:
     """The test files in the order they run (``TESTS_FIRST``, the others, ``TESTS_LAST``); a few in a dry run."""
+    found = {path.name: path for path in sorted(tests.rglob("test_*.py"))}
     if dry_run:
-        return [tests / name for name in DRY_RUN_TESTS if (tests / name).is_file()]
-    found = sorted(path.name for path in tests.glob("test_*.py"))
+        return [found[name] for name in DRY_RUN_TESTS if name in found]
     middle = [name for name in found if name not in TESTS_FIRST + TESTS_LAST]
     order = [name for name in TESTS_FIRST if name in found] + middle + [name for name in TESTS_LAST if name in found]
-    return [tests / name for name in order]
+    return [found[name] for name in order]
 
 
 def read_junit(path: Path) -> dict:

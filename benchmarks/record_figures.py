@@ -9,10 +9,10 @@ docs show them):
                 everything, peak RSS of the process, and its ``metrics.jsonl`` (held-out metrics by
                 step). A fresh reference cache, so the reference pass is timed too. About a minute
                 on 2 quiet cores.
-  memory-test   ``tests/test_memory.py``'s probe (docs/testing.md): the extra memory of one step of
+  memory-test   ``tests/kernels/test_memory.py``'s probe (docs/testing.md): the extra memory of one step of
                 4 pairs x 512 tokens, H=256, V=32000, for the naive step and the torch and cpp
                 backends, each in a fresh process. Under a minute.
-  trl-parity    ``tests/test_trl.py`` under pytest (docs/trl.md, "Parity"): the largest relative
+  trl-parity    ``tests/integrations/test_trl.py`` under pytest (docs/trl.md, "Parity"): the largest relative
                 differences each test prints between FastDPOTrainer and TRL's DPOTrainer, and
                 whether every test passed. A few minutes.
 
@@ -49,7 +49,7 @@ from _stack import environment, report
 ROOT = environment.ROOT
 RESULTS = ROOT / environment.RESULTS
 EVAL_METRICS = ("eval_rewards/accuracies", "eval_loss", "eval_rewards/margins")
-# What tests/test_trl.py prints after each comparison, e.g. "hinge: max relative difference: logs 1.2e-06, ..."
+# What tests/integrations/test_trl.py prints after each comparison, e.g. "hinge: max relative difference: logs 1.2e-06, ..."
 PARITY_LINE = re.compile(r"^(?P<case>\S+): max relative difference: (?P<figures>.+)$")
 
 
@@ -129,8 +129,9 @@ def default_run(out: Path, name: str, command_line: list[str], train_flags: list
 
 
 def memory_test(out: Path, name: str, command_line: list[str], backends: list[str]) -> Path:
-    """tests/test_memory.py's probe (its own function, so the figure is the test's) for each backend."""
+    """tests/kernels/test_memory.py's probe (its own function, so the figure is the test's) for each backend."""
     sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "kernels"))
     from test_memory import _extra_memory
 
     meta = _started()
@@ -143,7 +144,7 @@ def memory_test(out: Path, name: str, command_line: list[str], backends: list[st
         fraction = "–" if step["fraction_of_naive"] is None else f"{100 * step['fraction_of_naive']:.1f}%"
         table.append(f"| {backend} | {step['extra_mib']:.0f} | {fraction} |")
     figures = {"shape": "4 pairs x 512 tokens (half prompt), H=256, V=32000, float32", "steps": steps}
-    runs = ["tests/test_memory.py's PROBE, one process per backend:", *backends]
+    runs = ["tests/kernels/test_memory.py's PROBE, one process per backend:", *backends]
     return _write(out, name, _record(meta, command_line, runs, figures), table)
 
 
@@ -168,11 +169,11 @@ def parse_parity(junit_xml: str) -> list[dict]:
 
 
 def trl_parity(out: Path, name: str, command_line: list[str], select: str | None) -> Path:
-    """Run tests/test_trl.py (``-k select``) and record each test's outcome and printed differences."""
+    """Run tests/integrations/test_trl.py (``-k select``) and record each test's outcome and printed differences."""
     meta = _started()
     with tempfile.TemporaryDirectory() as scratch:
         junit = Path(scratch) / "junit.xml"
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_trl.py",
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/integrations/test_trl.py",
                    f"--junitxml={junit}", "-o", "junit_logging=system-out", *(["-k", select] if select else [])]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
         if not junit.exists():
@@ -192,11 +193,13 @@ def trl_parity(out: Path, name: str, command_line: list[str], select: str | None
         cells = " | ".join(f"{printed[label]:.1e}" if label in printed else "–"
                            for label in ("logs", "eval", "weight updates"))  # fmt: skip
         table.append(f"| {test['test']} | {test['outcome']} | {cells} |")
-    runs = ["python", "-m", "pytest", "tests/test_trl.py", *(["-k", select] if select else [])]
+    runs = ["python", "-m", "pytest", "tests/integrations/test_trl.py", *(["-k", select] if select else [])]
     figures = {"pytest_exit_code": done.returncode, "outcomes": outcomes, "largest": largest, "tests": tests}
     path = _write(out, name, _record(meta, command_line, runs, figures), table)
     if done.returncode != 0:
-        sys.exit(f"record_figures: tests/test_trl.py did not pass (pytest exit {done.returncode}); recorded in {path}")
+        sys.exit(
+            f"record_figures: tests/integrations/test_trl.py did not pass (pytest exit {done.returncode}); recorded in {path}"
+        )
     return path
 
 

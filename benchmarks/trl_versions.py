@@ -30,7 +30,7 @@ from xml.etree import ElementTree
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import environment  # noqa: E402
+from _stack import environment  # noqa: E402
 
 ROOT = environment.ROOT
 FILES = ("test_trl.py", "test_kto_trl.py", "test_trl_mixin.py", "test_trl_versions.py", "test_trl_options.py",
@@ -56,7 +56,7 @@ def run_file(python: str, name: str, folder: Path) -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     start = time.perf_counter()
     done = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-                           str(ROOT / "tests" / name)], capture_output=True, text=True, env=env, cwd=ROOT)  # fmt: skip
+                           str(ROOT / "tests" / "integrations" / name)], capture_output=True, text=True, env=env, cwd=ROOT)  # fmt: skip
     wall = time.perf_counter() - start
     suite = ElementTree.parse(report).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -85,7 +85,7 @@ def markdown(record: dict) -> str:
     for index, name in enumerate(FILES):
         cells = [f"{r['files'][index]['passed']}/{r['files'][index]['tests']}, {r['files'][index]['pytest_s']} s "
                  f"({r['files'][index]['wall_s']})" for r in releases]  # fmt: skip
-        lines.append(f"| `tests/{name}` | " + " | ".join(cells) + " |")
+        lines.append(f"| `tests/integrations/{name}` | " + " | ".join(cells) + " |")
     totals = [(sum(f["passed"] for f in r["files"]), sum(f["tests"] for f in r["files"]),
                sum(f["pytest_s"] for f in r["files"]), sum(f["wall_s"] for f in r["files"])) for r in releases]  # fmt: skip
     lines.append("| **all** | " + " | ".join(f"**{p}/{t}, {s:.0f} s ({w:.0f})**" for p, t, s, w in totals) + " |")

@@ -20,7 +20,7 @@ only what scales with V (``arithmetic``).
 
 **Measured** on CPU at a small shape (4 pairs x 512 tokens, half prompt, H=256, V=32000, float32) on ``--tp`` gloo
 processes: each rank's extra resident memory over one forward and backward (the growth of ``VmHWM``, reset just
-before the step, as tests/test_memory.py measures it; gradients included), each route in fresh processes, and the
+before the step, as tests/kernels/test_memory.py measures it; gradients included), each route in fresh processes, and the
 loss of each route (they agree).
 
 Writes ``<out>/<name>.json`` (figures, command, machine, versions, code) and ``<out>/<name>.md`` (the tables).
@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import environment  # noqa: E402
+from _stack import environment  # noqa: E402
 
 HEADLINE = {"hidden": 4096, "vocab": 128256, "pairs": 8, "length": 1024, "bytes": 2}
 SMALL = {"pairs": 4, "length": 512, "hidden": 256, "vocab": 32000}
@@ -189,7 +189,7 @@ def _rank(rank: int, world: int, port: int, route: str, out: str) -> None:
 def measure(tp: int) -> dict:
     import torch.multiprocessing as mp
 
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # as tests/test_memory.py: a stable heap
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # as tests/kernels/test_memory.py: a stable heap
     results = {}
     with tempfile.TemporaryDirectory() as out:
         for route in ROUTES:

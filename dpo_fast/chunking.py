@@ -29,7 +29,7 @@ and the two products accumulate in float32 inside the matmul; ``dL/dh`` rows are
 ``dL/dW`` is rounded to the weight's dtype once: a pass of several chunks sums a 16-bit weight's
 gradient in a float32 ``(V, H)`` buffer (``4*V*H`` bytes more for the pass, as TRL's fused head
 does), since a 16-bit running sum rounded once per chunk would grow its error with the number of
-chunks (measured in tests/test_bf16_accuracy.py).
+chunks (measured in tests/kernels/test_bf16_accuracy.py).
 """
 
 from __future__ import annotations

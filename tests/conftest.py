@@ -37,6 +37,15 @@ if (
     torch.fx.experimental._config.meta_nonzero_assume_all_nonzero = True
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module: the tiny models run fastest so, and do not fight other processes for cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "cpu_only(reason): a backend-parametrized test that runs on CPU tensors on every machine"

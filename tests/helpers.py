@@ -21,7 +21,7 @@ if importlib.util.find_spec("triton") is not None and (
     BACKENDS.append("triton")
 BACKENDS.append("cuda" if torch.cuda.is_available() else "cpp")
 
-# DPO_FAST_DEVICE_CHECK=1 declares the meta device for every backend (tests/test_devices.py runs the suite so): a test
+# DPO_FAST_DEVICE_CHECK=1 declares the meta device for every backend (tests/tools/test_devices.py runs the suite so): a test
 # whose tensors come from device_of(backend) hands meta tensors to dpo_fast, one that builds them anywhere else is
 # caught at its first call into dpo_fast (tests/conftest.py).
 DEVICE_CHECK = os.environ.get("DPO_FAST_DEVICE_CHECK") == "1"

@@ -1,4 +1,4 @@
-"""The cases of tests/test_vocab_parallel.py, run on every rank of a gloo group (``run_group``).
+"""The cases of tests/kernels/test_vocab_parallel.py, run on every rank of a gloo group (``run_group``).
 
 Each case builds its inputs from a seed (the same on every rank), computes the unsharded result with the whole
 weight, then the sharded one with the weight (and bias) a ``DTensor`` placed ``Shard(0)`` on the group's 1-D mesh,

@@ -17,7 +17,7 @@ Shapes and dtypes (``Chunk``): ``hidden (N, H)`` and ``weight (V, H)`` of one dt
 float16; float64 where the backend takes it), any strides; ``bias (V,)`` of that dtype, any stride, or
 None; ``rows, targets (C,)`` int64. Statistics are in ``accumulate_dtype(hidden.dtype)``.
 
-Numerics every backend honours (tested in ``tests/test_contract.py`` against float64):
+Numerics every backend honours (tested in ``tests/kernels/test_contract.py`` against float64):
 
 - ``-inf`` logits (a masked vocabulary entry, e.g. a ``-inf`` bias) take no probability: the exact,
   finite log-probs, entropy and gradients of the other entries, whatever block or split they fall in.

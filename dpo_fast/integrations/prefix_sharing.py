@@ -58,7 +58,7 @@ PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
 
 # model_type -> the masks its decoder takes: one for every layer, without a window ("full") or with
 # ``config.sliding_window`` ("sliding", Mistral), or a dict keyed by ``config.layer_types``
-# ("by_layer_type"). Each is tested in tests/test_prefix_sharing.py.
+# ("by_layer_type"). Each is tested in tests/integrations/test_prefix_sharing.py.
 SUPPORTED_MODEL_TYPES = {
     "llama": "full",
     "gemma": "full",

@@ -21,7 +21,7 @@ import fixtures
 
 sys.path.insert(0, str(fixtures.ROOT / "benchmarks"))
 
-import environment  # noqa: E402
+from _stack import environment  # noqa: E402
 
 PACKAGES = ("axolotl", "trl", "transformers", "accelerate", "peft", "datasets", "torch", "dpo-fast")
 

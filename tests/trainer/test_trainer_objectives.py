@@ -19,25 +19,12 @@ pytest.importorskip("accelerate")
 
 import datasets
 from accelerate.state import AcceleratorState
-from trainer_helpers import TINY_LLAMA, TOKENIZER, flags, logged, run, run_values, train_records, write_tiny_files
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from trainer_helpers import TINY_LLAMA, flags, logged, run, run_values, train_records, write_tiny_files
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpo_fast import objectives
 from dpo_fast.trainer import TrainConfig, cli, data
 from dpo_fast.trainer.model import DPOModel
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +79,7 @@ def naive_dpo_aot(model, batch, ref):
 
 def naive_dpo_wpo_js(model, batch, ref):
     """``use_weighting`` (WPO) with ``f_divergence_type: js_divergence``: the core's formula (tested against TRL's
-    own code in tests/test_objectives_dpo.py) on per-token values from the full logits."""
+    own code in tests/api/test_objectives_dpo.py) on per-token values from the full logits."""
     _, _, token_logps, valid, log_probs = naive_sums(model, batch)
     rows, length = valid.shape
     segment_ids = torch.arange(rows).repeat_interleave(length)

@@ -18,7 +18,7 @@ from trl import DPOConfig, KTOConfig  # noqa: E402
 from dpo_fast.integrations import trl_versions  # noqa: E402
 from dpo_fast.integrations.trl import FastDPOTrainer, FastKTOTrainer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="tomllib is Python 3.11's")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 from _loss.cases import SUITES, Case
@@ -330,7 +330,7 @@ def _record_figures(*args: str) -> dict:
 
 @pytest.mark.slow
 def test_record_figures_default_run(tmp_path):
-    default = Path(__file__).resolve().parents[1] / "dpo_fast" / "trainer" / "default"
+    default = Path(__file__).resolve().parents[2] / "dpo_fast" / "trainer" / "default"
     for name, rows in (("train.jsonl", 16), ("eval.jsonl", 8)):
         (tmp_path / name).write_text("".join((default / name).read_text().splitlines(keepends=True)[:rows]))
     record = _record_figures("default-run", "--out", str(tmp_path), "--", "--dataset", str(tmp_path / "train.jsonl"),

@@ -99,7 +99,7 @@ def test_fp32_triton_without_tf32_is_exact_to_float32():
 @pytest.mark.parametrize("entry", ["token_logps", "sequence_logps", "dpo", "kto"])
 def test_cuda_autocast_runs_the_head_as_linear_would(backend, entry):
     """CUDA bf16 autocast with float32 inputs: the call on inputs cast to bf16 outside autocast, float32 grads
-    (the CPU twin, with every entry, is tests/test_user_setups.py)."""
+    (the CPU twin, with every entry, is tests/api/test_user_setups.py)."""
     gen = torch.Generator(device="cuda").manual_seed(2)
     hidden = torch.randn(4, 96, 256, device="cuda", generator=gen)
     weight = torch.randn(5000, 256, device="cuda", generator=gen) * 0.06

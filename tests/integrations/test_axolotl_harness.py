@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-HARNESS = Path(__file__).resolve().parent / "axolotl_harness"
+HARNESS = Path(__file__).resolve().parents[1] / "axolotl_harness"
 sys.path.insert(0, str(HARNESS))
 
 import fixtures  # noqa: E402

@@ -25,7 +25,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PLANTED = '#include "no_such_header_planted_by_test_packaging.h"\n'
 
 CHECK_WHEEL = r"""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-API_DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
+API_DOC = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 
 
 def _recipe() -> str:

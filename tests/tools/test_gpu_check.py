@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import gpu_check
 
@@ -45,12 +45,13 @@ def test_the_step_limits_fit_seven_minutes():
 
 
 def test_test_files_run_gpu_path_first_and_each_once():
-    tests = Path(__file__).resolve().parent
+    tests = Path(__file__).resolve().parents[1]
     ordered = [path.name for path in gpu_check.ordered_test_files(tests, dry_run=False)]
-    assert sorted(ordered) == sorted(path.name for path in tests.glob("test_*.py"))
+    assert sorted(ordered) == sorted(path.name for path in tests.rglob("test_*.py"))
     assert ordered[0] == "test_gpu.py"
     assert ordered.index("test_backends.py") < ordered.index("test_trainer.py") < ordered.index("test_packaging.py")
-    assert all((tests / name).is_file() for name in gpu_check.DRY_RUN_TESTS)
+    dry_run = gpu_check.ordered_test_files(tests, dry_run=True)
+    assert [path.name for path in dry_run] == list(gpu_check.DRY_RUN_TESTS) and all(path.is_file() for path in dry_run)
 
 
 def test_junit_is_read_into_counts_backends_and_failures(tmp_path):

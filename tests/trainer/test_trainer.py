@@ -20,27 +20,13 @@ pytest.importorskip("accelerate")
 
 import datasets
 from accelerate.state import AcceleratorState
-from trainer_helpers import TINY_LLAMA, TOKENIZER, logged, run, train_records, weights, write_tiny_files
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from trainer_helpers import TINY_LLAMA, logged, run, train_records, weights, write_tiny_files
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpo_fast.integrations import hf
 from dpo_fast.trainer import TrainConfig, cli, data, load_config, train
 from dpo_fast.trainer.config import DEFAULT_DIR
 from dpo_fast.trainer.model import DPOModel
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models here run fastest on one thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("trl")
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from trainer_helpers import TINY_LLAMA, TOKENIZER, flags, run_values, write_tiny
 import dpo_fast
 from dpo_fast.trainer import TrainConfig, cli, load_config, train
 
-TRAINING_DOC = Path(__file__).resolve().parents[1] / "docs" / "training.md"
+TRAINING_DOC = Path(__file__).resolve().parents[2] / "docs" / "training.md"
 
 
 @pytest.fixture(scope="module")

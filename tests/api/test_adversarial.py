@@ -288,7 +288,7 @@ def test_double_backward_through_a_chunked_backend_raises(backend, entry):
 
 def test_reference_backend_gives_second_order_gradients_of_per_token_values():
     """Per-token log-probs and entropies on the reference backend are plain autograd (the losses are first-order on
-    every backend: tests/test_user_setups.py)."""
+    every backend: tests/api/test_user_setups.py)."""
     inputs = leaves(_batch("cpu"), torch.float64)
     _gradient_penalty(inputs, "reference", "token").backward()
     with_penalty = inputs["weight"].grad

@@ -6,7 +6,7 @@
   so resumes so.
 - ``FastDPOTrainer`` on a model loaded with transformers' ``from_pretrained(..., tp_plan="auto")`` (the whole model
   tensor-parallel, the head ``colwise_gather_output``: a ``Shard(0)`` DTensor the drop-in keeps sharded): the log
-  history and the final full weights equal a 1-process run's (SGD, as tests/test_fsdp_trl.py). The Trainer hands
+  history and the final full weights equal a 1-process run's (SGD, as tests/integrations/test_fsdp_trl.py). The Trainer hands
   accelerate a ``ParallelismConfig(tp_size=2)``, which accelerate 1.15/1.16 accept on accelerators only (its
   ``multi_device`` leaves out ``MULTI_CPU``); the script treats CPU processes as accelerate treats GPUs
   (``_accept_parallelism_config_on_cpu``), the one departure from the GPU route. No GPU here: NCCL has not run.

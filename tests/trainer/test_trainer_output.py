@@ -23,14 +23,6 @@ from trainer_helpers import TINY_LLAMA, logged, run, train_records, weights, wri
 from transformers import AutoConfig, AutoModelForCausalLM
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     return write_tiny_files(tmp_path_factory.mktemp("tiny"), train_rows=32, eval_rows=8)

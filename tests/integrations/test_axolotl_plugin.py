@@ -2,7 +2,7 @@
 
 The plugin's class for each ``rl``, the models it binds, what it refuses, and a trainer built from it as axolotl's
 builder builds a plugin's class (no models passed). The end-to-end runs against plain axolotl are
-``tests/test_axolotl_harness.py``'s; docs/trl.md ("axolotl") has the venv and the recorded comparison.
+``tests/integrations/test_axolotl_harness.py``'s; docs/trl.md ("axolotl") has the venv and the recorded comparison.
 """
 
 from __future__ import annotations

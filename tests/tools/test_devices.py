@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]
 
 # A backend test as one should not be written: its tensors on CPU whatever the backend.
 CANARY = """

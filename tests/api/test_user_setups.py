@@ -20,7 +20,7 @@ import dpo_fast
 from dpo_fast.integrations import prefix_sharing
 
 ALL = ["reference", *BACKENDS]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _inputs(device, dtype=torch.float32, seed=0):
@@ -88,7 +88,9 @@ def test_cpu_autocast_runs_the_head_as_linear_would(backend, entry):
     """Under CPU bf16 autocast with float32 inputs every entry runs (it crashed on every fast backend), equals the
     same call on inputs cast to bfloat16 outside autocast (the documented rule), and gives float32 gradients."""
     if device_of(backend).type != "cpu":
-        pytest.skip("CPU autocast; CUDA autocast is tests/test_gpu.py::test_cuda_autocast_runs_the_head_as_linear_would")
+        pytest.skip(
+            "CPU autocast; CUDA autocast is tests/kernels/test_gpu.py::test_cuda_autocast_runs_the_head_as_linear_would"
+        )
     hidden, weight, bias, labels = _inputs("cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         value, grads = _value_and_grads(entry, backend, hidden, weight, bias, labels)

@@ -16,7 +16,7 @@ from trainer_helpers import run, write_tiny_files  # noqa: E402
 from dpo_fast.trainer import cli, plot  # noqa: E402
 
 TITLES = ["loss", "reward accuracy", "reward margin"]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,8 @@ from dpo_fast.integrations.prefix_sharing import (
 from dpo_fast.trainer import data
 from dpo_fast.trainer.config import DEFAULT_DIR
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 IGNORE = -100
 VOCAB = 48
 MAX_PROMPT = 8
@@ -56,15 +58,6 @@ FAMILIES = {
 PAIR_LENGTHS = [(6, 3, 4), (MAX_PROMPT, 1, 2), (3, 0, 2), (5, 2, 0), (MAX_PROMPT, 5, 1)]
 # (pairs_per_row, padding_side): one padded row per pair, two pairs per row left-padded, all in one row
 LAYOUTS = {"padded-right": (1, "right"), "two-per-row-left": (2, "left"), "packed": (None, "right")}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models here run fastest on one thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(family: str, attn_implementation: str = "sdpa", **changes) -> torch.nn.Module:
