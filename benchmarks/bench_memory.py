@@ -155,6 +155,7 @@ class Run:
                         "searches": [], "missing": []}  # fmt: skip
         if kept:
             self.results["points"] = [p for p in kept["points"] if not p["status"].startswith("not run")]
+            self.results["searches"] = kept["searches"]  # those this run repeats are replaced
             self.results["earlier_runs"] = kept.get("earlier_runs", []) + [kept["meta"]]
         self.results["missing"] = [{"variant": name, "reason": unavailable(v.arm, plan.device)}
                                    for name, v in VARIANTS.items() if unavailable(v.arm, plan.device)]  # fmt: skip

@@ -165,3 +165,11 @@ def test_bench_memory_smoke(tmp_path):
     assert by_variant["fast"][0]["attention"]["calls_with_mask"] == 0  # no padding: no mask, SDPA's causal kernel
     text = path.with_suffix(".md").read_text()
     assert "| FastDPOTrainer | 64; cut short: no miss up to the limit of 64 |" in text and "Code: " in text
+    # a run resumed for one part keeps the other parts' searches, and measures no point it was given again
+    resume = [*command[:4], str(tmp_path / "again"), "--arms", "fast", "--parts", "batch", "--resume", str(path)]
+    done = subprocess.run(resume, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (again,) = (tmp_path / "again").glob("*-memory-smoke.json")
+    resumed = json.loads(again.read_text())
+    assert {(s["kind"], s["variant"]): s for s in resumed["searches"]} == searched
+    assert resumed["points"] == results["points"] and resumed["earlier_runs"] == [results["meta"]]
