@@ -12,9 +12,10 @@ docs show them):
   memory-test   ``tests/kernels/test_memory.py``'s probe (docs/testing.md): the extra memory of one step of
                 4 pairs x 512 tokens, H=256, V=32000, for the naive step and the torch and cpp
                 backends, each in a fresh process. Under a minute.
-  trl-parity    ``tests/integrations/test_trl.py`` under pytest (docs/trl.md, "Parity"): the largest relative
-                differences each test prints between FastDPOTrainer and TRL's DPOTrainer, and
-                whether every test passed. A few minutes.
+  trl-parity    ``tests/integrations/test_trl.py`` and ``test_kto_trl.py`` under pytest (docs/trl.md,
+                "Parity"): the largest relative differences each test prints between FastDPOTrainer and
+                TRL's DPOTrainer (with and without prefix sharing) and between FastKTOTrainer and
+                KTOTrainer, and whether every test passed. About ten minutes on 2 cores.
 
 Examples:
   python benchmarks/record_figures.py default-run
@@ -49,8 +50,11 @@ from _stack import environment, report
 ROOT = environment.ROOT
 RESULTS = ROOT / environment.RESULTS
 EVAL_METRICS = ("eval_rewards/accuracies", "eval_loss", "eval_rewards/margins")
-# What tests/integrations/test_trl.py prints after each comparison, e.g. "hinge: max relative difference: logs 1.2e-06, ..."
-PARITY_LINE = re.compile(r"^(?P<case>\S+): max relative difference: (?P<figures>.+)$")
+# The drop-ins' parity tests, and what they print after each comparison, e.g. "hinge: max relative difference: logs
+# 1.2e-06, eval 3.0e-06, weight updates 4.0e-07" or "prefix sharing, ipo precomputed: max relative difference: ..."
+PARITY_TESTS = ("tests/integrations/test_trl.py", "tests/integrations/test_kto_trl.py")
+PARITY_LINE = re.compile(r"^(?P<case>.+?): max relative difference: (?P<figures>.+)$")
+LABELS = ("logs", "eval", "weight updates")
 
 
 def _started() -> dict:
@@ -152,54 +156,81 @@ def memory_test(out: Path, name: str, command_line: list[str], backends: list[st
 # the TRL parity tests
 
 
+def _group(test_file: str, case: str) -> str:
+    """The docs' three parity figures: the DPO drop-in, its prefix sharing, the KTO drop-in."""
+    if test_file == "test_kto_trl":
+        return "kto"
+    return "prefix sharing" if case.startswith("prefix sharing") else "dpo"
+
+
 def parse_parity(junit_xml: str) -> list[dict]:
-    """One entry per test of a pytest JUnit XML report: name, outcome and the differences it printed."""
+    """One entry per test of a pytest JUnit XML report: its file, name, outcome and each comparison it printed
+    (``case: max relative difference: logs 1.2e-06, ...``; a case may hold spaces and commas)."""
     tests = []
     for case in ElementTree.fromstring(junit_xml).iter("testcase"):
         outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
-        printed = {}
+        test_file = case.get("classname", "").rpartition(".")[2]
+        printed = []
         for line in (case.findtext("system-out") or "").splitlines():
             match = PARITY_LINE.match(line.strip())
             if match:
+                figures = {}
                 for part in match["figures"].split(", "):
                     label, _, value = part.rpartition(" ")
-                    printed[label] = float(value)
-        tests.append({"test": case.get("name"), "outcome": outcome, "max_relative_difference": printed or None})
+                    figures[label] = float(value)
+                printed.append({"case": match["case"], "group": _group(test_file, match["case"]), **figures})
+        largest = {label: max(p[label] for p in printed if label in p) for label in LABELS
+                   if any(label in p for p in printed)}  # fmt: skip
+        tests.append({"file": test_file, "test": case.get("name"), "outcome": outcome, "printed": printed,
+                      "max_relative_difference": largest or None})  # fmt: skip
     return tests
 
 
+def largest_by_group(tests: list[dict]) -> dict:
+    """Per group, the largest difference of each kind over every printed comparison, and how many there were."""
+    groups = {}
+    for printed in (p for test in tests for p in test["printed"]):
+        group = groups.setdefault(printed["group"], {"comparisons": 0})
+        group["comparisons"] += 1
+        for label in LABELS:
+            if label in printed:
+                group[label] = max(group.get(label, 0.0), printed[label])
+    return groups
+
+
 def trl_parity(out: Path, name: str, command_line: list[str], select: str | None) -> Path:
-    """Run tests/integrations/test_trl.py (``-k select``) and record each test's outcome and printed differences."""
+    """Run the drop-ins' parity tests (``PARITY_TESTS``, ``-k select``) and record each test's outcome and printed
+    differences, the largest per group."""
     meta = _started()
+    selected = ["-k", select] if select else []
     with tempfile.TemporaryDirectory() as scratch:
         junit = Path(scratch) / "junit.xml"
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/integrations/test_trl.py",
-                   f"--junitxml={junit}", "-o", "junit_logging=system-out", *(["-k", select] if select else [])]  # fmt: skip
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *PARITY_TESTS,
+                   f"--junitxml={junit}", "-o", "junit_logging=system-out", *selected]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
         if not junit.exists():
             sys.exit(f"record_figures: pytest wrote no report ({done.returncode}):\n{done.stdout[-3000:]}")
         tests = parse_parity(junit.read_text())
-    compared = [t["max_relative_difference"] for t in tests if t["max_relative_difference"]]
-    largest = {label: max(d[label] for d in compared if label in d) for label in ("logs", "eval", "weight updates")
-               if any(label in d for d in compared)}  # fmt: skip
+    groups = largest_by_group(tests)
     outcomes = {outcome: sum(t["outcome"] == outcome for t in tests) for outcome in ("passed", "failure", "error",
                                                                                       "skipped")}  # fmt: skip
     table = [f"{outcomes['passed']} passed, {outcomes['failure'] + outcomes['error']} failed, "
-             f"{outcomes['skipped']} skipped. Largest relative differences: "
-             + (", ".join(f"{label} {value:.1e}" for label, value in largest.items()) or "none printed") + ".", "",
-             "| test | outcome | logs | eval | weight updates |", "| --- | --- | ---: | ---: | ---: |"]  # fmt: skip
+             f"{outcomes['skipped']} skipped.", "", "Largest relative differences:", "",
+             "| group | comparisons | logs | eval | weight updates |", "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for group, figures in groups.items():
+        cells = " | ".join(f"{figures[label]:.1e}" if label in figures else "–" for label in LABELS)
+        table.append(f"| {group} | {figures['comparisons']} | {cells} |")
+    table += ["", "| file | test | case | outcome | logs | eval | weight updates |",
+              "| --- | --- | --- | --- | ---: | ---: | ---: |"]  # fmt: skip
     for test in tests:
-        printed = test["max_relative_difference"] or {}
-        cells = " | ".join(f"{printed[label]:.1e}" if label in printed else "–"
-                           for label in ("logs", "eval", "weight updates"))  # fmt: skip
-        table.append(f"| {test['test']} | {test['outcome']} | {cells} |")
-    runs = ["python", "-m", "pytest", "tests/integrations/test_trl.py", *(["-k", select] if select else [])]
-    figures = {"pytest_exit_code": done.returncode, "outcomes": outcomes, "largest": largest, "tests": tests}
+        for printed in test["printed"] or [{"case": "–"}]:
+            cells = " | ".join(f"{printed[label]:.1e}" if label in printed else "–" for label in LABELS)
+            table.append(f"| {test['file']} | {test['test']} | {printed['case']} | {test['outcome']} | {cells} |")
+    runs = ["python", "-m", "pytest", *PARITY_TESTS, *selected]
+    figures = {"pytest_exit_code": done.returncode, "outcomes": outcomes, "largest": groups, "tests": tests}
     path = _write(out, name, _record(meta, command_line, runs, figures), table)
     if done.returncode != 0:
-        sys.exit(
-            f"record_figures: tests/integrations/test_trl.py did not pass (pytest exit {done.returncode}); recorded in {path}"
-        )
+        sys.exit(f"record_figures: the parity tests did not pass (pytest exit {done.returncode}); recorded in {path}")
     return path
 
 

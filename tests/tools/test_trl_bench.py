@@ -61,9 +61,39 @@ def test_record_figures_trl_parity(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((tmp_path / "trl-parity.json").read_text())
     (test,) = record["tests"]
-    assert test["test"] == "test_matches_trl[hinge]" and test["outcome"] == "passed"
+    assert (test["file"], test["test"], test["outcome"]) == ("test_trl", "test_matches_trl[hinge]", "passed")
     # the differences the test printed, each within its 1e-4 tolerance
     assert test["max_relative_difference"].keys() == {"logs", "eval", "weight updates"}
     assert all(0 <= value <= 1e-4 for value in test["max_relative_difference"].values())
-    assert record["largest"] == test["max_relative_difference"] and record["outcomes"]["passed"] == 1
-    assert "| test_matches_trl[hinge] | passed |" in (tmp_path / "trl-parity.md").read_text()
+    assert record["largest"] == {"dpo": {"comparisons": 1, **test["max_relative_difference"]}}
+    assert record["outcomes"]["passed"] == 1
+    assert "| test_trl | test_matches_trl[hinge] | hinge | passed |" in (tmp_path / "trl-parity.md").read_text()
+
+
+JUNIT = """<testsuites><testsuite>
+<testcase classname="integrations.test_trl" name="test_prefix_sharing_matches[ipo]"><system-out>
+prefix sharing, ipo precomputed: max relative difference: logs 2.9e-07, weight updates 6.3e-07
+</system-out></testcase>
+<testcase classname="integrations.test_trl" name="test_matches_trl[hinge]"><system-out>
+hinge: max relative difference: logs 1.0e-06, eval 2.0e-06, weight updates 3.0e-07
+</system-out></testcase>
+<testcase classname="integrations.test_kto_trl" name="test_matches_kto[kto]"><system-out>
+kto, weights: max relative difference: logs 3.8e-06, weight updates 4.3e-07
+LoRA: max relative difference: logs 1.0e-07, weight updates 5.0e-07
+</system-out></testcase>
+</testsuite></testsuites>"""
+
+
+def test_record_figures_reads_every_printed_comparison_by_group():
+    """A case with spaces and commas (prefix sharing's) and the KTO tests' are recorded, each in its group."""
+    sys.path.insert(0, str(BENCH))
+    import record_figures
+
+    tests = record_figures.parse_parity(JUNIT)
+    assert [len(test["printed"]) for test in tests] == [1, 1, 2]
+    assert tests[0]["printed"][0]["case"] == "prefix sharing, ipo precomputed"
+    assert record_figures.largest_by_group(tests) == {
+        "prefix sharing": {"comparisons": 1, "logs": 2.9e-07, "weight updates": 6.3e-07},
+        "dpo": {"comparisons": 1, "logs": 1.0e-06, "eval": 2.0e-06, "weight updates": 3.0e-07},
+        "kto": {"comparisons": 2, "logs": 3.8e-06, "weight updates": 5.0e-07},
+    }
