@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from dpo_fast.trainer import TrainConfig, train
 from dpo_fast.trainer.config import DEFAULT_DIR
 
+TESTS = Path(__file__).resolve().parent  # tests/, where the files launched as scripts import from
 TOKENIZER = str(DEFAULT_DIR / "tokenizer")
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 40, "hidden_size": 32, "intermediate_size": 64,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -80,7 +81,9 @@ def cpu_env() -> dict:
     """The environment of CPU processes: one thread each, no GPU seen (DeepSpeed's CPU accelerator); gloo is set up by
     ``dpo_fast.trainer.parallel.setup_cpu_processes``, for DDP, FSDP2 and DeepSpeed alike (no ACCELERATE_USE_CPU)."""
     env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
-    return {**env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+    # a test file launched as a script (tests/<layer>/test_x.py) imports what tests/ holds, as under pytest
+    path = os.pathsep.join([str(TESTS), *filter(None, [env.get("PYTHONPATH")])])
+    return {**env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", "PYTHONPATH": path}
 
 
 def launch(processes: int, launcher_flags: list[str], program: list[str], **kwargs) -> subprocess.CompletedProcess:

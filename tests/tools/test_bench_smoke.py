@@ -361,12 +361,15 @@ def test_parse_parity_reads_each_tests_outcome_and_printed_differences():
         "bco_pair: max relative difference: logs 3.0e-04, weight updates 1.0e-06</system-out></testcase>"
         "</testsuite></testsuites>"
     )
+    sft = {"logs": 2.4e-07, "eval": 1.3e-05, "weight updates": 2.5e-06}
+    bco = {"logs": 3.0e-04, "weight updates": 1.0e-06}
     assert parse_parity(junit) == [
-        {"test": "test_matches_trl[sigmoid+sft]", "outcome": "passed",
-         "max_relative_difference": {"logs": 2.4e-07, "eval": 1.3e-05, "weight updates": 2.5e-06}},
-        {"test": "test_lm_head_module_is_never_called", "outcome": "passed", "max_relative_difference": None},
-        {"test": "test_other_loss_types_match_trl[bco_pair]", "outcome": "failure",
-         "max_relative_difference": {"logs": 3.0e-04, "weight updates": 1.0e-06}},
+        {"file": "test_trl", "test": "test_matches_trl[sigmoid+sft]", "outcome": "passed",
+         "printed": [{"case": "sigmoid+sft", "group": "dpo", **sft}], "max_relative_difference": sft},
+        {"file": "", "test": "test_lm_head_module_is_never_called", "outcome": "passed", "printed": [],
+         "max_relative_difference": None},
+        {"file": "", "test": "test_other_loss_types_match_trl[bco_pair]", "outcome": "failure",
+         "printed": [{"case": "bco_pair", "group": "dpo", **bco}], "max_relative_difference": bco},
     ]  # fmt: skip
 
 
