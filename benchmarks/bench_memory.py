@@ -202,15 +202,17 @@ class Run:
         """The longest sequence (``kind="length"``, 1 pair) or the largest batch (``"batch"``, at the batch length)."""
         budget = self.plan.budget_bytes
 
+        def shape(value: int) -> tuple[int, int]:
+            return (1, value) if kind == "length" else (value, self.plan.batch_length)
+
         def measure(value: int) -> Point:
-            pairs, length = (1, value) if kind == "length" else (value, self.plan.batch_length)
-            found = self.point(variant, vocab, pairs, length, budget or None)
+            found = self.point(variant, vocab, *shape(value), budget or None)
             return Point(value, found["status"], found.get("peak_bytes") or found.get("stopped_at_bytes"))
 
         start, granularity = (self.plan.search_start, self.plan.granularity) if kind == "length" else (1, 1)
         found = largest_fitting(measure, start, budget, granularity, SEARCH_TOLERANCE if kind == "length" else 0,
-                                self.plan.search_limit if kind == "length" else self.plan.batch_limit,
-                                self.deadline)  # fmt: skip
+                                self.plan.search_limit if kind == "length" else self.plan.batch_limit, self.deadline,
+                                known=lambda value: self._find(variant, vocab, *shape(value)) is not None)  # fmt: skip
         record = {"kind": kind, "variant": variant, "vocab": vocab, **found}
         if kind == "batch":
             record["length"] = self.plan.batch_length

@@ -60,14 +60,16 @@ def _split(lo: Point, hi: Point, fits: list[Point], budget: int | None, last_fit
 
 
 def largest_fitting(measure: Callable[[int], Point], start: int, budget: int | None, granularity: int = 1,
-                    tolerance: float = 0.0, limit: int | None = None, deadline: float | None = None) -> dict:  # fmt: skip
+                    tolerance: float = 0.0, limit: int | None = None, deadline: float | None = None,
+                    known: Callable[[int], bool] = lambda value: False) -> dict:  # fmt: skip
     """Search as the module's docstring says; returns ``fits`` (the largest value that fit, or None),
     ``fails`` (the smallest that did not, or None), ``complete`` (False when the deadline, ``limit`` or a
-    failed step cut it short, with ``stopped`` saying which) and ``points`` (every point measured, in order)."""
+    failed step cut it short, with ``stopped`` saying which) and ``points`` (every point measured, in order).
+    Past the deadline a value whose point is ``known`` (measured before: no step to run) is still taken."""
     points: list[Point] = []
 
     def step(value: int) -> Point | None:
-        if deadline is not None and time.time() > deadline:
+        if deadline is not None and time.time() > deadline and not known(value):
             return None
         point = measure(value)
         points.append(point)

@@ -64,6 +64,10 @@ def test_a_search_stops_at_its_limit_a_failure_or_its_deadline():
     assert failing["fits"] is None and not failing["complete"] and "failed" in failing["stopped"]
     late = largest_fitting(_linear(0, 1, []), start=16, budget=2048 * MIB, deadline=0)
     assert late["points"] == [] and late["stopped"] == "deadline"
+    # past the deadline, points measured before are still taken (a resumed run re-derives its searches from them)
+    calls = []
+    replayed = largest_fitting(_linear(0, 1, calls), start=16, budget=2048 * MIB, deadline=0, known=lambda v: v < 100)
+    assert calls == [16, 32, 64] and replayed["fits"] == 64 and replayed["stopped"] == "deadline"
 
 
 def test_a_point_over_budget_does_not_fit():
