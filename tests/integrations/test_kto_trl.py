@@ -19,11 +19,11 @@ from datasets import Dataset
 from test_trl import (
     BASE,
     TOKENIZER,
-    applied_sgd_updates,
     assert_logs_match,
     assert_updates_match,
     preference_data,
     tiny_moe,
+    train_from,
 )
 from trl import KTOConfig, KTOTrainer
 
@@ -54,15 +54,7 @@ def train(trainer_class, tmp_path, *, steps=2, base=None, peft_config=None, trai
         save_strategy="no", disable_tqdm=True, max_length=64,
     )  # fmt: skip
     args = KTOConfig(**{**config, **options})
-    base = BASE if base is None else base
-    ref_model = None if peft_config is not None or args.precompute_ref_log_probs else copy.deepcopy(base)
-    trainer = trainer_class(
-        model=copy.deepcopy(base), ref_model=ref_model, args=args, train_dataset=TRAIN, eval_dataset=EVAL,
-        processing_class=TOKENIZER, peft_config=peft_config, **(trainer_kwargs or {}),
-    )  # fmt: skip
-    updates = applied_sgd_updates(trainer)
-    trainer.train()
-    return list(trainer.state.log_history), trainer.evaluate(), updates
+    return train_from(base, trainer_class, args, TRAIN, EVAL, peft_config=peft_config, trainer_kwargs=trainer_kwargs)
 
 
 CASES = {

@@ -82,11 +82,18 @@ def train(trainer_class, tmp_path, *, steps=3, peft_config=None, trainer_kwargs=
         seed=0, save_strategy="no", disable_tqdm=True, max_length=64,
     )  # fmt: skip
     args = DPOConfig(**{**config, **options})
+    return train_from(base, trainer_class, args, TRAIN, EVAL, peft_config=peft_config, trainer_kwargs=trainer_kwargs)
+
+
+def train_from(base, trainer_class, args, train_dataset, eval_dataset, *, peft_config=None, trainer_kwargs=None):
+    """``trainer_class`` (a TRL trainer or its drop-in) from ``base``'s weights (default BASE), with a frozen copy as
+    the reference unless PEFT or precomputed log-probs stand in for it; return the log history, the evaluation
+    metrics, and each trainable parameter's update."""
     base = BASE if base is None else base
     ref_model = None if peft_config is not None or args.precompute_ref_log_probs else copy.deepcopy(base)
     trainer = trainer_class(
-        model=copy.deepcopy(base), ref_model=ref_model, args=args, train_dataset=TRAIN, eval_dataset=EVAL,
-        processing_class=TOKENIZER, peft_config=peft_config, **(trainer_kwargs or {}),
+        model=copy.deepcopy(base), ref_model=ref_model, args=args, train_dataset=train_dataset,
+        eval_dataset=eval_dataset, processing_class=TOKENIZER, peft_config=peft_config, **(trainer_kwargs or {}),
     )  # fmt: skip
     updates = applied_sgd_updates(trainer)
     trainer.train()
