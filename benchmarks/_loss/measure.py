@@ -117,28 +117,21 @@ def time_steps(run, batch: Batch, mode: str, settings: Settings) -> tuple[float,
     return fwd, (None if mode == "forward" else fwd_bwd), outputs
 
 
-def cuda_peak_mib(run, batch: Batch, mode: str) -> float:
-    """Peak allocated memory of one step above what was allocated before it, MiB."""
-    batch.clear_grads()
+def step_memory_mib(run, batch: Batch, mode: str) -> tuple[float, str]:
+    """Peak memory of one step above the memory in use before it, MiB, and its kind (``MemoryProbe.kind``): the
+    allocator's on CUDA, the resident set on CPU (Linux)."""
     gc.collect()
-    probe = MemoryProbe("cuda")
+    probe = MemoryProbe(batch.hidden.device.type)
     probe.start()
     outputs, _ = _step(run, batch, mode, _Clock(batch.hidden.device))
     del outputs
-    return probe.growth() / MIB
+    return probe.growth() / MIB, probe.kind
 
 
-def cpu_rss_growth_mib(impl: Implementation, case: Case, batch: Batch, mode: str, run) -> float:
-    """Peak RSS over the first full-size step above the RSS before it, after a tiny warm-up step (Linux)."""
-    tiny = make_batch(dataclasses.replace(case, pairs=1, length=8), batch.hidden.device, mode)
-    _step(impl.make_step(tiny, mode), tiny, mode, _Clock(tiny.hidden.device))
-    del tiny
-    gc.collect()
-    probe = MemoryProbe("cpu")
-    probe.start()
-    outputs, _ = _step(run, batch, mode, _Clock(batch.hidden.device))
-    del outputs
-    return probe.growth() / MIB
+def warm_up_on_a_tiny_batch(impl: Implementation, case: Case, device: torch.device, mode: str) -> None:
+    """One step of ``impl`` on 1 pair of 8 tokens: its one-time costs kept out of a step's memory that follows."""
+    tiny = make_batch(dataclasses.replace(case, pairs=1, length=8), device, mode)
+    _step(impl.make_step(tiny, mode), tiny, mode, _Clock(device))
 
 
 def measure(impl: Implementation, case: Case, mode: str, device: torch.device, settings: Settings,
@@ -155,7 +148,8 @@ def measure(impl: Implementation, case: Case, mode: str, device: torch.device, s
         batch = make_batch(case, device, mode)
         run = impl.make_step(batch, mode)
         if fresh_process and device.type == "cpu" and impl.name != "gemm":
-            record["peak_mem_mb"], record["memory_kind"] = cpu_rss_growth_mib(impl, case, batch, mode, run), "rss"
+            warm_up_on_a_tiny_batch(impl, case, device, mode)
+            record["peak_mem_mb"], record["memory_kind"] = step_memory_mib(run, batch, mode)
             settings = dataclasses.replace(settings, warmup=max(0, settings.warmup - 1))
         record["fwd_ms"], record["fwd_bwd_ms"], outputs = time_steps(run, batch, mode, settings)
         if expected is not None:
@@ -163,7 +157,8 @@ def measure(impl: Implementation, case: Case, mode: str, device: torch.device, s
             record["max_rel_err"] = max(record["errors"].values())
         outputs = None
         if device.type == "cuda" and impl.name != "gemm":
-            record["peak_mem_mb"], record["memory_kind"] = cuda_peak_mib(run, batch, mode), "cuda_allocated"
+            batch.clear_grads()
+            record["peak_mem_mb"], record["memory_kind"] = step_memory_mib(run, batch, mode)
     except torch.OutOfMemoryError:
         record["oom"] = True
     except Exception as error:  # noqa: BLE001 (a failing peer is reported, and the run goes on)
