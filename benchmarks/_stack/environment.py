@@ -90,11 +90,24 @@ def source_fingerprint() -> str:
     return digest.hexdigest()
 
 
+def _porcelain_lines(status_z: bytes) -> list[str]:
+    """``git status --porcelain -z`` as ``"XY path"`` lines, paths as they are (without ``-z`` git quotes a path
+    with a space or a non-ASCII letter); a rename's or copy's source path, its own NUL-ended field, is left out."""
+    fields = iter(status_z.decode().split("\0"))
+    lines = []
+    for line in fields:
+        if line:
+            lines.append(line)
+            if "R" in line[:2] or "C" in line[:2]:
+                next(fields, None)
+    return lines
+
+
 def code_state() -> dict:
     """The code a run measured.
 
     commit: ``git rev-parse HEAD`` (None outside a git checkout); dirty: whether the tree differed
-    from it (None when unknown); dirty_files: ``git status --porcelain`` lines; diff_sha256: sha256
+    from it (None when unknown); dirty_files: ``git status --porcelain`` lines (paths unquoted); diff_sha256: sha256
     of ``git diff HEAD`` and of each untracked file's path and bytes, so that two runs of the same
     uncommitted change are recognisable; source_sha256: ``source_fingerprint()``. The results
     folder is left out of all of them: a run writes there. Outside a git checkout, ``stated_commit``
@@ -108,8 +121,9 @@ def code_state() -> dict:
         state["stated_commit"] = os.environ.get(STATED_COMMIT)
         return state
     outside_results = ["--", ".", f":(exclude){RESULTS}"]
-    status = _git("status", "--porcelain", "--untracked-files=all", *outside_results).stdout.decode()
-    dirty_files = [line for line in status.splitlines() if line.strip()]
+    dirty_files = _porcelain_lines(
+        _git("status", "--porcelain", "-z", "--untracked-files=all", *outside_results).stdout
+    )
     digest = hashlib.sha256(_git("diff", "HEAD", "--binary", *outside_results).stdout)
     for line in dirty_files:
         if line.startswith("??"):

@@ -300,6 +300,25 @@ def test_code_state_records_the_commit_and_a_dirty_tree(tmp_path, monkeypatch):
     assert "?? dpo_fast/new.py" in added["dirty_files"] and added["diff_sha256"] != edited["diff_sha256"]
 
 
+def test_code_state_reads_paths_git_would_quote(tmp_path, monkeypatch):
+    """A space or a non-ASCII letter in an untracked file's name (a venv holds setuptools' ``Lorem ipsum.txt``):
+    git's porcelain quotes such paths, and the quoted path was read as a file name (FileNotFoundError)."""
+    monkeypatch.setattr(environment, "ROOT", tmp_path)
+    (tmp_path / "dpo_fast").mkdir()
+    (tmp_path / "dpo_fast" / "api.py").write_text("x = 1\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-q", "-m", "one")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "Lorem ipsum.txt").write_text("a")
+    (tmp_path / "notes" / "café.txt").write_text("b")
+    state = environment.code_state()
+    assert state["dirty"] is True
+    assert sorted(state["dirty_files"]) == ["?? notes/Lorem ipsum.txt", "?? notes/café.txt"]
+    (tmp_path / "notes" / "café.txt").write_text("c")
+    assert environment.code_state()["diff_sha256"] != state["diff_sha256"]
+
+
 def test_outside_git_the_code_is_known_by_its_fingerprint(tmp_path, monkeypatch):
     monkeypatch.setattr(environment, "ROOT", tmp_path)
     (tmp_path / "dpo_fast").mkdir()
