@@ -19,16 +19,18 @@ both accept the same models:
 
 The head runs inside the module's forward on purpose: wrappers that shard parameters (FSDP,
 DeepSpeed ZeRO-3) gather them for the forward, and data-parallel wrappers arm their gradient
-reduction there, so ``lm_head.weight`` is whole and its gradient is reduced as usual.
+reduction there, so ``lm_head.weight`` is whole and its gradient is reduced as usual. Where FSDP2 gives the head a
+unit of its own (``fully_shard(model.lm_head)``), whose weight the model's forward leaves sharded, the loss runs
+inside that unit's forward instead (``run_head``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -49,7 +51,7 @@ _REPLACED_BY_SHARED_LAYOUT = ("input_ids", "attention_mask", "position_ids", "us
 Result = TypeVar("Result")
 
 
-@dataclass
+@dataclasses.dataclass
 class HeadRows:
     """The hidden states the LM head scores and the next-token targets they predict, chosen sequences first.
 
@@ -104,7 +106,9 @@ def lm_head_of(model: torch.nn.Module) -> LMHead:
     """The head of a ``transformers`` causal LM (the LM itself, not a PEFT or parallel wrapper).
 
     A ``DTensor`` weight is either FSDP2's shard outside an unsharded scope (the model holds ``FSDPModule``s), which
-    is gathered, or a tensor-parallel head split over the vocabulary (``ColwiseParallel`` on ``lm_head``,
+    is gathered (right for a pass without gradients; a gradient through the gather would hold each process's own
+    batch only, so ``run_head`` runs the loss inside the forward of the unit that holds the head), or a
+    tensor-parallel head split over the vocabulary (``ColwiseParallel`` on ``lm_head``,
     transformers' ``tp_plan``), which is kept sharded: the fused loss then runs on each rank's rows
     (``dpo_fast.vocab_parallel``).
     """
@@ -223,9 +227,55 @@ def run_head(
             TRL's ``maybe_gather_lm_head_ctx`` under ZeRO-3); by default nothing is gathered.
     """
     rows = head_rows(model, *args, **inputs)
+    unit = _sharded_head_unit(model)
+    if unit is not None:
+        return _inside_forward_of(unit, lambda hidden: fn(dataclasses.replace(rows, hidden=hidden), lm_head_of(model)),
+                                  rows.hidden)  # fmt: skip
     head = lm_head_of(model)
     with gather(head.weight, head.bias):
         return fn(rows.to(head.weight.device), head)
+
+
+def _sharded_head_unit(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The FSDP2 unit below ``model`` that holds the head's weight, when it is sharded now (a unit of its own, as
+    ``fully_shard(model.lm_head)``, or one whose forward has resharded it); None when the weight is whole here (in
+    ``model``'s own unit, unsharded for its forward) or there is no FSDP."""
+    weight = model.get_output_embeddings().weight
+    if not isinstance(weight, DTensor):
+        return None
+    holders = [module for module in model.modules() if isinstance(module, FSDPModule)
+               and any(param is weight for param in module.parameters())]  # fmt: skip
+    innermost = holders[-1] if holders else None  # modules() lists a unit before the units inside it
+    return None if innermost is model else innermost
+
+
+def _inside_forward_of(unit: torch.nn.Module, body: Callable[[torch.Tensor], Result], hidden: torch.Tensor) -> Result:
+    """``body(hidden)`` as ``unit``'s forward, for this one call: FSDP2 gathers the unit's parameters before it, takes
+    ``hidden`` through its post-backward hook (which reduce-scatters their gradients) and hooks the tensors of the
+    result for its pre-backward (which gathers them again if the forward resharded them)."""
+
+    def forward(hidden: torch.Tensor):
+        result = body(hidden)
+        return result, *(value for value in _tensors_of(result) if value.requires_grad)
+
+    unit.forward = forward  # an instance attribute: the class's forward is untouched, and restored below
+    try:
+        return unit(hidden)[0]
+    finally:
+        del unit.forward
+
+
+def _tensors_of(value) -> list[torch.Tensor]:
+    """The tensors in ``value``: itself, or in a dataclass's fields, a tuple, list or dict, recursively."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = [getattr(value, field.name) for field in dataclasses.fields(value)]
+    elif isinstance(value, dict):
+        value = list(value.values())
+    elif not isinstance(value, (tuple, list)):
+        return []
+    return [tensor for item in value for tensor in _tensors_of(item)]
 
 
 def add_dpo_fast_head(

@@ -1,0 +1,128 @@
+"""The fused head under FSDP2 wrappings that give ``lm_head`` its own unit, in a loop of the user's own.
+
+``model(..., dpo_fast_head=fn)`` runs the loss inside the model's (the root unit's) forward, where the root's
+parameters are whole. A head in a unit of its own - ``fully_shard(model.lm_head)`` as torchtitan shards its output
+layer, or ``fully_shard([norm, lm_head])`` - is still sharded there: dpo_fast gathered it with ``full_tensor()``,
+whose backward kept only each process's own batch in its shard of the gradient, and FSDP's reduce-scatter never
+saw it: the head's gradient was silently wrong (the rest of the model's right). Now the loss runs inside the
+forward of the unit that holds the head, which gathers it and reduces its gradient as for any layer.
+
+2 CPU processes (gloo), each half the batch, against one process without FSDP on the whole batch: the loss and
+every parameter's gradient (FSDP averages them over the processes, as the loss's mean over pairs does).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from trainer_helpers import TINY_LLAMA, launch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from dpo_fast import core
+from dpo_fast.integrations.hf import add_dpo_fast_head
+
+PAIRS, LENGTH, PROMPT = 4, 12, 5
+WRAPPINGS = ("root only", "lm_head its own unit", "norm and lm_head one unit", "tied, embedding and lm_head one unit")
+
+
+def dpo_shaped_loss(rows, head) -> torch.Tensor:
+    """-log sigmoid(chosen - rejected) of the completions' summed log-probs, mean over the pairs."""
+    sums, _ = core.sequence_sums(rows.hidden, rows.layout(head.vocab), head)
+    return -torch.nn.functional.logsigmoid(sums[: rows.pairs] - sums[rows.pairs :]).mean()
+
+
+def batch(pairs: slice) -> dict[str, torch.Tensor]:
+    """Pairs ``pairs`` of a fixed batch: chosen rows first, then rejected; the prompt's labels ignored."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, TINY_LLAMA["vocab_size"], (2, PAIRS, LENGTH), generator=generator)[:, pairs]
+    input_ids = ids.reshape(-1, LENGTH)
+    labels = input_ids.clone()
+    labels[:, :PROMPT] = -100
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+def tiny_model(wrapping: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    tied = wrapping.startswith("tied")
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**TINY_LLAMA, "tie_word_embeddings": tied}))
+    add_dpo_fast_head(model)
+    return model
+
+
+def shard(model: torch.nn.Module, wrapping: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    if wrapping == "lm_head its own unit":
+        fully_shard(model.lm_head)
+    elif wrapping == "norm and lm_head one unit":
+        fully_shard([model.model.norm, model.lm_head])
+    elif wrapping == "tied, embedding and lm_head one unit":
+        fully_shard([model.model.embed_tokens, model.lm_head])
+    fully_shard(model)
+
+
+def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    return {name: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for name, p in
+            model.named_parameters()}  # fmt: skip
+
+
+def compare(out: Path) -> None:
+    """One process of the launch: every wrapping against the unsharded model; the errors in ``out/rank<r>.json``."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    errors = {}
+    for wrapping in WRAPPINGS:
+        model = tiny_model(wrapping)
+        reference = copy.deepcopy(model)
+        whole_loss = reference(**batch(slice(None)), dpo_fast_head=dpo_shaped_loss)
+        whole_loss.backward()
+        shard(model, wrapping)
+        per_rank = PAIRS // world
+        loss = model(**batch(slice(rank * per_rank, (rank + 1) * per_rank)), dpo_fast_head=dpo_shaped_loss)
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        got, expected = gradients(model), gradients(reference)
+        errors[wrapping] = {"loss": abs(mean_loss.item() / world - whole_loss.item())} | {
+            name: (got[name] - expected[name]).abs().max().item() / expected[name].abs().max().item()
+            for name in expected
+        }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(errors))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def errors(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("fsdp-head-units")
+    launch(2, ["--multi_gpu"], [__file__, str(out)])  # torchrun's environment; the script shards by itself
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wrapping", WRAPPINGS)
+def test_the_head_gradient_is_the_unsharded_one(errors, wrapping):
+    for rank_errors in errors:
+        by_name = rank_errors[wrapping]
+        assert by_name["loss"] < 1e-6
+        assert "lm_head.weight" in by_name or wrapping.startswith("tied")
+        assert {name: error for name, error in by_name.items() if error > 1e-5} == {}
+
+
+if __name__ == "__main__":  # one of the 2 processes of the launch
+    compare(Path(sys.argv[1]))
