@@ -4,10 +4,10 @@ The one place that knows how a ``transformers`` model turns its last hidden stat
 how to hand them to dpo_fast; ``dpo_fast.trainer`` and ``dpo_fast.integrations.trl`` both call it, so
 both accept the same models:
 
-- ``lm_head_of(model)``: the model's head as a ``dpo_fast.head.LMHead``: the weight (tied or not; gathered from
-  FSDP2's shards when read outside an unsharded scope; kept sharded when tensor parallelism splits it over the
-  vocabulary, ``dpo_fast.vocab_parallel``) and bias, the final soft-capping (Gemma 2) and the logit
-  scale some models multiply by (Cohere, Granite, Falcon-H1, ...), read as TRL 1.16 reads them:
+- ``lm_head_of(model)``: the model's head as a ``dpo_fast.head.LMHead``: the weight (tied or not; kept sharded
+  when tensor parallelism splits it over the vocabulary, ``dpo_fast.vocab_parallel``) and bias, the final
+  soft-capping (Gemma 2) and the logit scale some models multiply by (Cohere, Granite, Falcon-H1, ...), read as
+  TRL 1.16 reads them:
   ``z = softcap * tanh(scale * (h W^T + b) / softcap)``. The callers hand it to ``dpo_fast.core`` with the rows'
   ``HeadRows.layout()``.
 - ``head_rows(model, ...)``: runs the backbone (``model.base_model``, never the ``lm_head`` module)
@@ -105,25 +105,16 @@ class HeadRows:
 def lm_head_of(model: torch.nn.Module) -> LMHead:
     """The head of a ``transformers`` causal LM (the LM itself, not a PEFT or parallel wrapper).
 
-    A ``DTensor`` weight is either FSDP2's shard outside an unsharded scope (the model holds ``FSDPModule``s), which
-    is gathered (right for a pass without gradients; a gradient through the gather would hold each process's own
-    batch only, so ``run_head`` runs the loss inside the forward of the unit that holds the head), or a
-    tensor-parallel head split over the vocabulary (``ColwiseParallel`` on ``lm_head``,
-    transformers' ``tp_plan``), which is kept sharded: the fused loss then runs on each rank's rows
-    (``dpo_fast.vocab_parallel``).
+    Read it where FSDP has gathered the head (inside the forward of the unit that holds it, as ``run_head`` does):
+    a ``DTensor`` weight there is a tensor-parallel head split over the vocabulary (``ColwiseParallel`` on
+    ``lm_head``, transformers' ``tp_plan``, with or without FSDP2 over a data-parallel mesh dimension), kept sharded:
+    the fused loss then runs on each rank's rows (``dpo_fast.vocab_parallel``).
     """
     text_config = model.config.get_text_config()
     lm_head = model.get_output_embeddings()
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-    if isinstance(weight, DTensor) and _under_fsdp(model):
-        weight = weight.full_tensor()
-        bias = None if bias is None or not isinstance(bias, DTensor) else bias.full_tensor()
     softcap = getattr(text_config, "final_logit_softcapping", None)
     return LMHead(weight, bias, softcap=softcap, logit_scale=logit_scale(text_config))
-
-
-def _under_fsdp(model: torch.nn.Module) -> bool:
-    return any(isinstance(module, FSDPModule) for module in model.modules())
 
 
 def logit_scale(text_config) -> float:

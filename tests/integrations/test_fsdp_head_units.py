@@ -9,6 +9,11 @@ forward of the unit that holds the head, which gathers it and reduces its gradie
 
 2 CPU processes (gloo), each half the batch, against one process without FSDP on the whole batch: the loss and
 every parameter's gradient (FSDP averages them over the processes, as the loss's mean over pairs does).
+
+And FSDP2 beside a vocabulary-parallel head: 4 processes, a 2 x 2 mesh, the head ``ColwiseParallel`` over the
+``tp`` dimension and ``fully_shard`` over ``dp``; the two ranks of a ``tp`` group take the same half of the batch.
+Inside the model's forward the head's weight is the tensor-parallel shard (each rank's V/2 rows), which the fused
+loss keeps (dpo_fast gathered it to all V rows under FSDP before).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from dpo_fast.integrations.hf import add_dpo_fast_head
 
 PAIRS, LENGTH, PROMPT = 4, 12, 5
 WRAPPINGS = ("root only", "lm_head its own unit", "norm and lm_head one unit", "tied, embedding and lm_head one unit")
+FSDP_TP = "FSDP2 over dp, lm_head ColwiseParallel over tp"
 
 
 def dpo_shaped_loss(rows, head) -> torch.Tensor:
@@ -58,18 +64,27 @@ def tiny_model(wrapping: str) -> torch.nn.Module:
     return model
 
 
-def shard(model: torch.nn.Module, wrapping: str) -> None:
+def shard(model: torch.nn.Module, wrapping: str) -> dict:
+    """``fully_shard`` of the decoder layers, the head as ``wrapping`` says, and the model; returns what it built."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
+    mesh = None
+    if wrapping == FSDP_TP:
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        parallelize_module(model.lm_head, mesh["tp"], ColwiseParallel())
+        mesh = mesh["dp"]
     for layer in model.model.layers:
-        fully_shard(layer)
+        fully_shard(layer, mesh=mesh)
     if wrapping == "lm_head its own unit":
         fully_shard(model.lm_head)
     elif wrapping == "norm and lm_head one unit":
         fully_shard([model.model.norm, model.lm_head])
     elif wrapping == "tied, embedding and lm_head one unit":
         fully_shard([model.model.embed_tokens, model.lm_head])
-    fully_shard(model)
+    fully_shard(model, mesh=mesh)
+    return {"weight placements": str(model.lm_head.weight.placements)}
 
 
 def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -79,6 +94,32 @@ def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             model.named_parameters()}  # fmt: skip
 
 
+def errors_against_one_process(wrapping: str, replicas: int, replica: int) -> dict[str, float]:
+    """The loss's and every gradient's error (relative to the gradient's largest entry) of ``wrapping`` on this
+    process, which takes its ``replica``'s share of the batch, against the unsharded model on the whole batch."""
+    import torch.distributed as dist
+
+    model = tiny_model(wrapping)
+    reference = copy.deepcopy(model)
+    whole_loss = reference(**batch(slice(None)), dpo_fast_head=dpo_shaped_loss)
+    whole_loss.backward()
+    seen = shard(model, wrapping)
+    per_replica = PAIRS // replicas
+
+    def loss_noting_the_head(rows, head):
+        seen["head rows"] = (head.weight.to_local() if hasattr(head.weight, "to_local") else head.weight).shape[0]
+        return dpo_shaped_loss(rows, head)
+
+    loss = model(**batch(slice(replica * per_replica, (replica + 1) * per_replica)), dpo_fast_head=loss_noting_the_head)
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    got, expected = gradients(model), gradients(reference)
+    return {"loss": abs(mean_loss.item() / dist.get_world_size() - whole_loss.item()), **seen} | {
+        name: (got[name] - expected[name]).abs().max().item() / expected[name].abs().max().item() for name in expected
+    }
+
+
 def compare(out: Path) -> None:
     """One process of the launch: every wrapping against the unsharded model; the errors in ``out/rank<r>.json``."""
     import torch.distributed as dist
@@ -86,32 +127,23 @@ def compare(out: Path) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    errors = {}
-    for wrapping in WRAPPINGS:
-        model = tiny_model(wrapping)
-        reference = copy.deepcopy(model)
-        whole_loss = reference(**batch(slice(None)), dpo_fast_head=dpo_shaped_loss)
-        whole_loss.backward()
-        shard(model, wrapping)
-        per_rank = PAIRS // world
-        loss = model(**batch(slice(rank * per_rank, (rank + 1) * per_rank)), dpo_fast_head=dpo_shaped_loss)
-        loss.backward()
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        got, expected = gradients(model), gradients(reference)
-        errors[wrapping] = {"loss": abs(mean_loss.item() / world - whole_loss.item())} | {
-            name: (got[name] - expected[name]).abs().max().item() / expected[name].abs().max().item()
-            for name in expected
-        }
+    if world == 2:
+        errors = {wrapping: errors_against_one_process(wrapping, world, rank) for wrapping in WRAPPINGS}
+    else:  # a 2 x 2 mesh, dp-major: ranks 0 and 1 are replica 0's tp group
+        errors = {FSDP_TP: errors_against_one_process(FSDP_TP, 2, rank // 2)}
     Path(out, f"rank{rank}.json").write_text(json.dumps(errors))
     dist.destroy_process_group()
 
 
+def launched(processes: int, tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp(f"fsdp-head-units-{processes}")
+    launch(processes, ["--multi_gpu"], [__file__, str(out)])  # torchrun's environment; the script shards by itself
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(processes)]
+
+
 @pytest.fixture(scope="module")
 def errors(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("fsdp-head-units")
-    launch(2, ["--multi_gpu"], [__file__, str(out)])  # torchrun's environment; the script shards by itself
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+    return launched(2, tmp_path_factory)
 
 
 @pytest.mark.slow
@@ -121,7 +153,20 @@ def test_the_head_gradient_is_the_unsharded_one(errors, wrapping):
         by_name = rank_errors[wrapping]
         assert by_name["loss"] < 1e-6
         assert "lm_head.weight" in by_name or wrapping.startswith("tied")
-        assert {name: error for name, error in by_name.items() if error > 1e-5} == {}
+        assert {name: error for name, error in by_name.items() if isinstance(error, float) and error > 1e-5} == {}
+
+
+@pytest.mark.slow
+def test_fsdp2_beside_a_vocabulary_parallel_head_keeps_its_shard(tmp_path_factory):
+    per_rank = launched(4, tmp_path_factory)
+    for rank_errors in per_rank:
+        errors = rank_errors[FSDP_TP]
+        # sharded over dp (FSDP's strided shard) and tp at rest; each rank's loss saw V / 2 of the head's rows
+        assert errors.pop("weight placements").endswith("Shard(dim=0))")
+        assert errors.pop("head rows") == TINY_LLAMA["vocab_size"] // 2
+        assert errors.pop("loss") < 1e-6
+        assert "lm_head.weight" in errors
+        assert {name: error for name, error in errors.items() if error > 1e-5} == {}
 
 
 if __name__ == "__main__":  # one of the 2 processes of the launch
