@@ -29,6 +29,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from torch.distributed.tensor import DTensor
 from trainer_helpers import TINY_LLAMA, launch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -64,8 +65,8 @@ def tiny_model(wrapping: str) -> torch.nn.Module:
     return model
 
 
-def shard(model: torch.nn.Module, wrapping: str) -> dict:
-    """``fully_shard`` of the decoder layers, the head as ``wrapping`` says, and the model; returns what it built."""
+def shard(model: torch.nn.Module, wrapping: str) -> None:
+    """``fully_shard`` of the decoder layers, the head as ``wrapping`` says, and the model."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
@@ -84,30 +85,29 @@ def shard(model: torch.nn.Module, wrapping: str) -> dict:
     elif wrapping == "tied, embedding and lm_head one unit":
         fully_shard([model.model.embed_tokens, model.lm_head])
     fully_shard(model, mesh=mesh)
-    return {"weight placements": str(model.lm_head.weight.placements)}
 
 
 def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    from torch.distributed.tensor import DTensor
-
     return {name: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for name, p in
             model.named_parameters()}  # fmt: skip
 
 
-def errors_against_one_process(wrapping: str, replicas: int, replica: int) -> dict[str, float]:
-    """The loss's and every gradient's error (relative to the gradient's largest entry) of ``wrapping`` on this
-    process, which takes its ``replica``'s share of the batch, against the unsharded model on the whole batch."""
+def errors_against_one_process(wrapping: str, replicas: int, replica: int) -> dict:
+    """``wrapping`` on this process, which takes its ``replica``'s share of the batch, against the unsharded model on
+    the whole batch: ``errors``, the loss's and every gradient's (relative to the gradient's largest entry); ``head``,
+    the weight's placements at rest and the rows of it the loss was handed."""
     import torch.distributed as dist
 
     model = tiny_model(wrapping)
     reference = copy.deepcopy(model)
     whole_loss = reference(**batch(slice(None)), dpo_fast_head=dpo_shaped_loss)
     whole_loss.backward()
-    seen = shard(model, wrapping)
+    shard(model, wrapping)
+    head_seen = {"placements": str(model.lm_head.weight.placements)}
     per_replica = PAIRS // replicas
 
     def loss_noting_the_head(rows, head):
-        seen["head rows"] = (head.weight.to_local() if hasattr(head.weight, "to_local") else head.weight).shape[0]
+        head_seen["rows"] = (head.weight.to_local() if isinstance(head.weight, DTensor) else head.weight).shape[0]
         return dpo_shaped_loss(rows, head)
 
     loss = model(**batch(slice(replica * per_replica, (replica + 1) * per_replica)), dpo_fast_head=loss_noting_the_head)
@@ -115,9 +115,10 @@ def errors_against_one_process(wrapping: str, replicas: int, replica: int) -> di
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
     got, expected = gradients(model), gradients(reference)
-    return {"loss": abs(mean_loss.item() / dist.get_world_size() - whole_loss.item()), **seen} | {
+    errors = {"loss": abs(mean_loss.item() / dist.get_world_size() - whole_loss.item())} | {
         name: (got[name] - expected[name]).abs().max().item() / expected[name].abs().max().item() for name in expected
     }
+    return {"errors": errors, "head": head_seen}
 
 
 def compare(out: Path) -> None:
@@ -149,21 +150,21 @@ def errors(tmp_path_factory) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("wrapping", WRAPPINGS)
 def test_the_head_gradient_is_the_unsharded_one(errors, wrapping):
-    for rank_errors in errors:
-        by_name = rank_errors[wrapping]
-        assert by_name["loss"] < 1e-6
+    for rank_results in errors:
+        by_name = rank_results[wrapping]["errors"]
+        assert by_name.pop("loss") < 1e-6
         assert "lm_head.weight" in by_name or wrapping.startswith("tied")
-        assert {name: error for name, error in by_name.items() if isinstance(error, float) and error > 1e-5} == {}
+        assert {name: error for name, error in by_name.items() if error > 1e-5} == {}
 
 
 @pytest.mark.slow
 def test_fsdp2_beside_a_vocabulary_parallel_head_keeps_its_shard(tmp_path_factory):
     per_rank = launched(4, tmp_path_factory)
-    for rank_errors in per_rank:
-        errors = rank_errors[FSDP_TP]
+    for rank_results in per_rank:
+        head, errors = rank_results[FSDP_TP]["head"], rank_results[FSDP_TP]["errors"]
         # sharded over dp (FSDP's strided shard) and tp at rest; each rank's loss saw V / 2 of the head's rows
-        assert errors.pop("weight placements").endswith("Shard(dim=0))")
-        assert errors.pop("head rows") == TINY_LLAMA["vocab_size"] // 2
+        assert head["placements"].endswith("Shard(dim=0))")
+        assert head["rows"] == TINY_LLAMA["vocab_size"] // 2
         assert errors.pop("loss") < 1e-6
         assert "lm_head.weight" in errors
         assert {name: error for name, error in errors.items() if error > 1e-5} == {}
