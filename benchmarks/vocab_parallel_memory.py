@@ -33,7 +33,6 @@ import json
 import math
 import os
 import shlex
-import socket
 import sys
 import tempfile
 from datetime import timedelta
@@ -157,14 +156,15 @@ def _route(name: str, mesh, batch: dict, hidden: torch.Tensor, weight) -> torch.
     return _naive_dpo(full, batch["labels"], batch["ref"])
 
 
-def _rank(rank: int, world: int, port: int, route: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank(rank: int, world: int, route: str, out: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
+    # the ranks meet through a file (as tests/vocab_parallel_cases.py): no port, no store server thread on rank 0
+    dist.init_process_group("gloo", init_method=f"file://{Path(out, route + '-store')}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=300))  # fmt: skip
     mesh = init_device_mesh("cpu", (world,))
     batch = _inputs()
     weight = distribute_tensor(batch["weight"], mesh, [Shard(0)]).requires_grad_(True)
@@ -183,6 +183,7 @@ def _rank(rank: int, world: int, port: int, route: str, out: str) -> None:
     extra = _peak_mib() - before
     Path(out, f"{route}-{rank}.json").write_text(json.dumps({"extra_mib": extra, "loss": loss.item(),
                                                              "rows": weight.to_local().shape[0]}))  # fmt: skip
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -193,10 +194,7 @@ def measure(tp: int) -> dict:
     results = {}
     with tempfile.TemporaryDirectory() as out:
         for route in ROUTES:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-            mp.start_processes(_rank, args=(tp, port, route, out, ), nprocs=tp, start_method="spawn")  # fmt: skip
+            mp.start_processes(_rank, args=(tp, route, out), nprocs=tp, start_method="spawn")
             results[route] = [json.loads(Path(out, f"{route}-{rank}.json").read_text()) for rank in range(tp)]
     return results
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -433,11 +432,17 @@ CASES = {
 }
 
 
-def run_group(rank: int, world: int, port: int, out_dir: str, jobs: list[tuple[str, str, int]]) -> None:
-    """One rank: init gloo, run every ``(case, backend, vocab)`` of ``jobs``, write ``rank<r>.json``."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def run_group(rank: int, world: int, out_dir: str, jobs: list[tuple[str, str, int]]) -> None:
+    """One rank: init gloo, run every ``(case, backend, vocab)`` of ``jobs``, write ``rank<r>.json``.
+
+    The ranks meet through a file in ``out_dir`` (a ``FileStore``, as PyTorch's own multi-process tests do) rather
+    than a TCP store: no port to find free, and no store server thread on rank 0 to outlive its clients at exit
+    (a 3-process run on CI once ended with rank 0 killed by SIGABRT, "terminate called without an active
+    exception", after the other ranks' work). All ranks wait for each other before the group is torn down.
+    """
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", init_method=f"file://{Path(out_dir, 'store')}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))  # fmt: skip
     mesh = init_device_mesh("cpu", (world,))
     results = {}
     for name, backend, vocab in jobs:
@@ -448,6 +453,7 @@ def run_group(rank: int, world: int, port: int, out_dir: str, jobs: list[tuple[s
         except Exception:  # reported by the test, on every rank
             results[key] = {"traceback": traceback.format_exc()}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results, default=float))
+    dist.barrier()
     dist.destroy_process_group()
 
 

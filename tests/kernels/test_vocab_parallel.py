@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -56,19 +55,17 @@ def _jobs(world: int) -> list[tuple[str, str, int]]:
 _RESULTS: dict[int, list[dict]] = {}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def group_results(world: int, tmp_path_factory) -> list[dict]:
     """Each rank's results of every job of ``world`` processes (one spawn per process count, cached)."""
     if world not in _RESULTS:
         out = tmp_path_factory.mktemp(f"tp{world}")
         threads = torch.get_num_threads()
-        mp.start_processes(cases.run_group, args=(world, _free_port(), str(out), _jobs(world)), nprocs=world,
-                           start_method="spawn")  # fmt: skip
+        try:
+            mp.start_processes(cases.run_group, args=(world, str(out), _jobs(world)), nprocs=world,
+                               start_method="spawn")  # fmt: skip
+        except mp.ProcessExitedException as exc:  # say whether it died during the cases or after them
+            written = sorted(path.name for path in out.glob("rank*.json"))
+            raise AssertionError(f"{exc}; results written before it ended: {written or 'none'}") from exc
         torch.set_num_threads(threads)
         _RESULTS[world] = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)]
     return _RESULTS[world]
