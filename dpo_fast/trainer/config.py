@@ -156,8 +156,9 @@ class TrainConfig:
     seed: int = field(default=42, metadata={"help": "seed of init, data order and dropout"})
     tensor_parallel: int = field(
         default=1,
-        metadata={"help": "N > 1: the LM head split over the vocabulary across the N launched processes, which all take "
-                  "the same batches (docs/vocab-parallel.md); 1: off"},
+        metadata={"help": "N > 1: the LM head split over the vocabulary across each group of N processes, which take "
+                  "the same batches; the launched processes make data-parallel replicas of N (docs/vocab-parallel.md); "
+                  "1: off"},
     )  # fmt: skip
     # bookkeeping
     output_dir: str = field(default="dpo-fast-output", metadata={"help": "metrics.jsonl and checkpoints"})

@@ -189,6 +189,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                     out = model(**batch, ref_logps=ref, kl=kl)
                     accelerator.backward(out.loss / cfg.gradient_accumulation_steps)
             window += sums_of(out)
+        if tp is not None:  # the all-reduce a data-parallel wrapper would have made, over tensor_parallel's replicas
+            tp.average_gradients(model.parameters())
         clip = cfg.max_grad_norm > 0
         if zero_stage is not None:
             grad_norm = model.get_global_grad_norm() if clip else None  # the norm before clipping, as below

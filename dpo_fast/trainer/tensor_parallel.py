@@ -1,17 +1,19 @@
-"""``tensor_parallel: N``: the LM head split over the vocabulary across the run's N processes, nothing else sharded.
+"""``tensor_parallel: N``: the LM head split over the vocabulary across groups of N processes, nothing else sharded.
 
-Pure tensor parallelism of the head. Every process runs the whole backbone on the same micro-batch; the head's
-weight (and a tied input embedding, the same parameter) is a ``DTensor`` placed ``Shard(0)`` on a 1-D mesh of the
-N processes (torch's ``ColwiseParallel`` on ``lm_head``, ``RowwiseParallel`` on a tied embedding: a masked lookup
-summed over the processes), so each process holds ``ceil(V / N)`` rows of the weight, of its gradient and of its
-AdamW state. The fused loss runs on each process's rows (``dpo_fast.vocab_parallel``) and sums ``dL/dh`` over the
-processes, so the backbone's gradients are the same on every process and its copies stay equal without DDP: the
-model is prepared without a data-parallel wrapper. The data is a single process's: every process takes the same
-micro-batches (``DataParallelView``: one data-parallel replica), so a run on N processes matches a run on one
-with the same ``per_device_train_batch_size``.
+The run's P processes form a ``(P / N, N)`` device mesh: ``P / N`` data-parallel replicas (``dp``) of N
+tensor-parallel processes each (``tp``, consecutive ranks). Within a replica every process runs the whole backbone
+on the same micro-batch; the head's weight (and a tied input embedding, the same parameter) is a ``DTensor`` placed
+``Shard(0)`` on the replica's ``tp`` mesh (torch's ``ColwiseParallel`` on ``lm_head``, ``RowwiseParallel`` on a tied
+embedding: a masked lookup summed over the processes), so each process holds ``ceil(V / N)`` rows of the weight, of
+its gradient and of its AdamW state. The fused loss runs on each process's rows (``dpo_fast.vocab_parallel``) and sums
+``dL/dh`` over the replica, so the backbone's gradients are the same on every process of a replica. The model is
+prepared without a data-parallel wrapper; after a step's last micro-batch ``average_gradients`` averages every
+gradient (the backbone's, and each process's rows of the head) over the replicas, the all-reduce DDP would make.
+The data is sharded over the replicas (``DataParallelView``), so a run of ``P / N`` replicas matches a data-parallel
+run on ``P / N`` processes, and one of one replica a run on one process, with the same
+``per_device_train_batch_size``.
 
-Not supported: a data-parallel dimension beside it (``tensor_parallel`` below the process count), FSDP or DeepSpeed
-with it.
+Not supported: FSDP or DeepSpeed with it.
 """
 
 from __future__ import annotations
@@ -28,39 +30,49 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from ..integrations import hf
 from ..vocab_parallel import shard_of
 
+BUCKET_NUMEL = 1 << 25  # gradient elements per all-reduce over the replicas (128 MiB of float32; DDP's are 25 MiB)
+
 
 class TensorParallel:
-    """The run's tensor-parallel group: every process of the run, over a 1-D device mesh.
+    """The run's ``(dp, tp)`` device mesh: ``dp`` data-parallel replicas of ``tp`` processes that split the head.
 
     Attributes:
-        mesh: the 1-D mesh of the N processes (device type of the run's accelerator).
+        mesh: this process's tensor-parallel group, a 1-D mesh of ``tp`` processes (the head's rows are split over it).
+        replicas: the 1-D mesh of the ``dp`` processes, one per replica, that hold the same rows as this one.
     """
 
     def __init__(self, mesh: DeviceMesh):
-        self.mesh = mesh
+        self.mesh, self.replicas = mesh["tp"], mesh["dp"]
 
     @property
     def size(self) -> int:
+        """Processes in a tensor-parallel group."""
         return self.mesh.size()
+
+    @property
+    def num_replicas(self) -> int:
+        return self.replicas.size()
 
     @classmethod
     def setup(cls, cfg, accelerator: Accelerator) -> TensorParallel | None:
-        """The group of ``cfg.tensor_parallel`` processes, or None for 1; a ``ValueError`` where it cannot run."""
-        size = cfg.tensor_parallel
+        """The mesh of ``cfg.tensor_parallel`` processes per replica, or None for 1; a ``ValueError`` where it
+        cannot run."""
+        size, processes = cfg.tensor_parallel, accelerator.num_processes
         if size == 1:
             return None
-        if size != accelerator.num_processes:
+        if processes % size:
             raise ValueError(
-                f"tensor_parallel={size} but the run has {accelerator.num_processes} processes: tensor_parallel shards "
-                "the LM head over all of them (every process takes the same batches); launch as many processes as "
-                "tensor_parallel (a data-parallel dimension beside it is not supported)"
+                f"tensor_parallel={size} but the run has {processes} processes: tensor_parallel splits the LM head "
+                f"over groups of {size} processes (each group takes the same batches, the groups different ones); "
+                f"launch a multiple of {size} processes"
             )
         if accelerator.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
             raise ValueError(
                 f"tensor_parallel runs on plain multi-process launches (MULTI_CPU, MULTI_GPU), not under "
                 f"{accelerator.distributed_type.value}: launch without FSDP or DeepSpeed"
             )
-        return cls(init_device_mesh(accelerator.device.type, (size,), mesh_dim_names=("tp",)))
+        shape = (processes // size, size)
+        return cls(init_device_mesh(accelerator.device.type, shape, mesh_dim_names=("dp", "tp")))
 
     def shard_head(self, model: torch.nn.Module, hf_model: torch.nn.Module, device: torch.device) -> None:
         """Move ``model`` to ``device`` and split ``hf_model``'s LM head over the vocabulary, in place.
@@ -87,6 +99,35 @@ class TensorParallel:
         """``accelerator.prepare`` without a data-parallel wrapper: the model gets accelerate's mixed precision (its
         ``evaluation_mode`` skips DDP), the optimizer accelerate's wrapper."""
         return accelerator.prepare_model(model, evaluation_mode=True), accelerator.prepare_optimizer(optimizer)
+
+    def average_gradients(self, parameters) -> None:
+        """Average every gradient over the replicas, in place: a plain gradient as it is, a DTensor's local rows
+        (each replica's process holds the same rows). Gradients of one dtype and device go in buckets of about
+        ``BUCKET_NUMEL`` elements, one all-reduce each, as DDP's (the copy a bucket makes stays that small).
+        Nothing with one replica."""
+        if self.num_replicas == 1:
+            return
+        buckets: dict[tuple, list[torch.Tensor]] = {}
+        numels: dict[tuple, int] = {}
+        for param in parameters:
+            if param.grad is None:
+                continue
+            local = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+            key = (local.dtype, local.device)
+            buckets.setdefault(key, []).append(local)
+            numels[key] = numels.get(key, 0) + local.numel()
+            if numels[key] >= BUCKET_NUMEL:
+                self._average(buckets.pop(key))
+                del numels[key]
+        for bucket in buckets.values():
+            self._average(bucket)
+
+    def _average(self, grads: list[torch.Tensor]) -> None:
+        flat = torch.cat([grad.reshape(-1) for grad in grads])
+        torch.distributed.all_reduce(flat, group=self.replicas.get_group())
+        flat.div_(self.num_replicas)
+        for grad, averaged in zip(grads, flat.split([grad.numel() for grad in grads])):
+            grad.copy_(averaged.view_as(grad))
 
     def clip_grad_norm_(self, parameters, max_norm: float) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over plain and DTensor gradients alike (torch's refuses the mix): the
@@ -116,37 +157,51 @@ class TensorParallel:
         embedding = hf_model.get_input_embeddings()
         tied = " (the tied input embedding with it)" if embedding is not None and embedding.weight is weight else ""
         backend = torch.distributed.get_backend()
+        replicas = (
+            "; the backbone replicated, no data-parallel wrapper" if self.num_replicas == 1 else
+            f"; {self.num_replicas} data-parallel replicas of {self.size} processes, the backbone replicated, "
+            "gradients averaged over the replicas at each step's last micro-batch (no data-parallel wrapper)"
+        )  # fmt: skip
         return (
             f"parallelism: tensor parallel over {self.size} processes on {accelerator.device.type} ({backend}): "
             f"lm_head.weight split over the vocabulary, {shard.rows} of {shard.vocab} rows on this process "
-            f"(at most {math.ceil(shard.vocab / self.size)}){tied}; the backbone replicated, no data-parallel wrapper"
+            f"(at most {math.ceil(shard.vocab / self.size)}){tied}{replicas}"
         )
 
 
 class DataParallelView:
-    """The accelerator as the data sees it: ``num_processes`` and ``process_index`` count data-parallel replicas (one,
-    under ``tensor_parallel``), and ``reduce`` adds over them; everything else is the accelerator's."""
+    """The accelerator as the data sees it: ``num_processes`` and ``process_index`` count data-parallel replicas
+    (``tp.replicas``: every process of a tensor-parallel group takes the same batches), and ``reduce`` combines over
+    them; everything else is the accelerator's."""
 
-    def __init__(self, accelerator: Accelerator):
-        self._accelerator = accelerator
+    def __init__(self, accelerator: Accelerator, tp: TensorParallel):
+        self._accelerator, self._replicas = accelerator, tp.replicas
 
     def __getattr__(self, name: str):
         return getattr(self._accelerator, name)
 
     @property
     def num_processes(self) -> int:
-        return 1
+        return self._replicas.size()
 
     @property
     def process_index(self) -> int:
-        return 0
+        return self._replicas.get_local_rank()
 
     def reduce(self, tensor: torch.Tensor, reduction: str = "sum", scale: float = 1.0) -> torch.Tensor:
-        """Over one replica: the tensor itself (every process of the group holds the same value)."""
-        return tensor * scale if scale != 1.0 else tensor
+        """``reduction`` ("sum" or "mean") of ``tensor`` over the replicas, times ``scale``, as ``Accelerator.reduce``
+        (every process of a replica holds the same value, so summing over all processes would count it N times)."""
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        combined = tensor.clone()
+        if self.num_processes > 1:
+            torch.distributed.all_reduce(combined, group=self._replicas.get_group())
+            if reduction == "mean":
+                combined /= self.num_processes
+        return combined * scale if scale != 1.0 else combined
 
 
 def data_view(accelerator: Accelerator, tp: TensorParallel | None):
     """What the loop shards data and reduces metrics with: the accelerator itself, or under ``tensor_parallel`` its
     ``DataParallelView``."""
-    return accelerator if tp is None else DataParallelView(accelerator)
+    return accelerator if tp is None else DataParallelView(accelerator, tp)

@@ -4,6 +4,8 @@
   batches, the head (and the tied embedding) a ``Shard(0)`` DTensor of 20 of its 40 rows on each; the run's logged
   metrics and its checkpoints' full weights equal a 1-process run's with the same batch size, and a checkpoint saved
   so resumes so.
+- ``dpo-fast train`` on 4 processes with ``tensor_parallel: 2``: 2 data-parallel replicas of the split head, against
+  1 process taking both replicas' micro-batches by gradient accumulation.
 - ``FastDPOTrainer`` on a model loaded with transformers' ``from_pretrained(..., tp_plan="auto")`` (the whole model
   tensor-parallel, the head ``colwise_gather_output``: a ``Shard(0)`` DTensor the drop-in keeps sharded): the log
   history and the final full weights equal a 1-process run's (SGD, as tests/integrations/test_fsdp_trl.py). The Trainer hands
@@ -91,11 +93,80 @@ def test_dpo_fast_train_with_the_head_split_over_two_processes_matches_one(files
         torch.testing.assert_close(weights(resumed / "checkpoint-4")[key], value, rtol=1e-5, atol=1e-7, msg=key)
 
 
-def test_tensor_parallel_other_than_the_process_count_is_refused(files, tmp_path):
+def test_two_replicas_of_a_head_split_over_two_processes_match_one_process(files, tmp_path):
+    """4 processes, ``tensor_parallel: 2``: 2 data-parallel replicas of 2 processes. Each replica takes its own
+    micro-batch, and the gradients are averaged over the replicas: a step is what one process makes of the same
+    2 micro-batches with ``gradient_accumulation_steps: 2`` (metrics, eval and the checkpoints' full weights)."""
+    run_config = {**RUN, "max_steps": 2}
+    config = tmp_path / "dp-tp.json"
+    config.write_text(json.dumps(run_values(files, tmp_path / "dp-tp", tensor_parallel=2, **run_config)))
+    log = launch(4, ["--multi_gpu"], ["-m", "dpo_fast.trainer.cli", "train", "--config", str(config)]).stdout
+    rows = math.ceil(TINY_LLAMA["vocab_size"] / 2)
+    assert log.count(f"lm_head.weight split over the vocabulary, {rows} of {TINY_LLAMA['vocab_size']} rows") == 1, log
+    assert "; 2 data-parallel replicas of 2 processes, the backbone replicated, gradients averaged" in log, log
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(files, tmp_path / "one", reference_cache_dir=str(tmp_path / "one-cache"), gradient_accumulation_steps=2,
+            **run_config)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    got, expected = logged(tmp_path / "dp-tp"), logged(tmp_path / "one")
+    assert [r for r in got if "eval_loss" in r] and [r for r in got if "grad_norm" in r]
+    _assert_same(got, expected)
+    got, want = weights(tmp_path / "dp-tp" / "checkpoint-2"), weights(tmp_path / "one" / "checkpoint-2")
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_gradients_are_averaged_over_the_replicas_in_buckets(monkeypatch):
+    """``average_gradients`` with 2 replicas whose other replica holds 3x each gradient: (g + 3g) / 2 = 2g in every
+    gradient, bucketed by dtype and at most about ``BUCKET_NUMEL`` elements per all-reduce; DTensor gradients by
+    their local rows, parameters without a gradient left alone."""
+    from types import SimpleNamespace
+
+    from dpo_fast.trainer import tensor_parallel
+
+    calls = []
+
+    def all_reduce(flat, group=None):  # the other replica's gradients are 3x this one's
+        calls.append((flat.dtype, flat.numel(), group))
+        flat.mul_(4)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(tensor_parallel, "BUCKET_NUMEL", 10)
+    tp = tensor_parallel.TensorParallel.__new__(tensor_parallel.TensorParallel)
+    tp.replicas = SimpleNamespace(size=lambda: 2, get_group=lambda: "replicas")
+    params = [torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
+              for shape, dtype in [((2, 3), torch.float32), ((4,), torch.float32), ((3,), torch.float64),
+                                   ((5,), torch.float32), ((2,), torch.float32)]]  # fmt: skip
+    grads = [torch.randn(p.shape, dtype=p.dtype) for p in params]
+    for param, grad in zip(params, grads):
+        param.grad = grad.clone()
+    frozen = torch.nn.Parameter(torch.ones(3))
+    tp.average_gradients([*params, frozen])
+    for param, grad in zip(params, grads):
+        torch.testing.assert_close(param.grad, 2 * grad)
+    assert frozen.grad is None
+    # float32: 6 + 4 reach 10 (one all-reduce), then 5 + 2 left for the end; float64 alone
+    assert sorted(calls, key=str) == sorted([(torch.float32, 10, "replicas"), (torch.float32, 7, "replicas"),
+                                             (torch.float64, 3, "replicas")], key=str)  # fmt: skip
+    assert calls[0] == (torch.float32, 10, "replicas")
+
+
+def test_tensor_parallel_that_does_not_divide_the_process_count_is_refused(files, tmp_path):
+    from types import SimpleNamespace
+
     from dpo_fast.trainer import TrainConfig, train
+    from dpo_fast.trainer.tensor_parallel import TensorParallel
 
     with pytest.raises(ValueError, match="tensor_parallel=2 but the run has 1 processes"):
         train(TrainConfig(**run_values(files, tmp_path / "run", tensor_parallel=2)))
+    three = SimpleNamespace(num_processes=3)  # refused before the accelerator is asked anything else
+    with pytest.raises(ValueError, match="tensor_parallel=2 but the run has 3 processes.*launch a multiple of 2"):
+        TensorParallel.setup(SimpleNamespace(tensor_parallel=2), three)
 
 
 # ---- FastDPOTrainer on transformers' tensor-parallel model
