@@ -6,6 +6,8 @@
   so resumes so.
 - ``dpo-fast train`` on 4 processes with ``tensor_parallel: 2``: 2 data-parallel replicas of the split head, against
   1 process taking both replicas' micro-batches by gradient accumulation.
+- ``dpo-fast train`` with ``tensor_parallel: 2`` and the options that take other paths to the loss (LoRA, activation
+  checkpointing, padding-free rows, a live reference model, prefix sharing, KTO, ORPO, bf16) against 1 process.
 - ``FastDPOTrainer`` on a model loaded with transformers' ``from_pretrained(..., tp_plan="auto")`` (the whole model
   tensor-parallel, the head ``colwise_gather_output``: a ``Shard(0)`` DTensor the drop-in keeps sharded): the log
   history and the final full weights equal a 1-process run's (SGD, as tests/integrations/test_fsdp_trl.py). The Trainer hands
@@ -119,6 +121,37 @@ def test_two_replicas_of_a_head_split_over_two_processes_match_one_process(files
     assert got.keys() == want.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+OPTION_SETS = {
+    "lora-checkpointing-padding-free": {"lora_r": 4, "gradient_checkpointing": True, "padding_free": True},
+    "reference-model-prefix-sharing": {"reference": "model", "prefix_sharing": True},
+    "kto": {"objective": "kto"},
+    "orpo-bf16": {"objective": "orpo", "bf16": True},
+}
+
+
+@pytest.mark.parametrize("name", list(OPTION_SETS))
+def test_the_trainers_options_with_the_head_split_match_one_process(files, tmp_path, name):
+    """The options that take other paths to the loss (LoRA's wrapped model, activation checkpointing, padding-free
+    rows, a live reference model, prefix sharing, KTO's unpaired rows and KL estimate, ORPO, bf16 autocast) with
+    ``tensor_parallel: 2`` on 2 processes: every logged metric as 1 process's (bf16: within its rounding)."""
+    options = {"max_steps": 3, "save_steps": 0, **OPTION_SETS[name]}
+    config = tmp_path / "tp.json"
+    config.write_text(json.dumps(run_values(files, tmp_path / "tp", tensor_parallel=2, **options)))
+    launch(2, ["--multi_gpu"], ["-m", "dpo_fast.trainer.cli", "train", "--config", str(config)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(files, tmp_path / "one", reference_cache_dir=str(tmp_path / "one-cache"), **options)
+    finally:
+        torch.set_num_threads(threads)
+    got, expected = logged(tmp_path / "tp"), logged(tmp_path / "one")
+    assert len([r for r in got if "loss" in r]) == 3
+    if options.get("bf16"):
+        _assert_same(got, expected, rel=1e-2, abs=1e-3)
+    else:
+        _assert_same(got, expected)
 
 
 def test_gradients_are_averaged_over_the_replicas_in_buckets(monkeypatch):
