@@ -4,8 +4,8 @@
   batches, the head (and the tied embedding) a ``Shard(0)`` DTensor of 20 of its 40 rows on each; the run's logged
   metrics and its checkpoints' full weights equal a 1-process run's with the same batch size, and a checkpoint saved
   so resumes so.
-- ``dpo-fast train`` on 4 processes with ``tensor_parallel: 2``: 2 data-parallel replicas of the split head, against
-  1 process taking both replicas' micro-batches by gradient accumulation.
+- ``dpo-fast train`` on 4 processes with ``tensor_parallel: 2``: 2 data-parallel replicas of the split head, each
+  accumulating 2 micro-batches, against 1 process taking all 4 by gradient accumulation; and resumed.
 - ``dpo-fast train`` with ``tensor_parallel: 2`` and the options that take other paths to the loss (LoRA, activation
   checkpointing, padding-free rows, a live reference model, prefix sharing, KTO, ORPO, bf16) against 1 process.
 - ``FastDPOTrainer`` on a model loaded with transformers' ``from_pretrained(..., tp_plan="auto")`` (the whole model
@@ -96,13 +96,19 @@ def test_dpo_fast_train_with_the_head_split_over_two_processes_matches_one(files
 
 
 def test_two_replicas_of_a_head_split_over_two_processes_match_one_process(files, tmp_path):
-    """4 processes, ``tensor_parallel: 2``: 2 data-parallel replicas of 2 processes. Each replica takes its own
-    micro-batch, and the gradients are averaged over the replicas: a step is what one process makes of the same
-    2 micro-batches with ``gradient_accumulation_steps: 2`` (metrics, eval and the checkpoints' full weights)."""
-    run_config = {**RUN, "max_steps": 2}
-    config = tmp_path / "dp-tp.json"
-    config.write_text(json.dumps(run_values(files, tmp_path / "dp-tp", tensor_parallel=2, **run_config)))
-    log = launch(4, ["--multi_gpu"], ["-m", "dpo_fast.trainer.cli", "train", "--config", str(config)]).stdout
+    """4 processes, ``tensor_parallel: 2``: 2 data-parallel replicas of 2 processes, each accumulating 2 micro-batches
+    of its own per step, the gradients averaged over the replicas: a step is what one process makes of the same 4
+    micro-batches with ``gradient_accumulation_steps: 4`` (metrics, eval and the checkpoints' full weights); a
+    checkpoint saved so resumes so."""
+    shape = {**RUN, "per_device_train_batch_size": 2}
+
+    def train_replicas(out: Path, **overrides) -> str:
+        config = out.parent / f"{out.name}.json"
+        config.write_text(json.dumps(run_values(files, out, tensor_parallel=2, gradient_accumulation_steps=2, **shape)))
+        command = ["-m", "dpo_fast.trainer.cli", "train", "--config", str(config), *flags(overrides)]
+        return launch(4, ["--multi_gpu"], command).stdout
+
+    log = train_replicas(tmp_path / "dp-tp")
     rows = math.ceil(TINY_LLAMA["vocab_size"] / 2)
     assert log.count(f"lm_head.weight split over the vocabulary, {rows} of {TINY_LLAMA['vocab_size']} rows") == 1, log
     assert "; 2 data-parallel replicas of 2 processes, the backbone replicated, gradients averaged" in log, log
@@ -110,17 +116,25 @@ def test_two_replicas_of_a_head_split_over_two_processes_match_one_process(files
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run(files, tmp_path / "one", reference_cache_dir=str(tmp_path / "one-cache"), gradient_accumulation_steps=2,
-            **run_config)  # fmt: skip
+        run(files, tmp_path / "one", reference_cache_dir=str(tmp_path / "one-cache"), gradient_accumulation_steps=4,
+            **shape)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
-    got, expected = logged(tmp_path / "dp-tp"), logged(tmp_path / "one")
+    got = logged(tmp_path / "dp-tp")
     assert [r for r in got if "eval_loss" in r] and [r for r in got if "grad_norm" in r]
-    _assert_same(got, expected)
-    got, want = weights(tmp_path / "dp-tp" / "checkpoint-2"), weights(tmp_path / "one" / "checkpoint-2")
-    assert got.keys() == want.keys()
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+    _assert_same(got, logged(tmp_path / "one"))
+    for step in (2, 4):
+        got, want = weights(tmp_path / "dp-tp" / f"checkpoint-{step}"), weights(tmp_path / "one" / f"checkpoint-{step}")
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+
+    resumed = tmp_path / "resumed"
+    train_replicas(resumed, resume_from_checkpoint=str(tmp_path / "dp-tp" / "checkpoint-2"))
+    steps = [r for r in logged(resumed) if "loss" in r]
+    _assert_same(steps, [r for r in logged(tmp_path / "dp-tp") if "loss" in r][2:], rel=1e-5, abs=1e-6)
+    for key, value in weights(tmp_path / "dp-tp" / "checkpoint-4").items():
+        torch.testing.assert_close(weights(resumed / "checkpoint-4")[key], value, rtol=1e-5, atol=1e-7, msg=key)
 
 
 OPTION_SETS = {
