@@ -43,17 +43,45 @@ def files(tmp_path_factory):
     return write_tiny_files(tmp_path_factory.mktemp("tiny"))
 
 
-def _train_tp(files, out, **overrides) -> str:
+def _train_tp(files, out: Path, processes: int = 2, options: dict = RUN, **overrides) -> str:
+    """``dpo-fast train`` with ``tensor_parallel: 2`` on ``processes`` launched processes (``options`` in its config
+    file, ``overrides`` as flags); what it printed."""
     config = out.parent / f"{out.name}.json"
-    config.write_text(json.dumps(run_values(files, out, tensor_parallel=2, **RUN)))
+    config.write_text(json.dumps(run_values(files, out, tensor_parallel=2, **options)))
     command = ["-m", "dpo_fast.trainer.cli", "train", "--config", str(config), *flags(overrides)]
-    return launch(2, ["--multi_gpu"], command).stdout
+    return launch(processes, ["--multi_gpu"], command).stdout
+
+
+def _train_one(files, out: Path, **options) -> None:
+    """The same run in this process on 1 thread, with a reference of its own (``<out>-cache``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(files, out, reference_cache_dir=str(out.parent / f"{out.name}-cache"), **options)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _assert_same(got: list[dict], expected: list[dict], rel=1e-4, abs=1e-5) -> None:
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         assert a == pytest.approx(b, rel=rel, abs=abs)
+
+
+def _assert_same_weights(got_run: Path, expected_run: Path, steps, rtol=1e-4, atol=1e-5) -> None:
+    """The full weights saved at each of ``steps`` (``checkpoint-<step>/model``) by two runs."""
+    for step in steps:
+        got, want = weights(got_run / f"checkpoint-{step}"), weights(expected_run / f"checkpoint-{step}")
+        assert got.keys() == want.keys()
+        for key in want:  # the full (gathered) head, saved once (tied)
+            torch.testing.assert_close(got[key], want[key], rtol=rtol, atol=atol, msg=key)
+
+
+def _assert_resumed(resumed: Path, uninterrupted: Path) -> None:
+    """A run resumed from ``uninterrupted``'s step-2 checkpoint: the same steps 3 and 4, the same step-4 weights."""
+    steps = [r for r in logged(resumed) if "loss" in r]
+    _assert_same(steps, [r for r in logged(uninterrupted) if "loss" in r][2:], rel=1e-5, abs=1e-6)
+    _assert_same_weights(resumed, uninterrupted, (4,), rtol=1e-5, atol=1e-7)
 
 
 def test_dpo_fast_train_with_the_head_split_over_two_processes_matches_one(files, tmp_path):
@@ -65,19 +93,9 @@ def test_dpo_fast_train_with_the_head_split_over_two_processes_matches_one(files
     assert line is not None, log
     assert line.groups() == (str(rows), str(TINY_LLAMA["vocab_size"]), str(rows))
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run(files, tmp_path / "one", reference_cache_dir=str(tmp_path / "one-cache"), **RUN)  # its own reference
-    finally:
-        torch.set_num_threads(threads)
-    expected = logged(tmp_path / "one")
-    _assert_same(logged(tmp_path / "tp"), expected)
-    for step in (2, 4):
-        got, want = weights(tmp_path / "tp" / f"checkpoint-{step}"), weights(tmp_path / "one" / f"checkpoint-{step}")
-        assert got.keys() == want.keys()
-        for key in want:  # the full (gathered) head, saved once (tied)
-            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+    _train_one(files, tmp_path / "one", **RUN)
+    _assert_same(logged(tmp_path / "tp"), logged(tmp_path / "one"))
+    _assert_same_weights(tmp_path / "tp", tmp_path / "one", (2, 4))
 
     # the checkpoint loads with from_pretrained: the whole head, tied
     from transformers import AutoModelForCausalLM
@@ -87,12 +105,8 @@ def test_dpo_fast_train_with_the_head_split_over_two_processes_matches_one(files
     assert tuple(model.get_output_embeddings().weight.shape) == (TINY_LLAMA["vocab_size"], TINY_LLAMA["hidden_size"])
 
     # a checkpoint saved with the head sharded resumes with it sharded: the same steps 3 and 4
-    resumed = tmp_path / "resumed"
-    _train_tp(files, resumed, resume_from_checkpoint=str(tmp_path / "tp" / "checkpoint-2"))
-    steps = [r for r in logged(resumed) if "loss" in r]
-    _assert_same(steps, [r for r in logged(tmp_path / "tp") if "loss" in r][2:], rel=1e-5, abs=1e-6)
-    for key, value in weights(tmp_path / "tp" / "checkpoint-4").items():
-        torch.testing.assert_close(weights(resumed / "checkpoint-4")[key], value, rtol=1e-5, atol=1e-7, msg=key)
+    _train_tp(files, tmp_path / "resumed", resume_from_checkpoint=str(tmp_path / "tp" / "checkpoint-2"))
+    _assert_resumed(tmp_path / "resumed", tmp_path / "tp")
 
 
 def test_two_replicas_of_a_head_split_over_two_processes_match_one_process(files, tmp_path):
@@ -101,40 +115,21 @@ def test_two_replicas_of_a_head_split_over_two_processes_match_one_process(files
     micro-batches with ``gradient_accumulation_steps: 4`` (metrics, eval and the checkpoints' full weights); a
     checkpoint saved so resumes so."""
     shape = {**RUN, "per_device_train_batch_size": 2}
-
-    def train_replicas(out: Path, **overrides) -> str:
-        config = out.parent / f"{out.name}.json"
-        config.write_text(json.dumps(run_values(files, out, tensor_parallel=2, gradient_accumulation_steps=2, **shape)))
-        command = ["-m", "dpo_fast.trainer.cli", "train", "--config", str(config), *flags(overrides)]
-        return launch(4, ["--multi_gpu"], command).stdout
-
-    log = train_replicas(tmp_path / "dp-tp")
+    replicas = {**shape, "gradient_accumulation_steps": 2}
+    log = _train_tp(files, tmp_path / "dp-tp", processes=4, options=replicas)
     rows = math.ceil(TINY_LLAMA["vocab_size"] / 2)
     assert log.count(f"lm_head.weight split over the vocabulary, {rows} of {TINY_LLAMA['vocab_size']} rows") == 1, log
     assert "; 2 data-parallel replicas of 2 processes, the backbone replicated, gradients averaged" in log, log
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run(files, tmp_path / "one", reference_cache_dir=str(tmp_path / "one-cache"), gradient_accumulation_steps=4,
-            **shape)  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    _train_one(files, tmp_path / "one", **shape, gradient_accumulation_steps=4)
     got = logged(tmp_path / "dp-tp")
     assert [r for r in got if "eval_loss" in r] and [r for r in got if "grad_norm" in r]
     _assert_same(got, logged(tmp_path / "one"))
-    for step in (2, 4):
-        got, want = weights(tmp_path / "dp-tp" / f"checkpoint-{step}"), weights(tmp_path / "one" / f"checkpoint-{step}")
-        assert got.keys() == want.keys()
-        for key in want:
-            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+    _assert_same_weights(tmp_path / "dp-tp", tmp_path / "one", (2, 4))
 
-    resumed = tmp_path / "resumed"
-    train_replicas(resumed, resume_from_checkpoint=str(tmp_path / "dp-tp" / "checkpoint-2"))
-    steps = [r for r in logged(resumed) if "loss" in r]
-    _assert_same(steps, [r for r in logged(tmp_path / "dp-tp") if "loss" in r][2:], rel=1e-5, abs=1e-6)
-    for key, value in weights(tmp_path / "dp-tp" / "checkpoint-4").items():
-        torch.testing.assert_close(weights(resumed / "checkpoint-4")[key], value, rtol=1e-5, atol=1e-7, msg=key)
+    resume = {"resume_from_checkpoint": str(tmp_path / "dp-tp" / "checkpoint-2")}
+    _train_tp(files, tmp_path / "resumed", processes=4, options=replicas, **resume)
+    _assert_resumed(tmp_path / "resumed", tmp_path / "dp-tp")
 
 
 OPTION_SETS = {
@@ -151,15 +146,8 @@ def test_the_trainers_options_with_the_head_split_match_one_process(files, tmp_p
     rows, a live reference model, prefix sharing, KTO's unpaired rows and KL estimate, ORPO, bf16 autocast) with
     ``tensor_parallel: 2`` on 2 processes: every logged metric as 1 process's (bf16: within its rounding)."""
     options = {"max_steps": 3, "save_steps": 0, **OPTION_SETS[name]}
-    config = tmp_path / "tp.json"
-    config.write_text(json.dumps(run_values(files, tmp_path / "tp", tensor_parallel=2, **options)))
-    launch(2, ["--multi_gpu"], ["-m", "dpo_fast.trainer.cli", "train", "--config", str(config)])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run(files, tmp_path / "one", reference_cache_dir=str(tmp_path / "one-cache"), **options)
-    finally:
-        torch.set_num_threads(threads)
+    _train_tp(files, tmp_path / "tp", options=options)
+    _train_one(files, tmp_path / "one", **options)
     got, expected = logged(tmp_path / "tp"), logged(tmp_path / "one")
     assert len([r for r in got if "loss" in r]) == 3
     if options.get("bf16"):
@@ -170,8 +158,8 @@ def test_the_trainers_options_with_the_head_split_match_one_process(files, tmp_p
 
 def test_gradients_are_averaged_over_the_replicas_in_buckets(monkeypatch):
     """``average_gradients`` with 2 replicas whose other replica holds 3x each gradient: (g + 3g) / 2 = 2g in every
-    gradient, bucketed by dtype and at most about ``BUCKET_NUMEL`` elements per all-reduce; DTensor gradients by
-    their local rows, parameters without a gradient left alone."""
+    gradient, bucketed by dtype and at most about ``BUCKET_NUMEL`` elements per all-reduce; parameters without a gradient
+    left alone (DTensor gradients, averaged by their local rows, are the 4-process test's)."""
     from types import SimpleNamespace
 
     from dpo_fast.trainer import tensor_parallel
