@@ -438,7 +438,7 @@ def run_group(rank: int, world: int, out_dir: str, jobs: list[tuple[str, str, in
     The ranks meet through a file in ``out_dir`` (a ``FileStore``, as PyTorch's own multi-process tests do) rather
     than a TCP store: no port to find free, and no store server thread on rank 0 to outlive its clients at exit
     (a 3-process run on CI once ended with rank 0 killed by SIGABRT, "terminate called without an active
-    exception", after the other ranks' work). All ranks wait for each other before the group is torn down.
+    exception"; when in the run is not known). All ranks wait for each other before the group is torn down.
     """
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{Path(out_dir, 'store')}", rank=rank, world_size=world,

@@ -66,7 +66,8 @@ def group_results(world: int, tmp_path_factory) -> list[dict]:
         except mp.ProcessExitedException as exc:  # say whether it died during the cases or after them
             written = sorted(path.name for path in out.glob("rank*.json"))
             raise AssertionError(f"{exc}; results written before it ended: {written or 'none'}") from exc
-        torch.set_num_threads(threads)
+        finally:
+            torch.set_num_threads(threads)
         _RESULTS[world] = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)]
     return _RESULTS[world]
 
